@@ -1,0 +1,111 @@
+"""Confidence bounds on the clean label probabilities from P trained instances.
+
+Every method returns, per test point, the predicted label, a lower bound ``p_lower`` on the
+top label's probability and an upper bound ``p_upper`` on the best other label's, holding for
+all labels simultaneously with probability >= 1 - eta over the training randomness.
+
+* votes, ``simuem`` (Jia, Cao, Gong 2020): one-sided Clopper-Pearson per class at eta / L
+  (Bonferroni over the L classes); p_upper = min(max_{l != top} upper_l, 1 - p_lower).
+* scores, ``hoeffding``: one-sided Hoeffding per class at eta / L, half-width
+  sqrt(ln(L / eta) / (2 P)).
+* scores, ``bernstein``: empirical Bernstein (Maurer & Pontil 2009, Thm 4) per class at eta / L:
+  mean +- sqrt(2 V ln(2 L / eta) / P) + 7 ln(2 L / eta) / (3 (P - 1)), V the sample variance.
+* ``paper``: the public code's choices, for comparison only: a normal-approximation interval per
+  class with no correction over classes (votes) and a Student-t interval (scores) — neither is a
+  valid finite-sample bound.
+
+The top label is chosen from the same samples; that is allowed because the bounds hold for all
+L classes at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from dpcert.errors import UserError
+
+VOTE_METHODS = ("simuem", "paper")
+SCORE_METHODS = ("bernstein", "hoeffding", "paper")
+
+
+@dataclass(frozen=True)
+class ConfidenceBounds:
+    """Per-point prediction (N,), lower bound of its probability (N,), upper bound of the
+    runner-up's (N,)."""
+
+    prediction: np.ndarray
+    p_lower: np.ndarray
+    p_upper: np.ndarray
+
+
+def _check_eta(eta: float) -> None:
+    if not (isinstance(eta, float | int) and 0.0 < eta < 1.0):
+        raise UserError(f"eta must lie in (0, 1), got {eta}")
+
+
+def _top_two(lower: np.ndarray, upper: np.ndarray, top: np.ndarray) -> ConfidenceBounds:
+    n = np.arange(len(top))
+    p1 = np.clip(lower[n, top], 0.0, 1.0)
+    others = upper.copy()
+    others[n, top] = -np.inf
+    p2 = np.minimum(np.clip(others.max(axis=1), 0.0, 1.0), 1.0 - p1)
+    return ConfidenceBounds(top.astype(np.int64), p1, p2)
+
+
+def vote_bounds(counts: np.ndarray, eta: float, method: str = "simuem") -> ConfidenceBounds:
+    """Bounds from vote counts, shape (N, L), each row summing to the number of instances P."""
+    _check_eta(eta)
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] < 2:
+        raise UserError(f"vote counts must have shape (N, L) with L >= 2, got {counts.shape}")
+    total = counts.sum(axis=1, keepdims=True).astype(float)
+    if np.any(total <= 0):
+        raise UserError("every test point needs at least one vote")
+    n_labels = counts.shape[1]
+    top = np.argmax(counts, axis=1)  # ties go to the smallest label
+    c = counts.astype(float)
+    if method == "simuem":
+        a = eta / n_labels
+        with np.errstate(invalid="ignore"):
+            lower = np.where(c > 0, stats.beta.ppf(a, c, total - c + 1), 0.0)
+            upper = np.where(c < total, stats.beta.ppf(1 - a, c + 1, total - c), 1.0)
+    elif method == "paper":
+        # statsmodels proportion_confint(count, n, alpha=eta/2, method="normal"), counts clamped.
+        z = stats.norm.ppf(1 - eta / 4)
+        phat = np.clip(c, 1e-10, total - 1e-10) / total
+        half = z * np.sqrt(phat * (1 - phat) / total)
+        lower, upper = phat - half, phat + half
+    else:
+        raise UserError(f"vote bound must be one of {VOTE_METHODS}, got {method!r}")
+    return _top_two(lower, upper, top)
+
+
+def score_bounds(scores: np.ndarray, eta: float, method: str = "bernstein") -> ConfidenceBounds:
+    """Bounds from per-instance softmax scores, shape (P, N, L), values in [0, 1]."""
+    _check_eta(eta)
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 3 or scores.shape[2] < 2:
+        raise UserError(f"scores must have shape (P, N, L) with L >= 2, got {scores.shape}")
+    n_inst, _, n_labels = scores.shape
+    if n_inst < 2:
+        raise UserError("score bounds need at least 2 instances")
+    mean = scores.mean(axis=0)
+    top = np.argmax(mean, axis=1)
+    if method == "hoeffding":
+        half = np.sqrt(np.log(n_labels / eta) / (2 * n_inst))
+        lower, upper = mean - half, mean + half
+    elif method == "bernstein":
+        log_term = np.log(2 * n_labels / eta)
+        var = scores.var(axis=0, ddof=1)
+        half = np.sqrt(2 * var * log_term / n_inst) + 7 * log_term / (3 * (n_inst - 1))
+        lower, upper = mean - half, mean + half
+    elif method == "paper":
+        sem = scores.std(axis=0, ddof=1) / np.sqrt(n_inst)
+        half = sem * stats.t.ppf(1 - eta / 2, n_inst - 1)
+        lower, upper = mean - half, mean + half
+    else:
+        raise UserError(f"score bound must be one of {SCORE_METHODS}, got {method!r}")
+    return _top_two(lower, upper, top)
