@@ -1,0 +1,212 @@
+"""The ``dpcert`` command line.
+
+User mistakes (bad shapes, out-of-range parameters, missing files) end in one line on stderr
+and exit status 2, with no traceback and no partial output file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from dpcert.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
+from dpcert.certify import INFERENCES, Certificates, certified_accuracy, certify, radius_summary
+from dpcert.errors import UserError
+from dpcert.mechanism import MechanismRecord
+from dpcert.store import atomic_write_text
+
+#: Radii at which certified accuracy is reported.
+REPORT_RADII = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+_SCORE_SUM_TOL = 1e-3
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    """np.load without pickles; every failure becomes a one-line UserError."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} path is a directory, expected a .npy file: {path}") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"cannot read {what} file {path} as a .npy array: {err}") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+        raise UserError(f"{what} file {path} is an .npz archive; pass a single .npy array")
+    return arr
+
+
+def validate_outputs(arr: np.ndarray, inference: str) -> np.ndarray:
+    """Check votes (N, L) non-negative integers, or scores (P, N, L) in [0, 1] summing to 1."""
+    if arr.size == 0:
+        raise UserError(f"input array is empty (shape {arr.shape})")
+    if inference == "multinomial":
+        if arr.ndim != 2:
+            raise UserError(f"multinomial input must be vote counts of shape (N, L), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
+                    and np.all(arr == np.round(arr))):
+                raise UserError(f"vote counts must be integers, got dtype {arr.dtype}")
+            arr = arr.astype(np.int64)
+        if np.any(arr < 0):
+            raise UserError("vote counts must be non-negative")
+        return arr
+    if inference == "scores":
+        if arr.ndim != 3:
+            raise UserError(f"scores input must have shape (P, N, L), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise UserError(f"scores must be numbers, got dtype {arr.dtype}")
+        arr = arr.astype(float)
+        if not np.all(np.isfinite(arr)):
+            raise UserError("scores contain NaN or infinite values")
+        if np.any(arr < 0) or np.any(arr > 1):
+            raise UserError("scores must lie in [0, 1]")
+        worst = float(np.max(np.abs(arr.sum(axis=2) - 1.0)))
+        if worst > _SCORE_SUM_TOL:
+            raise UserError(f"scores must sum to 1 over labels (worst deviation {worst:.3g})")
+        return arr
+    raise UserError(f"inference must be one of {INFERENCES}")
+
+
+def resolve_mechanism(mechanism: Path | None, sample_rate: float | None,
+                      noise_multiplier: float | None, steps: int | None,
+                      dataset_size: int | None, subset_size: int | None) -> MechanismRecord:
+    """The record from --mechanism, from the options, or both when they agree."""
+    given = {"sample_rate": sample_rate, "noise_multiplier": noise_multiplier, "steps": steps,
+             "dataset_size": dataset_size, "subset_size": subset_size}
+    given = {k: v for k, v in given.items() if v is not None}
+    if mechanism is not None:
+        record = MechanismRecord.load(mechanism)
+        for key, value in given.items():
+            if getattr(record, key) != value:
+                raise UserError(f"--{key.replace('_', '-')} {value} contradicts {mechanism} "
+                                f"({key} = {getattr(record, key)})")
+        return record
+    missing = [k for k in ("sample_rate", "noise_multiplier", "steps") if k not in given]
+    if missing:
+        opts = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise UserError(f"missing {opts} (or pass --mechanism mechanism.json)")
+    return MechanismRecord(**given)
+
+
+def certificates_csv(cert: Certificates, labels: np.ndarray | None) -> str:
+    rows = ["index,prediction,radius" + (",label" if labels is not None else "")]
+    for i in range(len(cert)):
+        row = f"{i},{cert.prediction[i]},{cert.radius[i]}"
+        if labels is not None:
+            row += f",{labels[i]}"
+        rows.append(row)
+    return "\n".join(rows) + "\n"
+
+
+def accuracy_report(cert: Certificates, labels: np.ndarray, radii=REPORT_RADII) -> str:
+    summary = radius_summary(cert, labels)
+    shown = [r for r in radii if r <= max(summary["max_radius"], 0) or r <= 2]
+    ca = certified_accuracy(cert, labels, np.array(shown))
+    lines = [f"clean accuracy (ensemble prediction): {summary['accuracy']:.4f}",
+             "radius  certified accuracy"]
+    lines += [f"{r:>6}  {a:.4f}" for r, a in zip(shown, ca, strict=True)]
+    lines.append(f"median certified radius: {summary['median_radius']:g}   "
+                 f"max certified radius: {summary['max_radius']}")
+    lines.append("(radius = inserted + deleted training examples; a modification counts 2; "
+                 "-1 for wrong or abstained points)")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dpcert")
+def main() -> None:
+    """Pointwise certificates against training-data poisoning from DP ensembles."""
+
+
+@main.command("certify")
+@click.argument("input_path", metavar="INPUT.npy", type=click.Path(path_type=Path))
+@click.option("--sample-rate", type=float, help="Poisson sampling rate q of DP-SGD.")
+@click.option("--noise-multiplier", type=float, help="Noise multiplier sigma of DP-SGD.")
+@click.option("--steps", type=int, help="Number of DP-SGD steps T.")
+@click.option("--dataset-size", type=int, help="Training-set size n (needed with subsets).")
+@click.option("--subset-size", type=int, help="Sub-dataset size m each instance trained on.")
+@click.option("--mechanism", type=click.Path(path_type=Path),
+              help="mechanism.json written by training (instead of the options above).")
+@click.option("--inference", type=click.Choice(INFERENCES), default="multinomial",
+              show_default=True, help="Votes (N, L) or per-instance softmax scores (P, N, L).")
+@click.option("--accounting", type=click.Choice(ACCOUNTINGS), default="pld", show_default=True,
+              help="pld: exact privacy profile (tightest); rdp; adp.")
+@click.option("--group", type=click.Choice(GROUPS), default="sound", show_default=True,
+              help="paper reproduces the published (unsound) group privacy; never certify with it.")
+@click.option("--eta", type=float, default=1e-3, show_default=True,
+              help="Certificates hold with probability >= 1 - eta.")
+@click.option("--bound", type=click.Choice(["simuem", "bernstein", "hoeffding", "paper"]),
+              help="Confidence bound (default: simuem for votes, bernstein for scores).")
+@click.option("--max-radius", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--paper-delta", type=float, default=1e-5, show_default=True,
+              help="Single-example delta of --accounting adp --group paper.")
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="CSV with columns index,prediction,radius[,label].")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="Test labels (N,) .npy: adds a label column and prints certified accuracy.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Group-table cache (default $DPCERT_CACHE or ~/.cache/dpcert).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the table cache.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
+                mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
+                output, labels, cache_dir, no_cache, quiet) -> None:
+    """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
+    _run_user(lambda: _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size,
+                               subset_size, mechanism, inference, accounting, group, eta, bound,
+                               max_radius, paper_delta, output, labels, cache_dir, no_cache,
+                               quiet))
+
+
+def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
+             mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
+             output, labels_path, cache_dir, no_cache, quiet) -> None:
+    if not 0.0 < eta < 1.0:
+        raise UserError(f"--eta must lie in (0, 1), got {eta}")
+    record = resolve_mechanism(mechanism, sample_rate, noise_multiplier, steps, dataset_size,
+                               subset_size)
+    spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius,
+                          paper_delta=paper_delta)
+    if output.exists() and output.is_dir():
+        raise UserError(f"--output {output} is a directory")
+    if not output.parent.exists():
+        raise UserError(f"output folder does not exist: {output.parent}")
+    outputs = validate_outputs(load_array(input_path, "input"), inference)
+    n_points = outputs.shape[0] if inference == "multinomial" else outputs.shape[1]
+    labels = None
+    if labels_path is not None:
+        labels = load_array(labels_path, "labels")
+        if labels.shape != (n_points,) or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"labels must be integers of shape ({n_points},), got "
+                            f"{labels.dtype} {labels.shape}")
+    if group == "paper":
+        click.echo("warning: --group paper reproduces the published group privacy, which is "
+                   "NOT a valid certificate (DESIGN.md section 2)", err=True)
+    cache = None if no_cache else (cache_dir or "default")
+    cert = certify(outputs, record, inference=inference, eta=eta, bound=bound, spec=spec,
+                   cache_dir=cache, progress=not quiet and sys.stderr.isatty())
+    atomic_write_text(output, certificates_csv(cert, labels))
+    certified = int(np.sum(cert.radius >= 0))
+    click.echo(f"wrote {output}: {len(cert)} points, {certified} certified at r >= 0, "
+               f"max radius {int(cert.radius.max())}")
+    if labels is not None:
+        click.echo(accuracy_report(cert, labels))
+
+
+def _run_user(action) -> None:
+    try:
+        action()
+    except UserError as err:
+        click.echo(f"dpcert: error: {err}", err=True)
+        sys.exit(2)
+    except MemoryError:
+        click.echo("dpcert: error: out of memory (input too large for this machine)", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
