@@ -71,6 +71,20 @@ def regularise(b: OutcomeBound) -> OutcomeBound:
     return OutcomeBound(lower, upper)
 
 
+def with_complements(b: OutcomeBound) -> OutcomeBound:
+    """Tighten with the complementary event: p' = 1 - (1-p)' gives
+    upper(p) <= 1 - lower(1 - p) and lower(p) >= 1 - upper(1 - p).
+
+    Valid whenever the bound holds for every event (or [0,1]-valued score) under the same pair
+    of datasets, since 1 - f is one too. For an (eps, delta) profile this is what the
+    negative-eps part of the profile would give; for RDP it is the Hölder bound on 1 - p.
+    """
+    flipped = 1.0 - GRID
+    upper = np.minimum(b.upper, 1.0 - b.lower[floor_index(flipped)])
+    lower = np.maximum(b.lower, 1.0 - b.upper[ceil_index(flipped)])
+    return regularise(OutcomeBound(lower, upper))
+
+
 def from_profile(eps: np.ndarray, delta: np.ndarray) -> OutcomeBound:
     """Bounds from a family of (eps_i, delta_i) guarantees valid in both directions.
 
@@ -87,7 +101,7 @@ def from_profile(eps: np.ndarray, delta: np.ndarray) -> OutcomeBound:
     with np.errstate(over="ignore"):
         upper = np.min(np.where(p > 0, np.exp(eps) * p, 0.0) + delta, axis=1)
     lower = np.max(np.exp(-eps) * (p - delta), axis=1)
-    return regularise(OutcomeBound(lower, upper))
+    return with_complements(regularise(OutcomeBound(lower, upper)))
 
 
 def from_rdp(orders: np.ndarray, eps: np.ndarray) -> OutcomeBound:
@@ -107,7 +121,7 @@ def from_rdp(orders: np.ndarray, eps: np.ndarray) -> OutcomeBound:
     with np.errstate(over="ignore"):
         upper = np.min(np.exp((a - 1.0) / a * (e + logp)), axis=1)
     lower = np.max(np.exp(-e + a / (a - 1.0) * logp), axis=1)
-    return regularise(OutcomeBound(lower, upper))
+    return with_complements(regularise(OutcomeBound(lower, upper)))
 
 
 def tighter(*bounds: OutcomeBound) -> OutcomeBound:
