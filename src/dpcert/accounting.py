@@ -202,9 +202,11 @@ def _sgm_pure(record: MechanismRecord, spec: AccountingSpec, r: int) -> OutcomeB
     if spec.group == "paper":
         if spec.accounting == "rdp":
             return outcomes.from_rdp(PAPER_ORDERS,
-                                     rdp.paper_group_rdp(q, sigma, r, PAPER_ORDERS, steps=steps))
+                                     rdp.paper_group_rdp(q, sigma, r, PAPER_ORDERS, steps=steps),
+                                     complements=False)
         eps1, delta1 = _paper_single_adp(record, spec)
-        return outcomes.from_profile(np.array([r * eps1]), np.array([min(1.0, r * delta1)]))
+        return outcomes.from_profile(np.array([r * eps1]), np.array([min(1.0, r * delta1)]),
+                                     complements=False)
     if spec.accounting == "pld":
         delta = pld.group_privacy_profile(q, sigma, r, steps, EPS_GRID, interval=spec.pld_interval)
         return outcomes.from_profile(EPS_GRID, delta)

@@ -85,7 +85,8 @@ def with_complements(b: OutcomeBound) -> OutcomeBound:
     return regularise(OutcomeBound(lower, upper))
 
 
-def from_profile(eps: np.ndarray, delta: np.ndarray) -> OutcomeBound:
+def from_profile(eps: np.ndarray, delta: np.ndarray, *, complements: bool = True
+                 ) -> OutcomeBound:
     """Bounds from a family of (eps_i, delta_i) guarantees valid in both directions.
 
     p' <= min_i e^eps_i p + delta_i and p' >= max_i e^-eps_i (p - delta_i). With the full
@@ -101,14 +102,16 @@ def from_profile(eps: np.ndarray, delta: np.ndarray) -> OutcomeBound:
     with np.errstate(over="ignore"):
         upper = np.min(np.where(p > 0, np.exp(eps) * p, 0.0) + delta, axis=1)
     lower = np.max(np.exp(-eps) * (p - delta), axis=1)
-    return with_complements(regularise(OutcomeBound(lower, upper)))
+    b = regularise(OutcomeBound(lower, upper))
+    return with_complements(b) if complements else b
 
 
-def from_rdp(orders: np.ndarray, eps: np.ndarray) -> OutcomeBound:
+def from_rdp(orders: np.ndarray, eps: np.ndarray, *, complements: bool = True) -> OutcomeBound:
     """Bounds from an RDP curve valid in both directions (Hölder; Lemma 9 of the paper).
 
     p' <= min_a (e^eps_a p)^((a-1)/a) and p' >= max_a e^-eps_a p^(a/(a-1)); orders with
     infinite eps are skipped. Holds for [0,1]-valued score expectations as well.
+    ``complements=False`` reproduces the paper, which does not use complementary events.
     """
     ok = np.isfinite(eps)
     if not np.any(ok):
@@ -121,7 +124,8 @@ def from_rdp(orders: np.ndarray, eps: np.ndarray) -> OutcomeBound:
     with np.errstate(over="ignore"):
         upper = np.min(np.exp((a - 1.0) / a * (e + logp)), axis=1)
     lower = np.max(np.exp(-e + a / (a - 1.0) * logp), axis=1)
-    return with_complements(regularise(OutcomeBound(lower, upper)))
+    b = regularise(OutcomeBound(lower, upper))
+    return with_complements(b) if complements else b
 
 
 def tighter(*bounds: OutcomeBound) -> OutcomeBound:

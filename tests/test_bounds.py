@@ -1,0 +1,104 @@
+"""Confidence bounds: exact values on hand cases and Monte Carlo coverage."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpcert.bounds import score_bounds, vote_bounds
+from dpcert.errors import UserError
+
+
+def test_simuem_is_bonferroni_clopper_pearson():
+    counts = np.array([[700, 200, 100]])
+    b = vote_bounds(counts, eta=0.03)
+    lo = stats.binomtest(700, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").low
+    hi = stats.binomtest(200, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").high
+    assert b.prediction[0] == 0
+    assert b.p_lower[0] == pytest.approx(lo, rel=1e-9)
+    assert b.p_upper[0] == pytest.approx(min(hi, 1 - lo), rel=1e-9)
+
+
+def test_unanimous_votes():
+    b = vote_bounds(np.array([[0, 1000, 0]]), eta=1e-3)
+    assert b.prediction[0] == 1
+    assert b.p_lower[0] == pytest.approx((1e-3 / 3) ** (1 / 1000), rel=1e-9)
+    assert b.p_upper[0] == pytest.approx(1 - (1e-3 / 3) ** (1 / 1000), rel=1e-9)
+
+
+def test_ties_go_to_smallest_label():
+    assert vote_bounds(np.array([[3, 5, 5]]), eta=0.1).prediction[0] == 1
+
+
+def _coverage_failures(draw, truth_top, truth_other, method, eta, trials, rng):
+    fails = 0
+    for _ in range(trials):
+        b = draw(rng)
+        if b.p_lower[0] > truth_top or b.p_upper[0] < truth_other:
+            fails += 1
+    return fails
+
+
+@pytest.mark.parametrize("probs", [[0.6, 0.3, 0.1], [0.34, 0.33, 0.33], [0.9, 0.05, 0.05]])
+def test_simuem_coverage_monte_carlo(probs):
+    rng = np.random.default_rng(0)
+    eta, trials, n = 0.1, 2000, 200
+    counts = rng.multinomial(n, probs, size=trials)
+    fails = 0
+    for row in counts:
+        b = vote_bounds(row[None, :], eta)
+        top = b.prediction[0]
+        other = max(p for i, p in enumerate(probs) if i != top)
+        fails += b.p_lower[0] > probs[top] or b.p_upper[0] < other
+    # failure rate <= eta up to Monte Carlo error (binomial tail at 4 sd)
+    assert fails <= trials * eta + 4 * np.sqrt(trials * eta * (1 - eta))
+
+
+@pytest.mark.parametrize("method", ["hoeffding", "bernstein"])
+@pytest.mark.parametrize("conc", [[5.0, 2.0, 1.0], [50.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+def test_score_bounds_coverage_monte_carlo(method, conc):
+    rng = np.random.default_rng(1)
+    eta, trials, n_inst = 0.1, 1500, 60
+    mean = np.array(conc) / np.sum(conc)
+    fails = 0
+    for _ in range(trials):
+        s = rng.dirichlet(conc, size=(n_inst, 1))
+        b = score_bounds(s, eta, method)
+        top = b.prediction[0]
+        other = np.max(np.delete(mean, top))
+        fails += b.p_lower[0] > mean[top] or b.p_upper[0] < other
+    assert fails <= trials * eta + 4 * np.sqrt(trials * eta * (1 - eta))
+
+
+def test_bernstein_beats_hoeffding_on_confident_points():
+    rng = np.random.default_rng(2)
+    s = rng.dirichlet([200.0, 1.0, 1.0], size=(1000, 5))
+    h = score_bounds(s, 1e-3, "hoeffding")
+    b = score_bounds(s, 1e-3, "bernstein")
+    assert np.all(b.p_lower > h.p_lower)
+
+
+def test_paper_vote_bound_is_less_conservative_than_simuem():
+    """The public code's normal interval has no correction over classes: on near-uniform votes
+    over many classes it fails to cover the truth more often than eta allows; SimuEM does not."""
+    rng = np.random.default_rng(3)
+    eta, trials, n_labels, n = 0.2, 1000, 10, 1000
+    probs = np.full(n_labels, 1 / n_labels)
+    fails = {"paper": 0, "simuem": 0}
+    for row in rng.multinomial(n, probs, size=trials):
+        for method in fails:
+            b = vote_bounds(row[None, :], eta, method)
+            fails[method] += b.p_lower[0] > 0.1 or b.p_upper[0] < 0.1
+    slack = 4 * np.sqrt(trials * eta * (1 - eta))
+    assert fails["simuem"] <= eta * trials + slack
+    assert fails["paper"] > eta * trials + slack
+
+
+def test_bad_inputs():
+    with pytest.raises(UserError):
+        vote_bounds(np.array([1, 2, 3]), 0.1)
+    with pytest.raises(UserError):
+        vote_bounds(np.array([[0, 0]]), 0.1)
+    with pytest.raises(UserError):
+        vote_bounds(np.array([[1, 2]]), 1.5)
+    with pytest.raises(UserError):
+        score_bounds(np.ones((1, 2, 3)) / 3, 0.1)
