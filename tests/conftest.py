@@ -2,7 +2,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("DPCERT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".dpcert-cache"))
+os.environ.setdefault(
+    "DPCERT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".dpcert-cache")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,9 @@ def test_simuem_is_bonferroni_clopper_pearson():
     counts = np.array([[700, 200, 100]])
     b = vote_bounds(counts, eta=0.03)
     lo = stats.binomtest(700, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").low
-    hi = stats.binomtest(200, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").high
+    hi = (
+        stats.binomtest(200, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").high
+    )
     assert b.prediction[0] == 0
     assert b.p_lower[0] == pytest.approx(lo, rel=1e-9)
     assert b.p_upper[0] == pytest.approx(min(hi, 1 - lo), rel=1e-9)

@@ -146,8 +146,9 @@ def test_cache_roundtrip_and_repair(tmp_path):
 
 def test_subsets_amplify_and_stay_below_trivial_bounds():
     full = MechanismRecord(sample_rate=0.01, noise_multiplier=1.0, steps=100, dataset_size=10000)
-    sub = MechanismRecord(sample_rate=0.01, noise_multiplier=1.0, steps=100, dataset_size=10000,
-                          subset_size=1000)
+    sub = MechanismRecord(
+        sample_rate=0.01, noise_multiplier=1.0, steps=100, dataset_size=10000, subset_size=1000
+    )
     p1, p2 = np.array([0.9, 0.99]), np.array([0.08, 0.009])
     r_full = radii(GroupBounds(full, AccountingSpec(accounting="rdp", max_radius=300)), p1, p2, 300)
     r_sub = radii(GroupBounds(sub, AccountingSpec(accounting="rdp", max_radius=300)), p1, p2, 300)
@@ -159,8 +160,9 @@ def test_subset_bound_is_valid_for_a_gaussian_instance():
     inserted examples that land in a uniformly random m-subset (hypergeometric). The
     per-instance guarantee is the Gaussian one; the tables must contain the exact p'."""
     n, m, r = 50, 10, 3
-    mech = MechanismRecord(sample_rate=1.0, noise_multiplier=4.0, steps=1, dataset_size=n,
-                           subset_size=m)
+    mech = MechanismRecord(
+        sample_rate=1.0, noise_multiplier=4.0, steps=1, dataset_size=n, subset_size=m
+    )
     gb = GroupBounds(mech, AccountingSpec(accounting="pld", max_radius=5))
     b = gb.pure(r)
     j = np.arange(r + 1)
@@ -178,8 +180,9 @@ def test_certified_accuracy_and_summary_by_hand():
 
     cert = Certificates(np.array([0, 1, 2, 1]), np.array([5, 0, -1, 3]), np.zeros(4), np.zeros(4))
     labels = np.array([0, 1, 2, 0])
-    np.testing.assert_allclose(certified_accuracy(cert, labels, [0, 1, 3, 5, 6]),
-                               [0.5, 0.25, 0.25, 0.25, 0.0])
+    np.testing.assert_allclose(
+        certified_accuracy(cert, labels, [0, 1, 3, 5, 6]), [0.5, 0.25, 0.25, 0.25, 0.0]
+    )
     s = radius_summary(cert, labels)
     assert s["accuracy"] == 0.75 and s["max_radius"] == 5 and s["median_radius"] == -0.5
 

@@ -18,7 +18,9 @@ def gaussian_bound(mu):
 
 
 def gauss_profile_bound(mu):
-    d = stats.norm.cdf(-EPS_GRID / mu + mu / 2) - np.exp(EPS_GRID) * stats.norm.cdf(-EPS_GRID / mu - mu / 2)
+    d = stats.norm.cdf(-EPS_GRID / mu + mu / 2) - np.exp(EPS_GRID) * stats.norm.cdf(
+        -EPS_GRID / mu - mu / 2
+    )
     return outcomes.from_profile(EPS_GRID, np.clip(d, 0, 1))
 
 
@@ -91,7 +93,11 @@ def test_inverse_roundtrip(x, mu):
     b = gauss_profile_bound(mu)
     rb = outcomes.reverse(b)
     y = rb.upper_at(np.array([x]))[0]  # an upper bound on K^-1(x) for K = lower
-    assert b.lower_at(np.array([y]))[0] >= outcomes.GRID[outcomes.floor_index(np.array([x]))[0]] - 1e-12 or y == 1.0
+    assert (
+        b.lower_at(np.array([y]))[0]
+        >= outcomes.GRID[outcomes.floor_index(np.array([x]))[0]] - 1e-12
+        or y == 1.0
+    )
 
 
 def test_mixture_assigns_missing_mass_trivially():

@@ -30,9 +30,11 @@ def test_single_example_matches_dp_accounting_pld_accountant():
 @pytest.mark.parametrize("q,sigma,r,steps", [(0.001, 1.0, 5, 1000), (0.01, 2.0, 3, 100)])
 def test_group_matches_dp_accounting_mixture(q, sigma, r, steps):
     k = np.arange(r + 1)
-    ref = (dpa_pld.from_mixture_gaussian_mechanism(sigma, k.astype(float),
-                                                   stats.binom.pmf(k, r, q))
-           .self_compose(steps).get_delta_for_epsilon(EPS))
+    ref = (
+        dpa_pld.from_mixture_gaussian_mechanism(sigma, k.astype(float), stats.binom.pmf(k, r, q))
+        .self_compose(steps)
+        .get_delta_for_epsilon(EPS)
+    )
     ours = pld.group_privacy_profile(q, sigma, r, steps, EPS)
     sel = ref > 1e-12
     ratio = ours[sel] / ref[sel]
@@ -51,8 +53,9 @@ def test_full_batch_is_pessimistic_and_tight_against_analytic_gaussian(r, sigma,
 def test_own_hockey_stick_matches_dp_accounting():
     composed = pld.group_step_pld(0.01, 1.5, 4).self_compose(50)
     ref = composed.get_delta_for_epsilon(EPS)
-    ours = np.maximum(pld._hockey_stick(composed._pmf_add, EPS),
-                      pld._hockey_stick(composed._pmf_remove, EPS))
+    ours = np.maximum(
+        pld._hockey_stick(composed._pmf_add, EPS), pld._hockey_stick(composed._pmf_remove, EPS)
+    )
     assert np.all(ours >= ref - 1e-15)
     np.testing.assert_allclose(ours, ref, atol=1e-8)
 
@@ -60,8 +63,9 @@ def test_own_hockey_stick_matches_dp_accounting():
 def test_pld_is_tighter_than_rdp_conversion():
     q, sigma, r, steps = 0.001, 2.0, 8, 1000
     deltas = np.array([1e-3, 1e-5, 1e-8])
-    eps_rdp = rdp.rdp_to_adp_epsilon(rdp.group_rdp(q, sigma, r, steps=steps), rdp.DEFAULT_ORDERS,
-                                     deltas)
+    eps_rdp = rdp.rdp_to_adp_epsilon(
+        rdp.group_rdp(q, sigma, r, steps=steps), rdp.DEFAULT_ORDERS, deltas
+    )
     prof = pld.group_privacy_profile(q, sigma, r, steps, eps_rdp)
     assert np.all(prof <= deltas)
 

@@ -34,7 +34,9 @@ def mp_group_rdp(q, sigma, r, alpha, direction):
     return float(mp.log(mp.quad(f, sorted(set(pts)))) / (alpha - 1))
 
 
-@pytest.mark.parametrize("q,sigma", [(0.001, 1.0), (0.01, 2.0), (0.1, 0.8), (0.5, 3.0), (0.02, 0.7)])
+@pytest.mark.parametrize(
+    "q,sigma", [(0.001, 1.0), (0.01, 2.0), (0.1, 0.8), (0.5, 3.0), (0.02, 0.7)]
+)
 def test_sgm_integer_orders_match_dp_accounting(q, sigma):
     ours = rdp.group_rdp(q, sigma, 1, INT_ORDERS, steps=7)
     ref = dp_accounting_rdp(q, sigma, INT_ORDERS, steps=7)
@@ -52,8 +54,10 @@ def test_sgm_matches_opacus():
         np.testing.assert_allclose(ours[ok], np.asarray(ref)[ok], rtol=1e-8)
 
 
-@pytest.mark.parametrize("q,sigma,alpha", [(0.01, 2.0, 1.1), (0.01, 2.0, 1.5), (0.1, 0.8, 1.25),
-                                           (0.001, 1.0, 2.5), (0.05, 0.5, 3.5)])
+@pytest.mark.parametrize(
+    "q,sigma,alpha",
+    [(0.01, 2.0, 1.1), (0.01, 2.0, 1.5), (0.1, 0.8, 1.25), (0.001, 1.0, 2.5), (0.05, 0.5, 3.5)],
+)
 def test_sgm_fractional_orders_match_mpmath(q, sigma, alpha):
     ours = rdp.group_rdp(q, sigma, 1, np.array([alpha]))[0]
     assert ours == pytest.approx(mp_group_rdp(q, sigma, 1, alpha, "add"), rel=1e-7)
@@ -61,7 +65,9 @@ def test_sgm_fractional_orders_match_mpmath(q, sigma, alpha):
     assert ours <= dp_accounting_rdp(q, sigma, [alpha])[0] * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("q,sigma,r", [(0.01, 1.0, 3), (0.1, 2.0, 5), (0.3, 3.0, 4), (0.05, 0.7, 2)])
+@pytest.mark.parametrize(
+    "q,sigma,r", [(0.01, 1.0, 3), (0.1, 2.0, 5), (0.3, 3.0, 4), (0.05, 0.7, 2)]
+)
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 3.0, 8.0])
 def test_group_mixture_matches_mpmath_both_directions(q, sigma, r, alpha):
     add = mp_group_rdp(q, sigma, r, alpha, "add")
@@ -91,7 +97,10 @@ def test_design_counterexample():
 def test_sound_dominates_paper():
     orders = rdp.DEFAULT_ORDERS
     for q, sigma, r in [(0.001, 1.0, 3), (0.01, 2.0, 10), (0.001, 3.0, 50)]:
-        assert np.all(rdp.group_rdp(q, sigma, r, orders) >= rdp.paper_group_rdp(q, sigma, r, orders) * (1 - 1e-9))
+        assert np.all(
+            rdp.group_rdp(q, sigma, r, orders)
+            >= rdp.paper_group_rdp(q, sigma, r, orders) * (1 - 1e-9)
+        )
 
 
 def test_large_groups_and_orders_are_stable_and_monotone():

@@ -163,7 +163,8 @@ class GroupBounds:
             low = np.minimum(low, ins.lower[outcomes.floor_index(dele.lower[lower_idx])])
         direct = self._direct_any_change(r)
         if direct is not None:
-            low, up = np.maximum(low, direct.lower[lower_idx]), np.minimum(up, direct.upper[upper_idx])
+            low = np.maximum(low, direct.lower[lower_idx])
+            up = np.minimum(up, direct.upper[upper_idx])
         return low, up
 
     # -- table construction ---------------------------------------------------------------
@@ -288,7 +289,8 @@ class _SgmTables:
         return outcomes.mixture(h, [self.substitutions(int(j)) for j in js])
 
     def subset_pure(self, r: int) -> OutcomeBound:
-        n, m, cap = int(self.record.dataset_size), int(self.record.subset_size), self.spec.max_radius
+        n, m = int(self.record.dataset_size), int(self.record.subset_size)
+        cap = self.spec.max_radius
         # Insertions land in a dataset of at least n - cap examples (earlier deletions).
         insert = self._mixture(max(n - cap, m) + r, r)
         # Deletions: the coupling bounds the clean p by the poisoned p'; invert it.

@@ -45,7 +45,8 @@ def validate_outputs(arr: np.ndarray, inference: str) -> np.ndarray:
         raise UserError(f"input array is empty (shape {arr.shape})")
     if inference == "multinomial":
         if arr.ndim != 2:
-            raise UserError(f"multinomial input must be vote counts of shape (N, L), got {arr.shape}")
+            raise UserError(
+                f"multinomial input must be vote counts of shape (N, L), got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
             if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
                     and np.all(arr == np.round(arr))):

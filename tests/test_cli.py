@@ -1,0 +1,150 @@
+"""The `dpcert certify` command: outputs, and one-line errors with exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpcert.mechanism import MechanismRecord
+
+MECH_ARGS = ["--sample-rate", "0.01", "--noise-multiplier", "2", "--steps", "100"]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "dpcert.cli", "certify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def votes(tmp_path):
+    rng = np.random.default_rng(0)
+    v = rng.multinomial(500, [0.85, 0.1, 0.05], size=12)
+    path = tmp_path / "votes.npy"
+    np.save(path, v)
+    np.save(tmp_path / "labels.npy", np.zeros(12, dtype=np.int64))
+    return path
+
+
+def test_certify_writes_csv_and_report(votes, tmp_path):
+    out = tmp_path / "out.csv"
+    res = run(
+        votes,
+        *MECH_ARGS,
+        "--output",
+        out,
+        "--labels",
+        tmp_path / "labels.npy",
+        "--max-radius",
+        "30",
+    )
+    assert res.returncode == 0, res.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "index,prediction,radius,label"
+    assert len(lines) == 13
+    rows = [list(map(int, line.split(","))) for line in lines[1:]]
+    assert [r[0] for r in rows] == list(range(12))
+    assert all(r[2] >= 1 for r in rows)
+    assert "median certified radius" in res.stdout
+
+
+def test_mechanism_file_gives_same_result_as_options(votes, tmp_path):
+    mech = tmp_path / "mechanism.json"
+    MechanismRecord(sample_rate=0.01, noise_multiplier=2.0, steps=100).save(mech)
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run(votes, *MECH_ARGS, "--output", a, "--max-radius", "30").returncode == 0
+    assert run(votes, "--mechanism", mech, "--output", b, "--max-radius", "30").returncode == 0
+    assert a.read_text() == b.read_text()
+    assert a.read_text().splitlines()[0] == "index,prediction,radius"
+
+
+def _bad_cases(tmp_path: Path):
+    good = tmp_path / "good.npy"
+    np.save(good, np.array([[90, 10], [80, 20]]))
+    cases = {}
+
+    def arr(name, a):
+        p = tmp_path / name
+        np.save(p, a)
+        return p
+
+    cases["wrong shape"] = [arr("w.npy", np.array([1, 2, 3])), *MECH_ARGS]
+    cases["negative counts"] = [arr("n.npy", np.array([[5, -1]])), *MECH_ARGS]
+    cases["float counts"] = [arr("f.npy", np.array([[5.5, 1.0]])), *MECH_ARGS]
+    cases["empty"] = [arr("e.npy", np.zeros((0, 3), dtype=int)), *MECH_ARGS]
+    cases["scores out of range"] = [
+        arr("s1.npy", np.full((3, 2, 2), 1.5)),
+        *MECH_ARGS,
+        "--inference",
+        "scores",
+    ]
+    cases["scores not summing to 1"] = [
+        arr("s2.npy", np.full((3, 2, 2), 0.2)),
+        *MECH_ARGS,
+        "--inference",
+        "scores",
+    ]
+    cases["scores nan"] = [
+        arr("s3.npy", np.full((3, 2, 2), np.nan)),
+        *MECH_ARGS,
+        "--inference",
+        "scores",
+    ]
+    cases["q zero"] = [good, "--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10"]
+    cases["q above one"] = [
+        good,
+        "--sample-rate",
+        "1.5",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "10",
+    ]
+    cases["sigma zero"] = [good, "--sample-rate", "0.1", "--noise-multiplier", "0", "--steps", "10"]
+    cases["sigma negative"] = [
+        good,
+        "--sample-rate",
+        "0.1",
+        "--noise-multiplier",
+        "-1",
+        "--steps",
+        "10",
+    ]
+    cases["eta zero"] = [good, *MECH_ARGS, "--eta", "0"]
+    cases["eta one"] = [good, *MECH_ARGS, "--eta", "1"]
+    cases["missing file"] = [tmp_path / "nope.npy", *MECH_ARGS]
+    cases["missing steps"] = [good, "--sample-rate", "0.1", "--noise-multiplier", "1"]
+    cases["pickled object array"] = [arr("o.npy", np.array([{"a": 1}], dtype=object)), *MECH_ARGS]
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"\x93NUMPY garbage")
+    cases["corrupt npy"] = [junk, *MECH_ARGS]
+    cases["labels wrong length"] = [good, *MECH_ARGS, "--labels", arr("l.npy", np.zeros(5, int))]
+    bad_mech = tmp_path / "m.json"
+    bad_mech.write_text(
+        json.dumps({"sample_rate": 0.1, "noise_multiplier": 1, "steps": 5, "colour": "red"})
+    )
+    cases["unknown mechanism key"] = [good, "--mechanism", bad_mech]
+    cases["paper pld"] = [good, *MECH_ARGS, "--group", "paper"]
+    return cases
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    for name, args in _bad_cases(tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}.csv"
+        res = run(*args, "--output", out)
+        assert res.returncode == 2, (name, res.stderr)
+        err = res.stderr.strip()
+        assert "Traceback" not in err, (name, err)
+        assert len(err.splitlines()) <= 3, (name, err)  # click usage errors carry a usage line
+        assert not out.exists(), name
+        assert not list(tmp_path.glob(f".out-{name.replace(' ', '_')}*")), name

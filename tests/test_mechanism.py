@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from dpcert.errors import UserError
+from dpcert.mechanism import MechanismRecord
+
+
+def test_roundtrip(tmp_path):
+    rec = MechanismRecord(
+        sample_rate=0.001,
+        noise_multiplier=2.0,
+        steps=1000,
+        clip_norm=1.3,
+        dataset_size=60000,
+        subset_size=10000,
+    )
+    path = tmp_path / "mechanism.json"
+    rec.save(path)
+    data = json.loads(path.read_text())
+    assert {
+        "sample_rate",
+        "noise_multiplier",
+        "steps",
+        "clip_norm",
+        "dataset_size",
+        "sampling",
+    } <= set(data)
+    assert MechanismRecord.load(path) == rec
+    assert rec.uses_subsets
+
+
+def test_accounting_key_ignores_clip_norm_only():
+    a = MechanismRecord(sample_rate=0.01, noise_multiplier=1.0, steps=10, clip_norm=1.0)
+    b = MechanismRecord(sample_rate=0.01, noise_multiplier=1.0, steps=10, clip_norm=5.0)
+    c = MechanismRecord(sample_rate=0.01, noise_multiplier=1.0, steps=11)
+    assert a.accounting_key() == b.accounting_key() != c.accounting_key()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sample_rate": 0.0, "noise_multiplier": 1.0, "steps": 1},
+        {"sample_rate": 1.1, "noise_multiplier": 1.0, "steps": 1},
+        {"sample_rate": float("nan"), "noise_multiplier": 1.0, "steps": 1},
+        {"sample_rate": 0.1, "noise_multiplier": 0.0, "steps": 1},
+        {"sample_rate": 0.1, "noise_multiplier": 1.0, "steps": 0},
+        {"sample_rate": 0.1, "noise_multiplier": 1.0, "steps": 2.5},
+        {"sample_rate": 0.1, "noise_multiplier": 1.0, "steps": 1, "sampling": "shuffle"},
+        {"sample_rate": 0.1, "noise_multiplier": 1.0, "steps": 1, "subset_size": 10},
+        {
+            "sample_rate": 0.1,
+            "noise_multiplier": 1.0,
+            "steps": 1,
+            "dataset_size": 5,
+            "subset_size": 10,
+        },
+    ],
+)
+def test_invalid_records(kwargs):
+    with pytest.raises(UserError):
+        MechanismRecord(**kwargs)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        MechanismRecord.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        MechanismRecord.load(bad)
+    bad.write_text(json.dumps({"sample_rate": 0.1}))
+    with pytest.raises(UserError, match="lacks"):
+        MechanismRecord.load(bad)
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(UserError):
+        MechanismRecord.load(bad)
