@@ -198,6 +198,50 @@ def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, sub
         click.echo(accuracy_report(cert, labels))
 
 
+@main.command("run")
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--dataset",
+              type=click.Choice(["digits", "mnist", "fashion-mnist", "cifar10", "npz"]))
+@click.option("--data-dir", help="Folder (IDX / CIFAR batches) or .npz file of the dataset.")
+@click.option("--model", type=click.Choice(["digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn"]))
+@click.option("--instances", type=int, help="Number P of DP-SGD instances.")
+@click.option("--sample-rate", type=float)
+@click.option("--noise-multiplier", type=float)
+@click.option("--steps", type=int)
+@click.option("--clip-norm", type=float)
+@click.option("--lr", type=float)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]))
+@click.option("--subset-size", type=int, help="Train each instance on a random subset.")
+@click.option("--seed", type=int, help="Master seed (default 0: reruns are identical).")
+@click.option("--eta", type=float)
+@click.option("--max-radius", type=int)
+@click.option("--workers", type=int, help="Training processes (default: one per core).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]))
+@click.option("--output", type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_cmd(config, output, quiet, **options) -> None:
+    """Train DP instances, certify every test point, and report (digits by default)."""
+
+    def action() -> None:
+        from dpcert.run import RunConfig, load_config_file, run
+
+        values = load_config_file(config) if config is not None else {}
+        values.update({k: v for k, v in options.items() if v is not None})
+        cfg = RunConfig.from_mapping(values)
+        if cfg.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda asked for, but no CUDA device is available")
+        run_dir = output or Path("runs") / cfg.dataset
+        text = run(cfg, run_dir, progress=not quiet)
+        click.echo(text)
+        click.echo(f"run directory: {run_dir} (certificates.csv, report.md, "
+                   "certified_accuracy.png)")
+
+    _run_user(action)
+
+
 def _run_user(action) -> None:
     try:
         action()

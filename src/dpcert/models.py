@@ -1,0 +1,87 @@
+"""DP-compatible models: no BatchNorm (it mixes examples, breaking per-example clipping).
+
+* ``digits_cnn``: a small CNN for 8x8 digits.
+* ``lenet5``: LeNet-5 for 28x28 MNIST / Fashion-MNIST (as in the paper).
+* ``cifar_cnn``: the small CNN of the Opacus CIFAR-10 tutorial (GroupNorm-free, tanh).
+* ``resnet18_gn``: ResNet-18 with GroupNorm in place of BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dpcert.errors import UserError
+
+
+def digits_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 2 * 2, num_classes),
+    )
+
+
+def lenet5(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+def cifar_cnn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 32, 3, padding=1),
+        nn.Tanh(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.Tanh(), nn.Conv2d(64, 64, 3, padding=1), nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.Tanh(), nn.Conv2d(128, 128, 3, padding=1),
+        nn.Tanh(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.Tanh(), nn.Linear(128, num_classes),
+    )
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.gn1 = nn.GroupNorm(min(32, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.gn2 = nn.GroupNorm(min(32, cout), cout)
+        self.short = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                       nn.GroupNorm(min(32, cout), cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.gn1(self.conv1(x)))
+        return torch.relu(self.gn2(self.conv2(out)) + self.short(x))
+
+
+def resnet18_gn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False),
+                               nn.GroupNorm(32, 64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": digits_cnn,
+    "lenet5": lenet5,
+    "cifar_cnn": cifar_cnn,
+    "resnet18_gn": resnet18_gn,
+}
+
+
+def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes)
