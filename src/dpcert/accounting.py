@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,7 +176,7 @@ class GroupBounds:
             try:
                 with np.load(path) as z:
                     return OutcomeBound(z["lower"], z["upper"])
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 path.unlink(missing_ok=True)  # a damaged cache entry is recomputed
         table = self._compute(r)
         if path is not None:

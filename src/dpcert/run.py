@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -130,7 +131,7 @@ def read_unit(path: Path) -> np.ndarray | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             scores, digest = z["scores"], str(z["sha256"])
-    except (FileNotFoundError, OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     return scores if _digest(scores) == digest else None
 

@@ -1,0 +1,93 @@
+"""The run store and the end-to-end job on digits."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpcert.errors import UserError
+from dpcert.run import RunConfig, aggregate, read_unit, run
+
+SMALL = dict(instances=4, steps=15, sample_rate=0.05, noise_multiplier=2.0, workers=1)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = RunConfig(**SMALL)
+    a = tmp_path / "a"
+    run(cfg, a, progress=False)
+    votes, scores = np.load(a / "votes.npy"), np.load(a / "scores.npy")
+    certs = (a / "certificates.csv").read_text()
+    # a crash: one instance never written, another truncated mid-write
+    (a / "instances" / "inst_000001.npz").unlink()
+    damaged = a / "instances" / "inst_000002.npz"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert read_unit(damaged) is None
+    run(cfg, a, progress=False)
+    np.testing.assert_array_equal(np.load(a / "votes.npy"), votes)
+    np.testing.assert_array_equal(np.load(a / "scores.npy"), scores)
+    assert (a / "certificates.csv").read_text() == certs
+    # a fresh run of the same command gives the same result
+    b = tmp_path / "b"
+    run(RunConfig(**{**SMALL, "workers": 2}), b, progress=False)
+    np.testing.assert_array_equal(np.load(b / "scores.npy"), scores)
+
+
+def test_checksum_catches_silent_corruption(tmp_path):
+    cfg = RunConfig(**SMALL)
+    run(cfg, tmp_path, progress=False)
+    unit = tmp_path / "instances" / "inst_000000.npz"
+    with np.load(unit) as z:
+        scores, digest = z["scores"].copy(), z["sha256"]
+    scores[0, 0] += 0.25
+    np.savez(unit, scores=scores, sha256=digest)
+    assert read_unit(unit) is None
+    with pytest.raises(UserError, match="instance 0"):
+        aggregate(cfg, tmp_path)
+
+
+def test_changed_training_parameter_is_refused(tmp_path):
+    run(RunConfig(**SMALL), tmp_path, progress=False)
+    with pytest.raises(UserError, match="steps"):
+        run(RunConfig(**{**SMALL, "steps": 16}), tmp_path, progress=False)
+    # certification-only settings may change
+    run(RunConfig(**{**SMALL, "eta": 0.01}), tmp_path, progress=False)
+
+
+def test_run_layout_and_certify_reproduces_csv(tmp_path):
+    run(RunConfig(**SMALL), tmp_path, progress=False)
+    for name in ("config.json", "mechanism.json", "votes.npy", "scores.npy", "labels.npy",
+                 "certificates.csv", "report.md", "certified_accuracy.png"):
+        assert (tmp_path / name).exists(), name
+    votes = np.load(tmp_path / "votes.npy")
+    assert votes.dtype == np.int64 and votes.sum(axis=1).tolist() == [4] * len(votes)
+    assert np.load(tmp_path / "scores.npy").shape == (4, *votes.shape)
+    out = tmp_path / "again.csv"
+    res = subprocess.run([sys.executable, "-m", "dpcert.cli", "certify", tmp_path / "votes.npy",
+                          "--mechanism", tmp_path / "mechanism.json", "--labels",
+                          tmp_path / "labels.npy", "--output", out, "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == (tmp_path / "certificates.csv").read_text()
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown config keys"):
+        RunConfig.from_mapping({"colour": "red"})
+    with pytest.raises(UserError):
+        RunConfig.from_mapping({"sample_rate": 2.0})
+    with pytest.raises(UserError):
+        RunConfig.from_mapping({"instances": 1})
+
+
+@pytest.mark.slow
+def test_end_to_end_digits_certifies(tmp_path):
+    cfg = RunConfig(instances=40, steps=300, sample_rate=0.05, noise_multiplier=2.0, eta=0.01)
+    run(cfg, tmp_path, progress=False)
+    labels = np.load(tmp_path / "labels.npy")
+    votes = np.load(tmp_path / "votes.npy")
+    radius = np.loadtxt(tmp_path / "certificates.csv", delimiter=",", skiprows=1, dtype=int)
+    correct = votes.argmax(axis=1) == labels
+    ca0 = np.mean(correct & (radius[:, 2] >= 0))
+    assert ca0 >= correct.mean() - 0.1
+    assert np.any(radius[:, 2] >= 1)
