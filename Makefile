@@ -19,12 +19,13 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.base
 
 demo: $(VENV)/.base
-	$(BIN)/python examples/make_example.py examples/synthetic
-	$(BIN)/dpcert certify examples/synthetic/votes.npy --mechanism examples/synthetic/mechanism.json \
-		--labels examples/synthetic/labels.npy --output examples/synthetic/certificates.csv
+	$(BIN)/dpcert run --output runs/digits
 
-test: $(VENV)/.test
-	$(BIN)/ruff check src tests benchmarks examples
+data/.fetched:
+	@scripts/fetch_data.sh data && touch $@ || echo "datasets could not be fetched; their tests will skip"
+
+test: $(VENV)/.test data/.fetched
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 test-slow: $(VENV)/.test

@@ -79,7 +79,8 @@ def main() -> None:
 
     conf = vote_bounds(votes[:N_REFERENCE], 1e-3, "paper")
     t = time.perf_counter()
-    ref_radii = [seed_certify_radius(a, b) for a, b in zip(conf.p_lower, conf.p_upper)]
+    ref_radii = [seed_certify_radius(a, b) for a, b in
+                 zip(conf.p_lower, conf.p_upper, strict=True)]
     per_point = (time.perf_counter() - t) / N_REFERENCE
     ref_total = per_point * N_POINTS
 
@@ -99,7 +100,8 @@ def main() -> None:
     for acc, (cold, warm, radii) in results.items():
         print(f"dpcert {acc:>3} sound: cold {cold:6.1f} s, cached {warm:5.1f} s "
               f"(whole process); median radius {np.median(radii):g}, max {radii.max()}; "
-              f"speed-up vs reference: cold {ref_total / cold:,.0f}x, cached {ref_total / warm:,.0f}x")
+              f"speed-up vs reference: cold {ref_total / cold:,.0f}x, "
+              f"cached {ref_total / warm:,.0f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+"""The shipped YAML configs parse into valid run configurations."""
+
+from pathlib import Path
+
+import pytest
+
+from dpcert.run import RunConfig, load_config_file
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_valid(path):
+    cfg = RunConfig.from_mapping(load_config_file(path))
+    assert cfg.instances == 1000 and cfg.sample_rate == 0.001 and cfg.steps == 1000
+    assert cfg.model == "lenet5"
+
+
+def test_there_are_paper_configs():
+    assert len(CONFIGS) == 6
