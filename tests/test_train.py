@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpcert import ghost
 from dpcert.models import build_model
 from dpcert.train import (
     TrainConfig,
@@ -87,8 +88,9 @@ def test_noise_scale_is_sigma_c_over_expected_batch():
     gen = instance_generator(3, 0)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     init = build_model("digits_cnn", 1, 10)
-    delta = torch.cat([(p0 - p1).flatten() for p0, p1 in
-                       zip(init.parameters(), trained.parameters(), strict=True)])
+    with torch.no_grad():
+        delta = torch.cat([(p0 - p1).flatten() for p0, p1 in
+                           zip(init.parameters(), trained.parameters(), strict=True)])
     z = delta * (q * 200) / (sigma * clip)
     assert abs(float(z.std()) - 1) < 0.05
     assert abs(float(z.mean())) < 0.05
@@ -105,3 +107,23 @@ def test_same_seed_same_model_different_instance_different_model():
         assert torch.equal(pa, pb)
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(),
                                                          strict=True))
+
+
+@pytest.mark.parametrize("name,shape", [("digits_cnn", (1, 8, 8)), ("lenet5", (1, 28, 28)),
+                                        ("cifar_cnn", (3, 32, 32))])
+@pytest.mark.parametrize("clip", [1e-3, 1.0, 1e6])
+def test_ghost_clipping_equals_vmap(name, shape, clip):
+    torch.manual_seed(0)
+    model = build_model(name, shape[0], 10)
+    assert ghost.supports(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(9, *shape) * 3, torch.randint(0, 10, (9,))
+    ref = clipped_gradient_sum(model, params, x, y, clip)
+    ours = ghost.clipped_gradient_sum(model, x, y, clip)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-7)
+
+
+def test_ghost_declines_unsupported_models():
+    assert not ghost.supports(build_model("resnet18_gn", 3, 10))
+    assert not ghost.supports(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)))

@@ -3,10 +3,11 @@
 Each step includes every training example independently with probability q (Poisson sampling:
 batch sizes vary and may be 0), clips each per-example gradient to L2 norm C over all
 parameters, adds N(0, sigma^2 C^2) to the sum, and divides by the *expected* batch size q n
-(dividing by the realised size would leak it). Per-example gradients come from torch.func
-(``vmap`` of ``grad``). Every instance draws its sampling, subset and noise from its own
-generator seeded by (master seed, instance index), so an instance is the same model whether it
-is trained alone or among others.
+(dividing by the realised size would leak it). Per-example gradient norms and the clipped sum
+come from one forward and one backward pass for models made of Linear/Conv2d layers
+(:mod:`dpcert.ghost`), and from torch.func (``vmap`` of ``grad``) for any other model. Every
+instance draws its sampling, subset and noise from its own generator seeded by (master seed,
+instance index), so an instance is the same model whether it is trained alone or among others.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dpcert import ghost
 from dpcert.mechanism import MechanismRecord
 from dpcert.models import build_model
 
@@ -87,10 +89,14 @@ def train_instance(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, num_class
            else torch.optim.SGD(opt_params, lr=cfg.lr))
     expected = cfg.sample_rate * n
     std = cfg.noise_multiplier * cfg.clip_norm
+    use_ghost = ghost.supports(model)
     for _ in range(cfg.steps):
         idx = poisson_batch(n, cfg.sample_rate, gen)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        summed = clipped_gradient_sum(model, params, x[idx], y[idx], cfg.clip_norm)
+        if use_ghost:
+            summed = ghost.clipped_gradient_sum(model, x[idx], y[idx], cfg.clip_norm)
+        else:
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            summed = clipped_gradient_sum(model, params, x[idx], y[idx], cfg.clip_norm)
         for (name, p) in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen) * std
             p.grad = (summed[name] + noise) / expected
