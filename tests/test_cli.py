@@ -100,26 +100,14 @@ def _bad_cases(tmp_path: Path):
         "--inference",
         "scores",
     ]
-    cases["q zero"] = [good, "--sample-rate", "0", "--noise-multiplier", "1", "--steps", "10"]
-    cases["q above one"] = [
-        good,
-        "--sample-rate",
-        "1.5",
-        "--noise-multiplier",
-        "1",
-        "--steps",
-        "10",
-    ]
-    cases["sigma zero"] = [good, "--sample-rate", "0.1", "--noise-multiplier", "0", "--steps", "10"]
-    cases["sigma negative"] = [
-        good,
-        "--sample-rate",
-        "0.1",
-        "--noise-multiplier",
-        "-1",
-        "--steps",
-        "10",
-    ]
+
+    def mech(q, sigma, steps="10"):
+        return ["--sample-rate", q, "--noise-multiplier", sigma, "--steps", steps]
+
+    cases["q zero"] = [good, *mech("0", "1")]
+    cases["q above one"] = [good, *mech("1.5", "1")]
+    cases["sigma zero"] = [good, *mech("0.1", "0")]
+    cases["sigma negative"] = [good, *mech("0.1", "-1")]
     cases["eta zero"] = [good, *MECH_ARGS, "--eta", "0"]
     cases["eta one"] = [good, *MECH_ARGS, "--eta", "1"]
     cases["missing file"] = [tmp_path / "nope.npy", *MECH_ARGS]
