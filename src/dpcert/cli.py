@@ -216,6 +216,8 @@ def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, sub
 @click.option("--eta", type=float)
 @click.option("--max-radius", type=int)
 @click.option("--workers", type=int, help="Training processes (default: one per core).")
+@click.option("--batch-instances", type=int,
+              help="Train this many instances as one vmap-batched computation (GPUs).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
 @click.option("--output", type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -55,6 +55,7 @@ class RunConfig:
     eta: float = 1e-3
     max_radius: int = 1000
     workers: int = 0
+    batch_instances: int = 1
     device: str = "cpu"
 
     #: fields that change what the instances are; a run directory refuses other values
@@ -68,6 +69,9 @@ class RunConfig:
             raise UserError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise UserError(f"learning rate must be > 0, got {self.lr}")
+        if not (isinstance(self.batch_instances, int) and self.batch_instances >= 1):
+            raise UserError(f"batch_instances must be a positive integer, got "
+                            f"{self.batch_instances!r}")
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"device must be cpu or cuda, got {self.device!r}")
         # the mechanism checks q, sigma, T, C
@@ -139,11 +143,13 @@ def read_unit(path: Path) -> np.ndarray | None:
 _WORKER_DATA: dict = {}
 
 
-def _train_unit(cfg_dict: dict, instance: int, out: str, single_thread: bool) -> int:
+def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
+                 single_thread: bool) -> list[int]:
+    """Train instances (alone, or as one batched computation) and write each unit file."""
     import torch
 
     from dpcert.data import load_dataset
-    from dpcert.train import TrainConfig, predict_scores, train_instance
+    from dpcert.train import TrainConfig, predict_scores, train_instance, train_instances_batched
 
     if single_thread:  # one worker process per core beats intra-op threads on CPU
         torch.set_num_threads(1)
@@ -158,10 +164,17 @@ def _train_unit(cfg_dict: dict, instance: int, out: str, single_thread: bool) ->
     y = torch.tensor(data.y_train, device=device)
     tcfg = TrainConfig(cfg.model, cfg.sample_rate, cfg.noise_multiplier, cfg.steps,
                        cfg.clip_norm, cfg.lr, cfg.optimizer, cfg.subset_size)
-    model = train_instance(tcfg, x, y, data.num_classes, seed=cfg.seed, instance=instance)
-    scores = predict_scores(model.cpu(), torch.tensor(data.x_test))
-    atomic_save_npz(Path(out), scores=scores, sha256=np.array(_digest(scores)))
-    return instance
+    if len(instances) > 1:
+        models = train_instances_batched(tcfg, x, y, data.num_classes, seed=cfg.seed,
+                                         instances=instances)
+    else:
+        models = [train_instance(tcfg, x, y, data.num_classes, seed=cfg.seed,
+                                 instance=instances[0])]
+    x_test = torch.tensor(data.x_test)
+    for model, out in zip(models, outs, strict=True):
+        scores = predict_scores(model.cpu(), x_test)
+        atomic_save_npz(Path(out), scores=scores, sha256=np.array(_digest(scores)))
+    return instances
 
 
 def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
@@ -177,24 +190,30 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     if not todo:
         return
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
+    if cfg.device == "cuda":
+        workers = 1  # one process drives the GPU; batch_instances fills it
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.instances, initial=cfg.instances - len(todo), desc="training instances",
                unit="inst", disable=not progress)
     cfg_dict = asdict(cfg)
+    k = cfg.batch_instances
+    groups = [todo[i: i + k] for i in range(0, len(todo), k)]
+
+    def outs(group: list[int]) -> list[str]:
+        return [str(units / f"inst_{i:06d}.npz") for i in group]
+
     if workers == 1:
-        for i in todo:
-            _train_unit(cfg_dict, i, str(units / f"inst_{i:06d}.npz"), False)
-            bar.update(1)
+        for group in groups:
+            _train_units(cfg_dict, group, outs(group), False)
+            bar.update(len(group))
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_unit, cfg_dict, i, str(units / f"inst_{i:06d}.npz"),
-                                   True) for i in todo]
+            futures = [pool.submit(_train_units, cfg_dict, g, outs(g), True) for g in groups]
             for fut in as_completed(futures):
-                fut.result()
-                bar.update(1)
+                bar.update(len(fut.result()))
     bar.close()
 
 
