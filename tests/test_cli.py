@@ -136,3 +136,28 @@ def test_bad_inputs_fail_cleanly(tmp_path):
         assert len(err.splitlines()) <= 3, (name, err)  # click usage errors carry a usage line
         assert not out.exists(), name
         assert not list(tmp_path.glob(f".out-{name.replace(' ', '_')}*")), name
+
+
+def test_run_command_errors(tmp_path):
+    def run_cli(*args):
+        return subprocess.run([sys.executable, "-m", "dpcert.cli", "run", *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("colour: red\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: [1, 2\n")
+    cases = [
+        [bad],
+        [broken],
+        [tmp_path / "missing.yaml"],
+        ["--dataset", "mnist", "--output", tmp_path / "r1"],
+        ["--dataset", "mnist", "--data-dir", tmp_path / "nodata", "--output", tmp_path / "r2"],
+        ["--sample-rate", "3", "--output", tmp_path / "r3"],
+        ["--instances", "1", "--output", tmp_path / "r4"],
+    ]
+    for args in cases:
+        res = run_cli(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))  # nothing left behind

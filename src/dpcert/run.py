@@ -246,7 +246,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     from dpcert.data import load_dataset
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         try:
@@ -259,10 +259,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise UserError(f"{run_dir} holds a run with other training settings ({desc}); "
                             "use another --output directory")
-    data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
     if cfg.subset_size is not None and cfg.subset_size > len(data.y_train):
         raise UserError(f"subset size {cfg.subset_size} exceeds the {len(data.y_train)} "
                         "training examples")
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
     record = MechanismRecord(sample_rate=cfg.sample_rate, noise_multiplier=cfg.noise_multiplier,
                              steps=cfg.steps, clip_norm=cfg.clip_norm,
