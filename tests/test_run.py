@@ -88,14 +88,13 @@ def test_config_errors(tmp_path):
         RunConfig.from_mapping({"instances": 1})
 
 
-@pytest.mark.slow
 def test_end_to_end_digits_certifies(tmp_path):
-    cfg = RunConfig(instances=40, steps=300, sample_rate=0.05, noise_multiplier=2.0, eta=0.01)
+    cfg = RunConfig(instances=100, steps=300, sample_rate=0.05, noise_multiplier=2.0, eta=0.01)
     run(cfg, tmp_path, progress=False)
     labels = np.load(tmp_path / "labels.npy")
     votes = np.load(tmp_path / "votes.npy")
     radius = np.loadtxt(tmp_path / "certificates.csv", delimiter=",", skiprows=1, dtype=int)
     correct = votes.argmax(axis=1) == labels
     ca0 = np.mean(correct & (radius[:, 2] >= 0))
-    assert ca0 >= correct.mean() - 0.1
+    assert ca0 >= correct.mean() - 0.08  # within a few points of the clean accuracy
     assert np.any(radius[:, 2] >= 1)
