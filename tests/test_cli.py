@@ -161,3 +161,33 @@ def test_run_command_errors(tmp_path):
         assert res.returncode == 2, (args, res.stderr)
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))  # nothing left behind
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--method", "dpa"], [3, 0]),
+    (["--method", "fa", "--spread", "2"], [1, 0]),
+])
+def test_certify_peer_methods(tmp_path, args, expect):
+    v = tmp_path / "v.npy"
+    np.save(v, np.array([[10, 4, 1], [3, 5, 5]]))
+    out = tmp_path / "o.csv"
+    res = run(v, *args, "--output", out)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    assert [int(r[2]) for r in rows] == expect
+
+
+def test_certify_bagging_and_its_errors(tmp_path):
+    v = tmp_path / "v.npy"
+    np.save(v, np.array([[990, 5, 5], [400, 390, 210]]))
+    out = tmp_path / "o.csv"
+    res = run(v, "--method", "bagging", "--train-size", "1000", "--subsample-size", "30",
+              "--output", out)
+    assert res.returncode == 0, res.stderr
+    radius = [int(line.split(",")[2]) for line in out.read_text().splitlines()[1:]]
+    assert radius[0] > 10 and radius[1] == -1
+    out.unlink()
+    for args in (["--method", "bagging"], ["--method", "fa"],
+                 ["--method", "fa", "--spread", "0"]):
+        res = run(v, *args, "--output", out)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()

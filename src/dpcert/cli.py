@@ -151,12 +151,22 @@ def main() -> None:
               help="Test labels (N,) .npy: adds a label column and prints certified accuracy.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Group-table cache (default $DPCERT_CACHE or ~/.cache/dpcert).")
+@click.option("--method", type=click.Choice(["dp", "bagging", "dpa", "fa"]), default="dp",
+              show_default=True, help="Defence that produced the votes (dp: this project).")
+@click.option("--train-size", type=int, help="Bagging: training-set size n.")
+@click.option("--subsample-size", type=int, help="Bagging: examples k per bag.")
+@click.option("--spread", type=int, help="Finite Aggregation: spread d.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the table cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
                 mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
-                output, labels, cache_dir, no_cache, quiet) -> None:
+                output, labels, cache_dir, no_cache, quiet, method, train_size,
+                subsample_size, spread) -> None:
     """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
+    if method != "dp":
+        _run_user(lambda: _certify_baseline(input_path, method, eta, max_radius, output, labels,
+                                            train_size, subsample_size, spread))
+        return
     _run_user(lambda: _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size,
                                subset_size, mechanism, inference, accounting, group, eta, bound,
                                max_radius, paper_delta, output, labels, cache_dir, no_cache,
@@ -172,30 +182,69 @@ def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, sub
                                subset_size)
     spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius,
                           paper_delta=paper_delta)
-    if output.exists() and output.is_dir():
-        raise UserError(f"--output {output} is a directory")
-    if not output.parent.exists():
-        raise UserError(f"output folder does not exist: {output.parent}")
+    _check_output(output)
     outputs = validate_outputs(load_array(input_path, "input"), inference)
     n_points = outputs.shape[0] if inference == "multinomial" else outputs.shape[1]
-    labels = None
-    if labels_path is not None:
-        labels = load_array(labels_path, "labels")
-        if labels.shape != (n_points,) or not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"labels must be integers of shape ({n_points},), got "
-                            f"{labels.dtype} {labels.shape}")
+    labels = _load_labels(labels_path, n_points)
     if group == "paper":
         click.echo("warning: --group paper reproduces the published group privacy, which is "
                    "NOT a valid certificate (DESIGN.md section 2)", err=True)
     cache = None if no_cache else (cache_dir or "default")
     cert = certify(outputs, record, inference=inference, eta=eta, bound=bound, spec=spec,
                    cache_dir=cache, progress=not quiet and sys.stderr.isatty())
+    _write_results(cert, labels, output)
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and output.is_dir():
+        raise UserError(f"--output {output} is a directory")
+    if not output.parent.exists():
+        raise UserError(f"output folder does not exist: {output.parent}")
+
+
+def _load_labels(labels_path: Path | None, n_points: int) -> np.ndarray | None:
+    if labels_path is None:
+        return None
+    labels = load_array(labels_path, "labels")
+    if labels.shape != (n_points,) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"labels must be integers of shape ({n_points},), got "
+                        f"{labels.dtype} {labels.shape}")
+    return labels
+
+
+def _write_results(cert: Certificates, labels: np.ndarray | None, output: Path) -> None:
     atomic_write_text(output, certificates_csv(cert, labels))
     certified = int(np.sum(cert.radius >= 0))
     click.echo(f"wrote {output}: {len(cert)} points, {certified} certified at r >= 0, "
                f"max radius {int(cert.radius.max())}")
     if labels is not None:
         click.echo(accuracy_report(cert, labels))
+
+
+def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, train_size,
+                      subsample_size, spread) -> None:
+    """DPA, Finite Aggregation (count-only) or Bagging certificates from vote counts."""
+    from dpcert import baselines
+
+    if not 0.0 < eta < 1.0:
+        raise UserError(f"--eta must lie in (0, 1), got {eta}")
+    _check_output(output)
+    counts = validate_outputs(load_array(input_path, "input"), "multinomial")
+    labels = _load_labels(labels_path, counts.shape[0])
+    if method == "dpa":
+        pred, radius = baselines.dpa_radius(counts)
+    elif method == "fa":
+        if spread is None:
+            raise UserError("--method fa needs --spread D")
+        pred, radius = baselines.fa_radius(counts, spread)
+    else:
+        if train_size is None or subsample_size is None:
+            raise UserError("--method bagging needs --train-size N and --subsample-size K")
+        pred, radius = baselines.bagging_radius(counts, train_size=train_size,
+                                                subsample_size=subsample_size, eta=eta,
+                                                max_radius=max_radius)
+    nan = np.full(len(pred), np.nan)
+    _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
 
 
 @main.command("run")

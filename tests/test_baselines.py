@@ -1,0 +1,102 @@
+"""Peer certificates: hand cases, brute force on tiny problems, the public code's bagging check."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpcert import baselines
+from dpcert.certify import ABSTAIN
+from dpcert.errors import UserError
+
+
+def predict(counts):
+    return int(np.argmax(counts))
+
+
+def brute_force_radius(votes, n_labels, per_example):
+    """Largest r such that changing the votes of any r * per_example models (each to any
+    label) never changes the plurality prediction (ties to the smaller label)."""
+    base = predict(np.bincount(votes, minlength=n_labels))
+    r = 0
+    while True:
+        m = (r + 1) * per_example
+        if m > len(votes):
+            return r
+        for idx in itertools.combinations(range(len(votes)), m):
+            for new in itertools.product(range(n_labels), repeat=m):
+                v = votes.copy()
+                v[list(idx)] = new
+                if predict(np.bincount(v, minlength=n_labels)) != base:
+                    return r
+        r += 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=1, max_size=7))
+def test_dpa_matches_brute_force(votes):
+    votes = np.array(votes)
+    counts = np.bincount(votes, minlength=3)[None, :]
+    pred, radius = baselines.dpa_radius(counts)
+    assert pred[0] == predict(counts[0])
+    assert radius[0] == brute_force_radius(votes, 3, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=2, max_size=7), st.integers(1, 2))
+def test_fa_count_bound_is_sound(votes, spread):
+    votes = np.array(votes)
+    counts = np.bincount(votes, minlength=3)[None, :]
+    _, radius = baselines.fa_radius(counts, spread)
+    assert radius[0] <= brute_force_radius(votes, 3, spread)
+
+
+def test_dpa_hand_cases():
+    pred, radius = baselines.dpa_radius(np.array([[10, 4, 1], [3, 5, 5], [5, 5, 0]]))
+    assert pred.tolist() == [0, 1, 0]
+    assert radius.tolist() == [3, 0, 0]
+
+
+def public_bagging_check(r, k, n, p_l, p_s):
+    """check_condition_bagging of the public code (threshold-point search over n')."""
+    def value(nprime):
+        return (float(nprime) / n) ** k - 2 * ((float(nprime) - r) / n) ** k + 1 - p_l + p_s
+
+    threshold = r / (1.0 - np.power(0.5, 1.0 / (k - 1.0)))
+    if threshold <= n:
+        v = value(n)
+    elif threshold >= n + r:
+        v = value(n + r)
+    else:
+        v = max(value(math.ceil(threshold)), value(math.floor(threshold)))
+    return v < 0
+
+
+@pytest.mark.parametrize("n,k", [(1000, 30), (60000, 100), (500, 5)])
+def test_bagging_matches_public_code(n, k):
+    t = baselines.bagging_threshold(n, k, 200)
+    for p_l, p_s in [(0.9, 0.05), (0.7, 0.2), (0.99, 0.005), (0.55, 0.4)]:
+        ours = int(np.searchsorted(t, p_l - p_s, side="left") - 1)
+        ref = max(r for r in range(0, 201) if r == 0 or public_bagging_check(r, k, n, p_l, p_s))
+        assert ours == ref
+
+
+def test_bagging_end_to_end_and_abstain():
+    counts = np.array([[990, 5, 5], [400, 390, 210]])
+    pred, radius = baselines.bagging_radius(counts, train_size=1000, subsample_size=30,
+                                            eta=1e-3)
+    assert pred.tolist() == [0, 0]
+    assert radius[0] > 10 and radius[1] == ABSTAIN
+    with pytest.raises(UserError):
+        baselines.bagging_radius(counts, train_size=0, subsample_size=3, eta=1e-3)
+
+
+def test_dp_baseline_by_hand():
+    eps, delta, acc = 0.1, 1e-5, 0.9
+    c = delta / math.expm1(eps)
+    got = baselines.dp_baseline_accuracy(np.array([0, 1, 10, 1000]), eps, delta, acc)
+    want = [max(math.exp(-r * eps) * (acc + c) - c, 0) for r in (0, 1, 10, 1000)]
+    np.testing.assert_allclose(got, want)
