@@ -6,7 +6,7 @@ import pytest
 
 from dpcert.run import RunConfig, load_config_file
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*_sigma*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -18,3 +18,11 @@ def test_config_is_valid(path):
 
 def test_there_are_paper_configs():
     assert len(CONFIGS) == 6
+
+
+def test_compare_config_is_valid():
+    from dpcert.compare import CompareConfig
+
+    path = Path(__file__).parent.parent / "configs" / "compare_digits.yaml"
+    cfg = CompareConfig.from_mapping(load_config_file(path))
+    assert cfg.methods == ("dp", "dpa", "bagging")

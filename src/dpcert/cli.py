@@ -293,6 +293,25 @@ def run_cmd(config, output, quiet, **options) -> None:
     _run_user(action)
 
 
+@main.command("compare")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), help="Comparison directory.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare_cmd(config, output, quiet) -> None:
+    """Train and certify DP instances, DPA and Bagging on the same data; one report."""
+
+    def action() -> None:
+        from dpcert.compare import CompareConfig, compare
+        from dpcert.run import load_config_file
+
+        cfg = CompareConfig.from_mapping(load_config_file(config))
+        out = output or Path("runs") / f"compare-{Path(config).stem}"
+        click.echo(compare(cfg, out, progress=not quiet))
+        click.echo(f"comparison directory: {out} (compare.md, compare.png)")
+
+    _run_user(action)
+
+
 def _run_user(action) -> None:
     try:
         action()

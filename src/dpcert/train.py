@@ -183,3 +183,22 @@ def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
                 p.copy_(params[name][k])
         out.append(model)
     return out
+
+
+def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+                epochs: int, batch_size: int, lr: float, optimizer: str,
+                gen: torch.Generator) -> nn.Module:
+    """Ordinary (non-private) minibatch training, for the aggregation baselines (DPA, Bagging,
+    Finite Aggregation), with all randomness drawn from ``gen``."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    model = build_model(model_name, x.shape[1], num_classes)
+    opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=lr))
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = order[i: i + batch_size]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model

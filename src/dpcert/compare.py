@@ -1,0 +1,165 @@
+"""`dpcert compare`: DP instances vs DPA vs Bagging on the same data and model, one report.
+
+Every method is trained with the same architecture on the same training set and certified
+for the same threat (radius = inserted + deleted training examples; a modification counts 2):
+
+* dp: this project's run (:mod:`dpcert.run`), default certificate (PLD, sound, votes);
+* dpa: k models, one per part of a hash partition of the examples' content
+  (Levine & Feizi 2021) — the part of an example does not depend on the rest of the data;
+* bagging: N models, each on k examples drawn with replacement (Jia, Cao, Gong 2021).
+
+Each trained model's test scores are written atomically as a unit file and reused on rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpcert import baselines
+from dpcert.certify import Certificates, certified_accuracy, radius_summary
+from dpcert.errors import UserError
+from dpcert.run import RunConfig, _digest, read_unit, run
+from dpcert.store import atomic_save_npz, atomic_write_text
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    models: int = 50
+    subsample: int = 200  # bagging: examples per bag
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "adam"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    dp: dict = field(default_factory=dict)  # RunConfig fields
+    dpa: dict = field(default_factory=dict)  # BaselineConfig fields (models = partitions)
+    bagging: dict = field(default_factory=dict)  # BaselineConfig fields
+    methods: tuple[str, ...] = ("dp", "dpa", "bagging")
+
+    @classmethod
+    def from_mapping(cls, data: dict) -> CompareConfig:
+        unknown = set(data) - {"dp", "dpa", "bagging", "methods"}
+        if unknown:
+            raise UserError(f"unknown compare config keys: {sorted(unknown)}")
+        methods = tuple(data.get("methods", cls.methods))
+        bad = set(methods) - {"dp", "dpa", "bagging"}
+        if bad:
+            raise UserError(f"unknown methods {sorted(bad)} (dp, dpa, bagging)")
+        for key in ("dpa", "bagging"):
+            try:
+                BaselineConfig(**data.get(key, {}))
+            except TypeError as err:
+                raise UserError(f"invalid {key} config: {err}") from None
+        RunConfig.from_mapping(data.get("dp", {}))
+        return cls(dict(data.get("dp", {})), dict(data.get("dpa", {})),
+                   dict(data.get("bagging", {})), methods)
+
+
+def hash_partition(x: np.ndarray, parts: int) -> np.ndarray:
+    """Part of every example from a hash of its own content (shape (n,), values 0..parts-1)."""
+    flat = np.ascontiguousarray(x.reshape(len(x), -1))
+    return np.array([int.from_bytes(hashlib.sha256(row.tobytes()).digest()[:8], "big") % parts
+                     for row in flat], dtype=np.int64)
+
+
+def _train_models(kind: str, cfg: BaselineConfig, run_cfg: RunConfig, folder: Path,
+                  progress: bool) -> np.ndarray:
+    """Votes (N, L) of the baseline's models, training only those not yet on disk."""
+    import torch
+    from tqdm import tqdm
+
+    from dpcert.data import load_dataset
+    from dpcert.train import instance_generator, predict_scores, train_plain
+
+    data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
+    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
+    x_test = torch.tensor(data.x_test)
+    parts = hash_partition(data.x_train, cfg.models) if kind == "dpa" else None
+    folder.mkdir(parents=True, exist_ok=True)
+    votes = np.zeros((len(data.y_test), data.num_classes), dtype=np.int64)
+    for i in tqdm(range(cfg.models), desc=f"training {kind}", disable=not progress):
+        path = folder / f"model_{i:06d}.npz"
+        scores = read_unit(path)
+        if scores is None:
+            gen = instance_generator(run_cfg.seed + 7919, i)
+            if kind == "dpa":
+                idx = torch.tensor(np.flatnonzero(parts == i))
+            else:
+                idx = torch.randint(0, len(y), (cfg.subsample,), generator=gen)
+            if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
+                scores = np.zeros((len(x_test), data.num_classes), np.float32)
+                scores[:, 0] = 1.0
+            else:
+                model = train_plain(run_cfg.model, x[idx], y[idx], data.num_classes,
+                                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                    optimizer=cfg.optimizer, gen=gen)
+                scores = predict_scores(model, x_test)
+            atomic_save_npz(path, scores=scores, sha256=np.array(_digest(scores)))
+        votes[np.arange(len(votes)), scores.argmax(axis=1)] += 1
+    return votes
+
+
+def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
+    run_cfg = RunConfig.from_mapping(cfg.dp)
+    labels = None
+    results: dict[str, Certificates] = {}
+    if "dp" in cfg.methods:
+        run(run_cfg, out / "dp", progress)
+        votes = np.load(out / "dp" / "votes.npy")
+        labels = np.load(out / "dp" / "labels.npy")
+        cert_rows = np.loadtxt(out / "dp" / "certificates.csv", delimiter=",", skiprows=1,
+                               dtype=np.int64, ndmin=2)
+        results["dp (pld, sound)"] = _cert(cert_rows[:, 1], cert_rows[:, 2])
+    from dpcert.data import load_dataset
+
+    data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
+    labels = data.y_test if labels is None else labels
+    n_train = len(data.y_train)
+    if "dpa" in cfg.methods:
+        bc = BaselineConfig(**cfg.dpa)
+        votes = _train_models("dpa", bc, run_cfg, out / "dpa", progress)
+        pred, radius = baselines.dpa_radius(votes)
+        results[f"dpa (k={bc.models})"] = _cert(pred, radius)
+    if "bagging" in cfg.methods:
+        bc = BaselineConfig(**cfg.bagging)
+        votes = _train_models("bagging", bc, run_cfg, out / "bagging", progress)
+        pred, radius = baselines.bagging_radius(votes, train_size=n_train,
+                                                subsample_size=bc.subsample, eta=run_cfg.eta,
+                                                max_radius=run_cfg.max_radius)
+        results[f"bagging (N={bc.models}, k={bc.subsample})"] = _cert(pred, radius)
+    return _report(results, labels, out, run_cfg)
+
+
+def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
+    nan = np.full(len(pred), np.nan)
+    return Certificates(np.asarray(pred), np.asarray(radius), nan, nan)
+
+
+def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
+            cfg: RunConfig) -> str:
+    from dpcert.run import plot_curves
+
+    max_r = max(int(c.radius.max()) for c in results.values())
+    radii = sorted({0, 1, 2, 5, 10, 20, 50, 100, 200, 500} & set(range(max(max_r, 2) + 1)))
+    lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
+             "Radius = inserted + deleted training examples (a modification counts 2), the same "
+             "convention for every method. CA@r = fraction of test points predicted correctly "
+             "and certified at radius >= r.", "",
+             "| method | clean acc | " + " | ".join(f"CA@{r}" for r in radii)
+             + " | median r | max r |", "|" + "---|" * (len(radii) + 4)]
+    for name, cert in results.items():
+        ca = certified_accuracy(cert, labels, np.array(radii))
+        s = radius_summary(cert, labels)
+        lines.append(f"| {name} | {s['accuracy']:.3f} | " + " | ".join(f"{a:.3f}" for a in ca)
+                     + f" | {s['median_radius']:g} | {s['max_radius']} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "compare.md", text)
+    plot_curves(results, labels, out / "compare.png", cfg)
+    return text
