@@ -36,9 +36,10 @@ def test_group_matches_dp_accounting_mixture(q, sigma, r, steps):
         .get_delta_for_epsilon(EPS)
     )
     ours = pld.group_privacy_profile(q, sigma, r, steps, EPS)
-    sel = ref > 1e-12
-    ratio = ours[sel] / ref[sel]
-    assert ratio.min() >= 1 - 1e-6 and ratio.max() <= 1.05
+    # both carry FFT rounding noise of order 1e-13 absolute; ours adds a 1e-11 allowance
+    assert np.all(ours >= ref * (1 - 1e-6))
+    sel = ref > 1e-8
+    assert np.max(ours[sel] / ref[sel]) <= 1.05
 
 
 @pytest.mark.parametrize("r,sigma,steps", [(1, 1.0, 1), (3, 2.0, 10), (10, 4.0, 4)])

@@ -51,7 +51,7 @@ from dpcert.store import atomic_save_npz
 ACCOUNTINGS = ("pld", "rdp", "adp")
 GROUPS = ("sound", "paper")
 #: Bump when any table-producing formula changes, so stale caches are never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Total RDP epsilon beyond which an order is useless (its bound is below e^-60).
 RDP_CAP = 60.0
 #: eps grid on which privacy profiles are evaluated (ascending).
