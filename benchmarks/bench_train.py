@@ -3,7 +3,8 @@
 All three run in this one process on the same random 28x28 data with expected batch 128,
 single instance, same torch thread count; samples/s is the median of REPEATS timed blocks of
 STEPS steps (after a warm-up). Opacus uses ``make_private`` with Poisson sampling (its
-per-sample hooks, default mode) and in its ghost-clipping mode. Prints absolute numbers, ratios and the machine.
+per-sample hooks, default mode) and in its ghost-clipping mode. Prints absolute numbers,
+ratios and the machine.
 
 Run: python benchmarks/bench_train.py [--threads N]
 """
