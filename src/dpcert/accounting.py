@@ -35,7 +35,6 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,23 +107,20 @@ class GroupBounds:
         record: what the training ran.
         spec: which accounting and group mode.
         cache_dir: where tables persist across runs (None: in memory only).
-        progress: optional callback called with r as each new table is computed.
     """
 
     def __init__(self, record: MechanismRecord, spec: AccountingSpec | None = None, *,
-                 cache_dir: Path | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 cache_dir: Path | None = None) -> None:
         self.record = record
         self.spec = spec or AccountingSpec()
         if record.uses_subsets and self.spec.group == "paper" and self.spec.accounting == "rdp":
             raise UserError("the paper's RDP sub-dataset amplification is not reproduced; "
                             "use --group sound (sound sub-dataset accounting) instead")
         self._cache = Path(cache_dir) / self.key if cache_dir is not None else None
-        self._progress = progress
         self._pure: list[OutcomeBound] = [outcomes.identity()]
         self._inner: _SgmTables | None = None
         if record.uses_subsets and self.spec.group == "sound":
-            self._inner = _SgmTables(record, self.spec, self._cache, progress)
+            self._inner = _SgmTables(record, self.spec, self._cache)
 
     @property
     def key(self) -> str:
@@ -181,8 +177,6 @@ class GroupBounds:
         table = self._compute(r)
         if path is not None:
             atomic_save_npz(path, lower=table.lower, upper=table.upper)
-        if self._progress is not None:
-            self._progress(r)
         return table
 
     def _compute(self, r: int) -> OutcomeBound:
@@ -260,8 +254,8 @@ def _paper_single_adp(record: MechanismRecord, spec: AccountingSpec) -> tuple[fl
 class _SgmTables:
     """Sound sub-dataset accounting on top of the SGM tables of one instance's subset."""
 
-    def __init__(self, record: MechanismRecord, spec: AccountingSpec, cache: Path | None,
-                 progress: Callable[[int], None] | None) -> None:
+    def __init__(self, record: MechanismRecord, spec: AccountingSpec, cache: Path | None
+                 ) -> None:
         inner_record = MechanismRecord(
             sample_rate=record.sample_rate, noise_multiplier=record.noise_multiplier,
             steps=record.steps, clip_norm=record.clip_norm, dataset_size=record.subset_size)
