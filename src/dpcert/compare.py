@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert import baselines
-from dpcert.certify import Certificates, certified_accuracy, radius_summary
+from dpcert.certify import Certificates
 from dpcert.errors import UserError
 from dpcert.run import RunConfig, _digest, read_unit, run
 from dpcert.store import atomic_save_npz, atomic_write_text
@@ -144,22 +144,13 @@ def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
 
 def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
             cfg: RunConfig) -> str:
-    from dpcert.run import plot_curves
+    from dpcert.report import ca_table, plot_curves
 
-    max_r = max(int(c.radius.max()) for c in results.values())
-    radii = sorted({0, 1, 2, 5, 10, 20, 50, 100, 200, 500} & set(range(max(max_r, 2) + 1)))
     lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
              "Radius = inserted + deleted training examples (a modification counts 2), the same "
              "convention for every method. CA@r = fraction of test points predicted correctly "
-             "and certified at radius >= r.", "",
-             "| method | clean acc | " + " | ".join(f"CA@{r}" for r in radii)
-             + " | median r | max r |", "|" + "---|" * (len(radii) + 4)]
-    for name, cert in results.items():
-        ca = certified_accuracy(cert, labels, np.array(radii))
-        s = radius_summary(cert, labels)
-        lines.append(f"| {name} | {s['accuracy']:.3f} | " + " | ".join(f"{a:.3f}" for a in ca)
-                     + f" | {s['median_radius']:g} | {s['max_radius']} |")
+             "and certified at radius >= r.", "", *ca_table(results, labels)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "compare.md", text)
-    plot_curves(results, labels, out / "compare.png", cfg)
+    plot_curves(results, labels, out / "compare.png", f"{cfg.dataset}: defences compared")
     return text

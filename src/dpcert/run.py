@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.accounting import AccountingSpec
-from dpcert.certify import Certificates, certified_accuracy, certify, radius_summary
+from dpcert.certify import Certificates, certify
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
 from dpcert.store import atomic_save_npz, atomic_write_text
@@ -294,10 +294,8 @@ def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: n
 def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
            cfg: RunConfig) -> str:
     """Markdown table of CA_r, median and max radius per method; writes report.md and PNG."""
-    max_r = max(int(c.radius.max()) for c in results.values())
-    radii = sorted({0, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500} & set(range(max(max_r, 3) + 1)))
-    head = ("| method | clean acc | " + " | ".join(f"CA@{r}" for r in radii)
-            + " | median r | max r |")
+    from dpcert.report import ca_table, plot_curves
+
     lines = [f"# dpcert run: {cfg.dataset}, {cfg.instances} instances of {cfg.model}",
              "",
              f"DP-SGD q = {cfg.sample_rate}, sigma = {cfg.noise_multiplier}, T = {cfg.steps}, "
@@ -305,45 +303,13 @@ def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
              "examples (a modification counts 2); median/max over all test points, with -1 for "
              "wrong or abstained ones. Methods marked (paper) reproduce the published, UNSOUND "
              "formulas and are shown for comparison only.",
-             "", head, "|" + "---|" * (len(radii) + 4)]
-    for name, cert in results.items():
-        ca = certified_accuracy(cert, labels, np.array(radii))
-        s = radius_summary(cert, labels)
-        label = name + (" (paper)" if name.startswith("paper") else "")
-        lines.append(f"| {label} | {s['accuracy']:.3f} | " + " | ".join(f"{a:.3f}" for a in ca)
-                     + f" | {s['median_radius']:g} | {s['max_radius']} |")
+             "", *ca_table(results, labels)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(run_dir / "report.md", text)
-    plot_curves(results, labels, run_dir / "certified_accuracy.png", cfg)
+    plot_curves(results, labels, run_dir / "certified_accuracy.png",
+                f"{cfg.dataset}: {cfg.instances} x {cfg.model}, q={cfg.sample_rate}, "
+                f"sigma={cfg.noise_multiplier}, T={cfg.steps}")
     return text
-
-
-def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path,
-                cfg: RunConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dpcert.store import atomic_write
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = max(int(c.radius.max()) for c in results.values()) + 1
-    rs = np.arange(0, max(top, 2) + 1)
-    for name, cert in results.items():
-        style = "--" if name.startswith("paper") else "-"
-        ax.step(rs, certified_accuracy(cert, labels, rs), style, where="post",
-                label=name + (" (unsound)" if name.startswith("paper") else ""))
-    ax.set_xlabel("radius r (inserted + deleted training examples)")
-    ax.set_ylabel("certified accuracy")
-    ax.set_title(f"{cfg.dataset}: {cfg.instances} x {cfg.model}, q={cfg.sample_rate}, "
-                 f"sigma={cfg.noise_multiplier}, T={cfg.steps}")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=120))
-    plt.close(fig)
 
 
 def run(cfg: RunConfig, run_dir: Path, progress: bool = True) -> str:

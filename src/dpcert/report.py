@@ -1,0 +1,60 @@
+"""Certified-accuracy reports: the markdown table and the CA_r plot shared by run and compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dpcert.certify import Certificates, certified_accuracy, radius_summary
+
+#: Radii shown in tables (those up to the largest certified radius).
+TABLE_RADII = (0, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
+
+
+def table_radii(results: dict[str, Certificates]) -> list[int]:
+    top = max(max(int(c.radius.max()) for c in results.values()), 3)
+    return [r for r in TABLE_RADII if r <= top]
+
+
+def ca_table(results: dict[str, Certificates], labels: np.ndarray) -> list[str]:
+    """Markdown rows: method, clean accuracy, CA@r for the table radii, median and max radius.
+    Methods whose name starts with "paper" are marked as such."""
+    radii = table_radii(results)
+    lines = ["| method | clean acc | " + " | ".join(f"CA@{r}" for r in radii)
+             + " | median r | max r |", "|" + "---|" * (len(radii) + 4)]
+    for name, cert in results.items():
+        ca = certified_accuracy(cert, labels, np.array(radii))
+        s = radius_summary(cert, labels)
+        label = name + (" (paper)" if name.startswith("paper") else "")
+        lines.append(f"| {label} | {s['accuracy']:.3f} | " + " | ".join(f"{a:.3f}" for a in ca)
+                     + f" | {s['median_radius']:g} | {s['max_radius']} |")
+    return lines
+
+
+def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path,
+                title: str) -> None:
+    """CA_r against r for every method (paper reproductions dashed), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpcert.store import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max(int(c.radius.max()) for c in results.values()) + 1
+    rs = np.arange(0, max(top, 2) + 1)
+    for name, cert in results.items():
+        paper = name.startswith("paper")
+        ax.step(rs, certified_accuracy(cert, labels, rs), "--" if paper else "-", where="post",
+                label=name + (" (unsound)" if paper else ""))
+    ax.set_xlabel("radius r (inserted + deleted training examples)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=120))
+    plt.close(fig)
