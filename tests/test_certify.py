@@ -201,3 +201,13 @@ def test_pld_default_beats_rdp_and_paper_mode_needs_rdp_or_adp():
     assert np.all(pld_r >= rdp_r)
     with pytest.raises(UserError):
         certify(votes, MECH, accounting="pld", group="paper", cache_dir=None)
+
+
+def test_cache_key_depends_on_max_radius_only_with_subsets():
+    a = GroupBounds(MECH, AccountingSpec(max_radius=10)).key
+    assert a == GroupBounds(MECH, AccountingSpec(max_radius=20)).key
+    assert a != GroupBounds(MECH, AccountingSpec(accounting="rdp", max_radius=10)).key
+    sub = MechanismRecord(sample_rate=0.01, noise_multiplier=2.0, steps=100, dataset_size=10000,
+                          subset_size=500)
+    assert (GroupBounds(sub, AccountingSpec(max_radius=10)).key
+            != GroupBounds(sub, AccountingSpec(max_radius=20)).key)

@@ -124,7 +124,10 @@ class GroupBounds:
 
     @property
     def key(self) -> str:
-        blob = json.dumps({"record": self.record.accounting_key(), "spec": asdict(self.spec),
+        spec = asdict(self.spec)
+        if not self.record.uses_subsets:
+            del spec["max_radius"]  # it enters the tables only through sub-dataset accounting
+        blob = json.dumps({"record": self.record.accounting_key(), "spec": spec,
                            "version": CACHE_VERSION, "grid": outcomes.GRID.size},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
