@@ -8,6 +8,7 @@ from dpcert import ghost
 from dpcert.models import build_model
 from dpcert.train import (
     TrainConfig,
+    _seeded_model,
     clipped_gradient_sum,
     instance_generator,
     poisson_batch,
@@ -84,10 +85,8 @@ def test_noise_scale_is_sigma_c_over_expected_batch():
     cfg = TrainConfig("digits_cnn", q, sigma, 1, clip, lr=1.0, optimizer="sgd")
     torch.manual_seed(0)
     trained = train_instance(cfg, x, y, 10, seed=3, instance=0)
-    # rebuild the initial weights exactly as train_instance does
-    gen = instance_generator(3, 0)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    init = build_model("digits_cnn", 1, 10)
+    # the initial weights train_instance started from
+    init = _seeded_model("digits_cnn", 1, 10, instance_generator(3, 0))
     with torch.no_grad():
         delta = torch.cat([(p0 - p1).flatten() for p0, p1 in
                            zip(init.parameters(), trained.parameters(), strict=True)])

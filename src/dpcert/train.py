@@ -52,6 +52,26 @@ def instance_generator(seed: int, instance: int) -> torch.Generator:
     return gen
 
 
+def _seeded_model(name: str, in_channels: int, num_classes: int,
+                  gen: torch.Generator) -> nn.Module:
+    """Initial weights drawn from the instance's own stream (via torch's global seed)."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    return build_model(name, in_channels, num_classes)
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+def _subset(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The instance's own uniformly random m-subset (sub-dataset training), else all data."""
+    if cfg.subset_size is not None and cfg.subset_size < len(y):
+        keep = torch.randperm(len(y), generator=gen)[: cfg.subset_size]
+        return x[keep], y[keep]
+    return x, y
+
+
 def poisson_batch(n: int, q: float, gen: torch.Generator) -> torch.Tensor:
     """Indices of the examples sampled this step (each independently with probability q)."""
     return torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
@@ -77,16 +97,10 @@ def train_instance(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, num_class
                    seed: int, instance: int) -> nn.Module:
     """Train one instance with DP-SGD on (x, y) — or on its own random subset of them."""
     gen = instance_generator(seed, instance)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    model = build_model(cfg.model, x.shape[1], num_classes)
-    if cfg.subset_size is not None and cfg.subset_size < len(y):
-        keep = torch.randperm(len(y), generator=gen)[: cfg.subset_size]
-        x, y = x[keep], y[keep]
+    model = _seeded_model(cfg.model, x.shape[1], num_classes, gen)
+    x, y = _subset(cfg, x, y, gen)
     n = len(y)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    opt_params = list(model.parameters())
-    opt = (torch.optim.Adam(opt_params, lr=cfg.lr) if cfg.optimizer == "adam"
-           else torch.optim.SGD(opt_params, lr=cfg.lr))
+    opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     expected = cfg.sample_rate * n
     std = cfg.noise_multiplier * cfg.clip_norm
     use_ghost = ghost.supports(model)
@@ -127,23 +141,13 @@ def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
     from torch.func import stack_module_state
 
     gens = [instance_generator(seed, i) for i in instances]
-    models = []
-    for gen in gens:
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        models.append(build_model(cfg.model, x.shape[1], num_classes))
-    data = []
-    for gen in gens:
-        if cfg.subset_size is not None and cfg.subset_size < len(y):
-            keep = torch.randperm(len(y), generator=gen)[: cfg.subset_size]
-            data.append((x[keep], y[keep]))
-        else:
-            data.append((x, y))
+    models = [_seeded_model(cfg.model, x.shape[1], num_classes, gen) for gen in gens]
+    data = [_subset(cfg, x, y, gen) for gen in gens]
     n = len(data[0][1])
     params, _ = stack_module_state(models)
     params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     names = [k for k, _ in models[0].named_parameters()]
-    opt = (torch.optim.Adam(params.values(), lr=cfg.lr) if cfg.optimizer == "adam"
-           else torch.optim.SGD(params.values(), lr=cfg.lr))
+    opt = _optimizer(cfg.optimizer, params.values(), cfg.lr)
     base = models[0]
 
     def loss(p, xi, yi):
@@ -190,10 +194,8 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
                 gen: torch.Generator) -> nn.Module:
     """Ordinary (non-private) minibatch training, for the aggregation baselines (DPA, Bagging,
     Finite Aggregation), with all randomness drawn from ``gen``."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    model = build_model(model_name, x.shape[1], num_classes)
-    opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(model.parameters(), lr=lr))
+    model = _seeded_model(model_name, x.shape[1], num_classes, gen)
+    opt = _optimizer(optimizer, model.parameters(), lr)
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), batch_size):
