@@ -25,7 +25,7 @@ def test_compare_small_digits(tmp_path):
         "bagging": {"models": 5, "subsample": 50, "epochs": 1},
     })
     text = compare(cfg, tmp_path, progress=False)
-    for name in ("dp (pld, sound)", "dpa (k=5)", "bagging (N=5, k=50)"):
+    for name in ("dp (pld, sound)", "dpa (k=5)", "bagging (N=5, k=50)", "baseline-DP"):
         assert name in text
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
     assert len(list((tmp_path / "dpa").glob("model_*.npz"))) == 5

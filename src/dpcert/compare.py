@@ -6,7 +6,9 @@ for the same threat (radius = inserted + deleted training examples; a modificati
 * dp: this project's run (:mod:`dpcert.run`), default certificate (PLD, sound, votes);
 * dpa: k models, one per part of a hash partition of the examples' content
   (Levine & Feizi 2021) — the part of an example does not depend on the rest of the data;
-* bagging: N models, each on k examples drawn with replacement (Jia, Cao, Gong 2021).
+* bagging: N models, each on k examples drawn with replacement (Jia, Cao, Gong 2021);
+* baseline-DP: the statistical certified-accuracy lower bound of Ma, Zhu, Hsu (2019) for one
+  of the DP instances (a curve, not a per-point certificate).
 
 Each trained model's test scores are written atomically as a unit file and reused on rerun.
 """
@@ -110,6 +112,7 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     run_cfg = RunConfig.from_mapping(cfg.dp)
     labels = None
     results: dict[str, Certificates] = {}
+    curves: dict[str, object] = {}
     if "dp" in cfg.methods:
         run(run_cfg, out / "dp", progress)
         votes = np.load(out / "dp" / "votes.npy")
@@ -117,6 +120,7 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
         cert_rows = np.loadtxt(out / "dp" / "certificates.csv", delimiter=",", skiprows=1,
                                dtype=np.int64, ndmin=2)
         results["dp (pld, sound)"] = _cert(cert_rows[:, 1], cert_rows[:, 2])
+        curves["baseline-DP (Ma et al., CA lower bound)"] = _ma_curve(out / "dp", run_cfg.eta)
     from dpcert.data import load_dataset
 
     data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
@@ -134,7 +138,7 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
                                                 subsample_size=bc.subsample, eta=run_cfg.eta,
                                                 max_radius=run_cfg.max_radius)
         results[f"bagging (N={bc.models}, k={bc.subsample})"] = _cert(pred, radius)
-    return _report(results, labels, out, run_cfg)
+    return _report(results, labels, out, run_cfg, curves)
 
 
 def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
@@ -142,15 +146,41 @@ def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
     return Certificates(np.asarray(pred), np.asarray(radius), nan, nan)
 
 
+def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
+    """Ma, Zhu, Hsu (2019): CA_r lower bound of one DP model from the run's own instances.
+
+    (eps, delta) is the exact single-example profile at delta = 1e-5; the expected accuracy of
+    one instance is lower-bounded by Hoeffding over the P independent instances at level eta.
+    """
+    from dpcert.accounting import EPS_GRID
+    from dpcert.mechanism import MechanismRecord
+    from dpcert.pld import group_privacy_profile
+
+    rec = MechanismRecord.load(run_dir / "mechanism.json")
+    prof = group_privacy_profile(rec.sample_rate, rec.noise_multiplier, 1, rec.steps, EPS_GRID)
+    ok = np.flatnonzero(prof <= delta)
+    eps = float(EPS_GRID[ok[0]]) if ok.size else np.inf
+    scores = np.load(run_dir / "scores.npy")
+    labels = np.load(run_dir / "labels.npy")
+    per_instance = (scores.argmax(axis=2) == labels[None, :]).mean(axis=1)
+    acc_lo = max(0.0, float(per_instance.mean()) - np.sqrt(np.log(1 / eta) / (2 * len(scores))))
+    if not np.isfinite(eps):
+        return lambda radii: np.zeros(np.shape(radii))
+    return lambda radii: baselines.dp_baseline_accuracy(radii, eps, delta, acc_lo)
+
+
 def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
-            cfg: RunConfig) -> str:
+            cfg: RunConfig, curves: dict[str, object]) -> str:
     from dpcert.report import ca_table, plot_curves
 
     lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
              "Radius = inserted + deleted training examples (a modification counts 2), the same "
              "convention for every method. CA@r = fraction of test points predicted correctly "
-             "and certified at radius >= r.", "", *ca_table(results, labels)]
+             "and certified at radius >= r. The baseline-DP row is a statistical lower bound on "
+             "certified accuracy (no per-point certificate).", "",
+             *ca_table(results, labels, curves)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "compare.md", text)
-    plot_curves(results, labels, out / "compare.png", f"{cfg.dataset}: defences compared")
+    plot_curves(results, labels, out / "compare.png", f"{cfg.dataset}: defences compared",
+                curves)
     return text

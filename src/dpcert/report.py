@@ -17,9 +17,11 @@ def table_radii(results: dict[str, Certificates]) -> list[int]:
     return [r for r in TABLE_RADII if r <= top]
 
 
-def ca_table(results: dict[str, Certificates], labels: np.ndarray) -> list[str]:
+def ca_table(results: dict[str, Certificates], labels: np.ndarray,
+             curves: dict[str, object] | None = None) -> list[str]:
     """Markdown rows: method, clean accuracy, CA@r for the table radii, median and max radius.
-    Methods whose name starts with "paper" are marked as such."""
+    Methods whose name starts with "paper" are marked as such. ``curves`` adds rows for
+    certified-accuracy bounds that are not pointwise: name -> function of an array of radii."""
     radii = table_radii(results)
     lines = ["| method | clean acc | " + " | ".join(f"CA@{r}" for r in radii)
              + " | median r | max r |", "|" + "---|" * (len(radii) + 4)]
@@ -29,11 +31,14 @@ def ca_table(results: dict[str, Certificates], labels: np.ndarray) -> list[str]:
         label = name + (" (paper)" if name.startswith("paper") else "")
         lines.append(f"| {label} | {s['accuracy']:.3f} | " + " | ".join(f"{a:.3f}" for a in ca)
                      + f" | {s['median_radius']:g} | {s['max_radius']} |")
+    for name, curve in (curves or {}).items():
+        ca = curve(np.array(radii))
+        lines.append(f"| {name} | - | " + " | ".join(f"{a:.3f}" for a in ca) + " | - | - |")
     return lines
 
 
 def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path,
-                title: str) -> None:
+                title: str, curves: dict[str, object] | None = None) -> None:
     """CA_r against r for every method (paper reproductions dashed), written atomically."""
     import matplotlib
 
@@ -49,6 +54,8 @@ def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path
         paper = name.startswith("paper")
         ax.step(rs, certified_accuracy(cert, labels, rs), "--" if paper else "-", where="post",
                 label=name + (" (unsound)" if paper else ""))
+    for name, curve in (curves or {}).items():
+        ax.step(rs, curve(rs), ":", where="post", label=name)
     ax.set_xlabel("radius r (inserted + deleted training examples)")
     ax.set_ylabel("certified accuracy")
     ax.set_title(title)
