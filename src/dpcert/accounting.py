@@ -49,8 +49,17 @@ from dpcert.store import atomic_save_npz
 
 ACCOUNTINGS = ("pld", "rdp", "adp")
 GROUPS = ("sound", "paper")
-#: Bump when any table-producing formula changes, so stale caches are never read.
-CACHE_VERSION = 2
+def _code_fingerprint() -> str:
+    """Hash of the modules that produce tables: any change to them invalidates the cache
+    (a hand-bumped version number was forgotten once and served looser, older tables)."""
+    digest = hashlib.sha256()
+    for module in (rdp, pld, outcomes):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CODE_FINGERPRINT = _code_fingerprint()
 #: Total RDP epsilon beyond which an order is useless (its bound is below e^-60).
 RDP_CAP = 60.0
 #: eps grid on which privacy profiles are evaluated (ascending).
@@ -128,7 +137,7 @@ class GroupBounds:
         if not self.record.uses_subsets:
             del spec["max_radius"]  # it enters the tables only through sub-dataset accounting
         blob = json.dumps({"record": self.record.accounting_key(), "spec": spec,
-                           "version": CACHE_VERSION, "grid": outcomes.GRID.size},
+                           "code": CODE_FINGERPRINT},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
