@@ -24,8 +24,8 @@ import numpy as np
 from dpcert import baselines
 from dpcert.certify import Certificates
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, _digest, read_unit, run
-from dpcert.store import atomic_save_npz, atomic_write_text
+from dpcert.run import RunConfig, read_unit, run, write_unit
+from dpcert.store import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _train_models(kind: str, cfg: BaselineConfig, run_cfg: RunConfig, folder: Pa
                                     epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                     optimizer=cfg.optimizer, gen=gen)
                 scores = predict_scores(model, x_test)
-            atomic_save_npz(path, scores=scores, sha256=np.array(_digest(scores)))
+            write_unit(path, scores)
         votes[np.arange(len(votes)), scores.argmax(axis=1)] += 1
     return votes
 

@@ -130,6 +130,11 @@ def _digest(scores: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(scores).tobytes()).hexdigest()
 
 
+def write_unit(path: Path, scores: np.ndarray) -> None:
+    """One trained model's test scores (N, L) with their checksum, written atomically."""
+    atomic_save_npz(path, scores=scores, sha256=np.array(_digest(scores)))
+
+
 def read_unit(path: Path) -> np.ndarray | None:
     """An instance's scores, or None when the file is missing, truncated or fails its checksum."""
     try:
@@ -173,7 +178,7 @@ def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
     x_test = torch.tensor(data.x_test)
     for model, out in zip(models, outs, strict=True):
         scores = predict_scores(model.cpu(), x_test)
-        atomic_save_npz(Path(out), scores=scores, sha256=np.array(_digest(scores)))
+        write_unit(Path(out), scores)
     return instances
 
 
