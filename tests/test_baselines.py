@@ -100,3 +100,65 @@ def test_dp_baseline_by_hand():
     got = baselines.dp_baseline_accuracy(np.array([0, 1, 10, 1000]), eps, delta, acc)
     want = [max(math.exp(-r * eps) * (acc + c) - c, 0) for r in (0, 1, 10, 1000)]
     np.testing.assert_allclose(got, want)
+
+
+def brute_force_fa(preds, n_labels, shifts):
+    """Largest t such that no choice of t buckets, with their models relabelled arbitrarily,
+    changes the plurality prediction."""
+    kd = len(preds)
+    base = predict(np.bincount(preds, minlength=n_labels))
+    of_bucket = baselines.fa_models_of_bucket(kd, np.array(shifts))
+    t = 0
+    while t < kd:
+        for buckets in itertools.combinations(range(kd), t + 1):
+            models = sorted({int(m) for b in buckets for m in of_bucket[b]})
+            for new in itertools.product(range(n_labels), repeat=len(models)):
+                v = preds.copy()
+                v[models] = new
+                if predict(np.bincount(v, minlength=n_labels)) != base:
+                    return t
+        t += 1
+    return t
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_fa_certificate_matches_brute_force(data):
+    spread = data.draw(st.integers(1, 2))
+    kd = data.draw(st.integers(max(2, spread), 5))
+    preds = np.array(data.draw(st.lists(st.integers(0, 2), min_size=kd, max_size=kd)))
+    shifts = data.draw(st.lists(st.integers(0, kd - 1), min_size=spread, max_size=spread,
+                                unique=True))
+    pred, radius = baselines.fa_certificate(preds[None, :], 3, spread, np.array(shifts))
+    assert pred[0] == predict(np.bincount(preds, minlength=3))
+    assert radius[0] == brute_force_fa(preds, 3, shifts)
+
+
+def test_fa_certificate_against_its_special_cases():
+    rng = np.random.default_rng(3)
+    preds = rng.choice(4, size=(200, 24), p=[0.7, 0.1, 0.1, 0.1])
+    counts = np.stack([np.bincount(row, minlength=4) for row in preds])
+    # d = 1 is DPA
+    pred, radius = baselines.fa_certificate(preds, 4, 1)
+    np.testing.assert_array_equal((pred, radius), baselines.dpa_radius(counts))
+    # with spread, the full certificate is never below the count-only bound
+    pred, radius = baselines.fa_certificate(preds, 4, 3)
+    _, count_only = baselines.fa_radius(counts, 3)
+    assert (radius >= count_only).all()
+    # ... and above it when no bucket's models all vote for the prediction
+    interleaved = np.array([0, 1, 0, 2] * 3)
+    _, radius = baselines.fa_certificate(interleaved[None, :], 3, 2, np.array([0, 1]))
+    _, count_only = baselines.fa_radius(np.bincount(interleaved)[None, :], 2)
+    assert count_only[0] == 0 and radius[0] == 1 == brute_force_fa(interleaved, 3, [0, 1])
+
+
+def test_fa_shifts_and_errors():
+    shifts = baselines.fa_shifts(50, 4)
+    assert len(set(shifts.tolist())) == 4 and shifts.min() >= 0 and shifts.max() < 50
+    np.testing.assert_array_equal(shifts, baselines.fa_shifts(50, 4))
+    with pytest.raises(UserError):
+        baselines.fa_shifts(3, 4)
+    with pytest.raises(UserError):
+        baselines.fa_certificate(np.array([[0, 5]]), 3, 1)
+    with pytest.raises(UserError):
+        baselines.fa_certificate(np.array([[0, 1, 1]]), 3, 2, np.array([1, 1]))

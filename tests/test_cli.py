@@ -191,3 +191,29 @@ def test_certify_bagging_and_its_errors(tmp_path):
                  ["--method", "fa", "--spread", "0"]):
         res = run(v, *args, "--output", out)
         assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()
+
+
+def test_certify_fa_per_model(tmp_path):
+    from dpcert import baselines
+
+    preds = np.array([[0, 1, 0, 2] * 3, [1] * 12])
+    p = tmp_path / "p.npy"
+    np.save(p, preds)
+    out = tmp_path / "o.csv"
+    res = run(p, "--method", "fa", "--per-model", "--spread", "2", "--num-classes", "3",
+              "--shifts", "0,1", "--output", out)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    expect = baselines.fa_certificate(preds, 3, 2, np.array([0, 1]))
+    assert [int(r[1]) for r in rows] == expect[0].tolist() == [0, 1]
+    assert [int(r[2]) for r in rows] == expect[1].tolist()
+    out.unlink()
+    for args in (["--per-model", "--spread", "2"],  # no --num-classes
+                 ["--per-model", "--spread", "2", "--num-classes", "3", "--shifts", "0,x"],
+                 ["--per-model", "--spread", "2", "--num-classes", "3", "--shifts", "0,99"],
+                 ["--per-model", "--spread", "2", "--num-classes", "2"]):  # label 2 >= L
+        res = run(p, "--method", "fa", *args, "--output", out)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert not out.exists()
+    res = run(p, "--method", "dpa", "--per-model", "--output", out)
+    assert res.returncode == 2 and not out.exists()

@@ -3,10 +3,14 @@
 * DPA (Levine & Feizi, ICLR 2021): k models on a deterministic hash partition; each poisoned
   example changes one partition, i.e. at most one vote, moving the gap by at most 2:
   radius = floor((n_c - max_{c' != c} (n_c' + [c' < c])) / 2).
-* Finite Aggregation (Wang, Levine, Feizi 2022), count-only form: k d models on d-fold
-  overlapping bucket groups; one poisoned example lands in one bucket and so reaches at most
-  d models: radius = floor((n_c - max_{c' != c} (n_c' + [c' < c])) / (2 d)). (The full FA
-  certificate also needs which model voted what; with counts alone this is the sound bound.)
+* Finite Aggregation (Wang, Levine, Feizi, ICML 2022): every example is hashed into one of
+  k d buckets; bucket h is spread to the d models (h + s) mod kd, s in a fixed set of d shifts,
+  so one poisoned example reaches the d models of one bucket. Full certificate (their Thm. 2):
+  against rival c', poisoning bucket h can lower the gap by
+  delta_h(c') = sum over its models m of (1 + [f_m = c] - [f_m = c']), and the prediction c is
+  certified for t buckets iff the t largest delta_h(c') sum to at most
+  n_c - n_c' - [c' < c], for every c'. With counts alone (no per-model votes) the sound
+  bound replaces every delta_h by its maximum 2 d: radius = floor(gap / (2 d)).
 * Bagging (Jia, Cao, Gong, AAAI 2021): N models on k examples drawn with replacement from n;
   certified at r iff max_{n-r <= n' <= n+r} (n'/n)^k - 2 ((max(n, n') - r)/n)^k + 1
   - p1_lo + p2_hi < 0 with SimuEM bounds. The left side minus the p terms depends only on
@@ -50,6 +54,62 @@ def fa_radius(counts: np.ndarray, spread: int) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"--spread must be a positive integer, got {spread!r}")
     pred, gap = _gap(counts)
     return pred, np.floor_divide(gap, 2 * int(spread))
+
+
+#: The reference implementation draws its d shifts with Python's ``random`` seeded by this
+#: value (wangwenxiao/FiniteAggregation); using the same default lets their saved
+#: per-model predictions be certified here with the structure they were trained under.
+FA_REFERENCE_SEED = 999999999 + 208
+
+
+def fa_shifts(buckets: int, spread: int, seed: int = FA_REFERENCE_SEED) -> np.ndarray:
+    """The d distinct shifts s of the spreading map bucket h -> models (h + s) mod kd."""
+    import random
+
+    if not 1 <= spread <= buckets:
+        raise UserError(f"spread must be between 1 and the number of models ({buckets}), "
+                        f"got {spread}")
+    return np.array(random.Random(seed).sample(range(buckets), spread), dtype=np.int64)
+
+
+def fa_models_of_bucket(buckets: int, shifts: np.ndarray) -> np.ndarray:
+    """(kd, d) array: the models that train on bucket h, row h."""
+    return (np.arange(buckets)[:, None] + np.asarray(shifts)[None, :]) % buckets
+
+
+def fa_certificate(predictions: np.ndarray, num_classes: int, spread: int,
+                   shifts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, radius) of Finite Aggregation from every model's label.
+
+    predictions: int (N, kd), the label each of the kd models gives each test point.
+    Radius = largest number of poisoned buckets (= inserted + deleted examples) that cannot
+    change the plurality prediction (ties to the smaller label), Wang et al. 2022, Thm. 2.
+    """
+    preds = np.asarray(predictions)
+    if preds.ndim != 2 or preds.shape[1] < 1:
+        raise UserError(f"FA predictions must have shape (N, models), got {preds.shape}")
+    if preds.size and (preds.min() < 0 or preds.max() >= num_classes):
+        raise UserError(f"FA predictions must be labels in 0..{num_classes - 1}")
+    n, kd = preds.shape
+    shifts = fa_shifts(kd, spread) if shifts is None else np.asarray(shifts, dtype=np.int64)
+    if len(shifts) != spread or len(set(shifts.tolist())) != spread:
+        raise UserError(f"FA needs {spread} distinct shifts, got {shifts.tolist()}")
+    counts = np.zeros((n, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n), kd), preds.ravel()), 1)
+    pred, _ = _gap(counts)
+    of_bucket = fa_models_of_bucket(kd, shifts)  # (kd, d)
+    is_pred = (preds == pred[:, None]).astype(np.int64)
+    radius = np.full(n, np.iinfo(np.int64).max)
+    rows = np.arange(n)
+    for c in range(num_classes):
+        rival = pred != c
+        gap = counts[rows, pred] - counts[:, c] - (c < pred)
+        per_model = 1 + is_pred - (preds == c)  # (N, kd): how far one model can move the gap
+        delta = per_model[:, of_bucket].sum(axis=2)  # (N, kd buckets)
+        spent = np.cumsum(-np.sort(-delta, axis=1), axis=1)
+        r_c = (spent <= gap[:, None]).sum(axis=1)
+        radius = np.where(rival, np.minimum(radius, r_c), radius)
+    return pred, radius.astype(np.int64)
 
 
 def bagging_threshold(n: int, k: int, max_radius: int) -> np.ndarray:

@@ -156,13 +156,25 @@ def main() -> None:
 @click.option("--train-size", type=int, help="Bagging: training-set size n.")
 @click.option("--subsample-size", type=int, help="Bagging: examples k per bag.")
 @click.option("--spread", type=int, help="Finite Aggregation: spread d.")
+@click.option("--per-model", is_flag=True,
+              help="FA: INPUT.npy holds every model's label, shape (N, k*d): full certificate "
+                   "(without it: vote counts and the count-only bound).")
+@click.option("--num-classes", type=click.IntRange(2), help="FA --per-model: number of labels L.")
+@click.option("--shifts", help="FA --per-model: the d comma-separated spreading shifts "
+                               "(default: those of the reference implementation).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the table cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
                 mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
                 output, labels, cache_dir, no_cache, quiet, method, train_size,
-                subsample_size, spread) -> None:
+                subsample_size, spread, per_model, num_classes, shifts) -> None:
     """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
+    if method == "fa" and per_model:
+        _run_user(lambda: _certify_fa(input_path, spread, num_classes, shifts, max_radius,
+                                      output, labels))
+        return
+    if per_model:
+        _run_user(lambda: _raise("--per-model applies to --method fa only"))
     if method != "dp":
         _run_user(lambda: _certify_baseline(input_path, method, eta, max_radius, output, labels,
                                             train_size, subsample_size, spread))
@@ -219,6 +231,36 @@ def _write_results(cert: Certificates, labels: np.ndarray | None, output: Path) 
                f"max radius {int(cert.radius.max())}")
     if labels is not None:
         click.echo(accuracy_report(cert, labels))
+
+
+def _raise(message: str) -> None:
+    raise UserError(message)
+
+
+def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
+                labels_path) -> None:
+    """Full Finite Aggregation certificate from every model's label (N, k*d)."""
+    from dpcert import baselines
+
+    if spread is None or num_classes is None:
+        raise UserError("--method fa --per-model needs --spread D and --num-classes L")
+    _check_output(output)
+    preds = load_array(input_path, "input")
+    if preds.ndim != 2 or preds.size == 0 or not np.issubdtype(preds.dtype, np.integer):
+        raise UserError(f"--per-model input must be integer labels of shape (N, k*d), got "
+                        f"{preds.dtype} {preds.shape}")
+    shift_arr = None
+    if shifts is not None:
+        try:
+            shift_arr = np.array([int(v) for v in shifts.split(",")], dtype=np.int64)
+        except ValueError:
+            raise UserError(f"--shifts must be comma-separated integers, got {shifts!r}") from None
+        if shift_arr.min() < 0 or shift_arr.max() >= preds.shape[1]:
+            raise UserError(f"--shifts must lie in 0..{preds.shape[1] - 1}")
+    labels = _load_labels(labels_path, preds.shape[0])
+    pred, radius = baselines.fa_certificate(preds, num_classes, spread, shift_arr)
+    nan = np.full(len(pred), np.nan)
+    _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
 
 
 def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, train_size,
