@@ -1,9 +1,10 @@
-"""`dpcert compare` at small scale on digits, and the DPA hash partition."""
+"""`dpcert compare` at small scale on digits, the hash partition and the FA structure."""
 
 import numpy as np
 import pytest
 
-from dpcert.compare import CompareConfig, compare, hash_partition
+from dpcert import baselines
+from dpcert.compare import BaselineConfig, CompareConfig, compare, hash_partition, training_indices
 from dpcert.errors import UserError
 
 
@@ -18,25 +19,87 @@ def test_hash_partition_depends_only_on_the_example():
     np.testing.assert_array_equal(hash_partition(extra, 7)[:50], parts)
 
 
+def test_fa_training_sets_follow_the_spreading_map():
+    """Every example trains exactly the d models its bucket is spread to (so one poisoned
+    example reaches d models: the premise of the FA certificate), and d = 1 is DPA."""
+    rng = np.random.default_rng(1)
+    x = rng.random((300, 1, 3, 3)).astype(np.float32)
+    bc = BaselineConfig(models=4, spread=3)
+    sets = training_indices("fa", bc, x)
+    assert len(sets) == 12
+    bucket = hash_partition(x, 12)
+    of_bucket = baselines.fa_models_of_bucket(12, baselines.fa_shifts(12, 3))
+    for e in range(len(x)):
+        models = {j for j, s in enumerate(sets) if e in set(s.tolist())}
+        assert models == set(of_bucket[bucket[e]].tolist())
+    dpa = training_indices("dpa", BaselineConfig(models=5), x)
+    parts = hash_partition(x, 5)
+    for j, s in enumerate(dpa):
+        np.testing.assert_array_equal(s, np.flatnonzero(parts == j))
+
+
 def test_compare_small_digits(tmp_path):
     cfg = CompareConfig.from_mapping({
         "dp": {"instances": 4, "steps": 10, "workers": 1},
         "dpa": {"models": 5, "epochs": 1},
+        "fa": {"models": 3, "spread": 2, "epochs": 1},
         "bagging": {"models": 5, "subsample": 50, "epochs": 1},
     })
+    assert cfg.methods == ("dp", "dpa", "fa", "bagging")
     text = compare(cfg, tmp_path, progress=False)
-    for name in ("dp (pld, sound)", "dpa (k=5)", "bagging (N=5, k=50)", "baseline-DP"):
+    for name in ("dp (pld, sound)", "dpa (k=5)", "fa (k=3, d=2)", "bagging (N=5, k=50)",
+                 "baseline-DP"):
         assert name in text
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
-    assert len(list((tmp_path / "dpa").glob("model_*.npz"))) == 5
+    assert len(list((tmp_path / "dpa_k5").glob("model_*.npz"))) == 5
+    assert len(list((tmp_path / "fa_k3_d2").glob("model_*.npz"))) == 6
     again = compare(cfg, tmp_path, progress=False)  # reuses every trained unit
     assert again == text
+    # the same setting with other training values is refused, not silently reused
+    other = CompareConfig.from_mapping({"dp": {"instances": 4, "steps": 10, "workers": 1},
+                                        "dpa": {"models": 5, "epochs": 2}})
+    with pytest.raises(UserError, match="other settings"):
+        compare(other, tmp_path, progress=False)
 
 
-def test_compare_config_errors():
+def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
+    base = {"instances": 4, "steps": 10}
+    settings = [{"models": 2, "epochs": 1}, {"models": 6, "epochs": 1}]
+    serial = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 1},
+                                                 "methods": ["dpa"], "dpa": settings}),
+                     tmp_path / "a", progress=False)
+    parallel = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 2},
+                                                   "methods": ["dpa"], "dpa": settings}),
+                       tmp_path / "b", progress=False)
+    assert serial == parallel and "dpa (k=2)" in serial and "dpa (k=6)" in serial
+    for i in range(6):
+        a = np.load(tmp_path / "a" / "dpa_k6" / f"model_{i:06d}.npz")["scores"]
+        b = np.load(tmp_path / "b" / "dpa_k6" / f"model_{i:06d}.npz")["scores"]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    text = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 1}, "dpa": settings,
+                                               "calibrate": True}),
+                   tmp_path / "a", progress=False)
+    table = text.split("Calibration")[0]
+    assert ("dpa (k=2)" in table) != ("dpa (k=6)" in table)  # exactly one setting kept
+    assert text.count("| yes |") == 1
+
+
+@pytest.mark.parametrize("bad", [
+    {"colour": 1},
+    {"methods": ["dp", "magic"]},
+    {"methods": []},
+    {"methods": "dp"},
+    {"dpa": {"partitions": 3}},
+    {"dpa": {"models": 0}},
+    {"dpa": {"spread": 2}},
+    {"dpa": []},
+    {"dpa": [3]},
+    {"fa": {"models": 2, "spread": "x"}},
+    {"bagging": {"lr": -1}},
+    {"calibrate": "yes"},
+    {"methods": ["dpa"], "calibrate": True},
+    {"dp": [1, 2]},
+])
+def test_compare_config_errors(bad):
     with pytest.raises(UserError):
-        CompareConfig.from_mapping({"colour": 1})
-    with pytest.raises(UserError):
-        CompareConfig.from_mapping({"methods": ["dp", "magic"]})
-    with pytest.raises(UserError):
-        CompareConfig.from_mapping({"dpa": {"partitions": 3}})
+        CompareConfig.from_mapping(bad)

@@ -20,10 +20,11 @@ def test_there_are_paper_configs():
     assert len(CONFIGS) == 6
 
 
-@pytest.mark.parametrize("name", ["compare_digits.yaml", "compare_mnist_reduced.yaml"])
+@pytest.mark.parametrize("name", ["compare_digits.yaml", "compare_mnist_reduced.yaml",
+                                  "compare_fashion_reduced.yaml"])
 def test_compare_config_is_valid(name):
     from dpcert.compare import CompareConfig
 
     path = Path(__file__).parent.parent / "configs" / name
     cfg = CompareConfig.from_mapping(load_config_file(path))
-    assert cfg.methods == ("dp", "dpa", "bagging")
+    assert cfg.methods == ("dp", "dpa", "fa", "bagging")

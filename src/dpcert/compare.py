@@ -1,4 +1,4 @@
-"""`dpcert compare`: DP instances vs DPA vs Bagging on the same data and model, one report.
+"""`dpcert compare`: DP instances vs DPA vs Finite Aggregation vs Bagging, one report.
 
 Every method is trained with the same architecture on the same training set and certified
 for the same threat (radius = inserted + deleted training examples; a modification counts 2):
@@ -6,17 +6,25 @@ for the same threat (radius = inserted + deleted training examples; a modificati
 * dp: this project's run (:mod:`dpcert.run`), default certificate (PLD, sound, votes);
 * dpa: k models, one per part of a hash partition of the examples' content
   (Levine & Feizi 2021) — the part of an example does not depend on the rest of the data;
+* fa: Finite Aggregation (Wang, Levine, Feizi 2022), k d models; every example hashed into one
+  of k d buckets, bucket h training the d models (h + s) mod kd; full per-model certificate;
 * bagging: N models, each on k examples drawn with replacement (Jia, Cao, Gong 2021);
 * baseline-DP: the statistical certified-accuracy lower bound of Ma, Zhu, Hsu (2019) for one
   of the DP instances (a curve, not a per-point certificate).
 
-Each trained model's test scores are written atomically as a unit file and reused on rerun.
+A baseline section may list several settings. With ``calibrate: true`` each baseline keeps the
+setting whose clean accuracy is closest to the DP ensemble's (as in the paper's comparison);
+otherwise every setting is reported. Each trained model's test scores are a checksummed unit
+file, written atomically, reused on rerun; a setting's folder refuses other training values.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,44 +32,101 @@ import numpy as np
 from dpcert import baselines
 from dpcert.certify import Certificates
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, read_unit, run, write_unit
+from dpcert.run import RunConfig, read_unit, run, tally_votes, write_unit
 from dpcert.store import atomic_write_text
+
+BASELINES = ("dpa", "fa", "bagging")
+#: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
+_SEED_OFFSET = 7919
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
+    """One setting of a baseline. ``models``: DPA/FA partitions k (FA trains k * spread
+    models), Bagging bags N."""
+
     models: int = 50
     subsample: int = 200  # bagging: examples per bag
+    spread: int = 1  # fa: d
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.01
     optimizer: str = "adam"
 
+    def __post_init__(self) -> None:
+        for name in ("models", "subsample", "spread", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise UserError(f"lr must be > 0, got {self.lr!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise UserError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+
+    def name(self, kind: str) -> str:
+        if kind == "dpa":
+            return f"dpa (k={self.models})"
+        if kind == "fa":
+            return f"fa (k={self.models}, d={self.spread})"
+        return f"bagging (N={self.models}, k={self.subsample})"
+
+    def folder(self, kind: str) -> str:
+        return {"dpa": f"dpa_k{self.models}", "fa": f"fa_k{self.models}_d{self.spread}",
+                "bagging": f"bagging_N{self.models}_k{self.subsample}"}[kind]
+
+    def trained_models(self, kind: str) -> int:
+        return self.models * self.spread if kind == "fa" else self.models
+
 
 @dataclass(frozen=True)
 class CompareConfig:
     dp: dict = field(default_factory=dict)  # RunConfig fields
-    dpa: dict = field(default_factory=dict)  # BaselineConfig fields (models = partitions)
-    bagging: dict = field(default_factory=dict)  # BaselineConfig fields
+    settings: dict[str, tuple[BaselineConfig, ...]] = field(default_factory=dict)
     methods: tuple[str, ...] = ("dp", "dpa", "bagging")
+    calibrate: bool = False
 
     @classmethod
     def from_mapping(cls, data: dict) -> CompareConfig:
-        unknown = set(data) - {"dp", "dpa", "bagging", "methods"}
+        if not isinstance(data, dict):
+            raise UserError("a compare config must be a mapping")
+        unknown = set(data) - {"dp", *BASELINES, "methods", "calibrate"}
         if unknown:
             raise UserError(f"unknown compare config keys: {sorted(unknown)}")
-        methods = tuple(data.get("methods", cls.methods))
-        bad = set(methods) - {"dp", "dpa", "bagging"}
+        given = [k for k in BASELINES if k in data]
+        methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
+        if not isinstance(methods, list | tuple) or not methods:
+            raise UserError("methods must be a non-empty list (dp, dpa, fa, bagging)")
+        methods = tuple(methods)
+        bad = set(methods) - {"dp", *BASELINES}
         if bad:
-            raise UserError(f"unknown methods {sorted(bad)} (dp, dpa, bagging)")
-        for key in ("dpa", "bagging"):
-            try:
-                BaselineConfig(**data.get(key, {}))
-            except TypeError as err:
-                raise UserError(f"invalid {key} config: {err}") from None
+            raise UserError(f"unknown methods {sorted(bad)} (dp, dpa, fa, bagging)")
+        calibrate = data.get("calibrate", False)
+        if not isinstance(calibrate, bool):
+            raise UserError(f"calibrate must be true or false, got {calibrate!r}")
+        if calibrate and "dp" not in methods:
+            raise UserError("calibrate needs the dp method (its clean accuracy is the target)")
+        settings = {k: _settings(k, data.get(k, {})) for k in BASELINES if k in methods}
+        if not isinstance(data.get("dp", {}), dict):
+            raise UserError("the dp section must be a mapping of run options")
         RunConfig.from_mapping(data.get("dp", {}))
-        return cls(dict(data.get("dp", {})), dict(data.get("dpa", {})),
-                   dict(data.get("bagging", {})), methods)
+        return cls(dict(data.get("dp", {})), settings, methods, calibrate)
+
+
+def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:
+    items = section if isinstance(section, list) else [section]
+    if not items:
+        raise UserError(f"the {kind} section lists no settings")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise UserError(f"each {kind} setting must be a mapping, got {item!r}")
+        if kind != "fa" and "spread" in item:
+            raise UserError(f"spread applies to fa only, not {kind}")
+        try:
+            out.append(BaselineConfig(**item))
+        except TypeError as err:
+            raise UserError(f"invalid {kind} config: {err}") from None
+    return tuple(out)
 
 
 def hash_partition(x: np.ndarray, parts: int) -> np.ndarray:
@@ -71,74 +136,156 @@ def hash_partition(x: np.ndarray, parts: int) -> np.ndarray:
                      for row in flat], dtype=np.int64)
 
 
-def _train_models(kind: str, cfg: BaselineConfig, run_cfg: RunConfig, folder: Path,
-                  progress: bool) -> np.ndarray:
-    """Votes (N, L) of the baseline's models, training only those not yet on disk."""
+def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list | None:
+    """Training-example indices of every model (dpa, fa), or None (bagging draws in the worker).
+
+    FA: example with bucket h trains models (h + s) mod kd, so model j sees the buckets
+    (j - s) mod kd."""
+    if kind == "bagging":
+        return None
+    kd = bc.trained_models(kind)
+    buckets = hash_partition(x_train, kd)
+    shifts = baselines.fa_shifts(kd, bc.spread) if kind == "fa" else np.zeros(1, np.int64)
+    return [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
+
+
+_WORKER_DATA: dict = {}
+
+
+def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
+                out: str, single_thread: bool) -> int:
+    """Train baseline model i on its examples and write its unit file (runs in a worker)."""
     import torch
-    from tqdm import tqdm
 
     from dpcert.data import load_dataset
     from dpcert.train import instance_generator, predict_scores, train_plain
 
-    data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
-    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
-    x_test = torch.tensor(data.x_test)
-    parts = hash_partition(data.x_train, cfg.models) if kind == "dpa" else None
+    if single_thread:
+        torch.set_num_threads(1)
+    cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
+    key = (cfg.dataset, cfg.data_dir)
+    if key not in _WORKER_DATA:
+        _WORKER_DATA.clear()
+        _WORKER_DATA[key] = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+    data = _WORKER_DATA[key]
+    gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
+    if idx is None:
+        idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen).numpy()
+    if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
+        scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
+        scores[:, 0] = 1.0
+    else:
+        x, y = torch.tensor(data.x_train[idx]), torch.tensor(data.y_train[idx])
+        model = train_plain(cfg.model, x, y, data.num_classes, epochs=setting.epochs,
+                            batch_size=setting.batch_size, lr=setting.lr,
+                            optimizer=setting.optimizer, gen=gen)
+        scores = predict_scores(model, torch.tensor(data.x_test))
+    write_unit(Path(out), scores)
+    return i
+
+
+def _guard_folder(folder: Path, identity: dict) -> None:
+    """Refuse a folder trained with other settings; record ours in a fresh one."""
+    path = folder / "settings.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is damaged; remove {folder} to retrain") from None
+        if old != identity:
+            changed = sorted(k for k in identity if old.get(k) != identity[k])
+            raise UserError(f"{folder} holds models trained with other settings ({changed}); "
+                            "remove it or use another --output directory")
     folder.mkdir(parents=True, exist_ok=True)
-    votes = np.zeros((len(data.y_test), data.num_classes), dtype=np.int64)
-    for i in tqdm(range(cfg.models), desc=f"training {kind}", disable=not progress):
-        path = folder / f"model_{i:06d}.npz"
-        scores = read_unit(path)
-        if scores is None:
-            gen = instance_generator(run_cfg.seed + 7919, i)
-            if kind == "dpa":
-                idx = torch.tensor(np.flatnonzero(parts == i))
-            else:
-                idx = torch.randint(0, len(y), (cfg.subsample,), generator=gen)
-            if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
-                scores = np.zeros((len(x_test), data.num_classes), np.float32)
-                scores[:, 0] = 1.0
-            else:
-                model = train_plain(run_cfg.model, x[idx], y[idx], data.num_classes,
-                                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                    optimizer=cfg.optimizer, gen=gen)
-                scores = predict_scores(model, x_test)
-            write_unit(path, scores)
-        votes[np.arange(len(votes)), scores.argmax(axis=1)] += 1
-    return votes
+    atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.ndarray,
+                 folder: Path, progress: bool) -> np.ndarray:
+    """Scores (M, N, L) of a baseline's models, training (in parallel) those not yet on disk."""
+    from tqdm import tqdm
+
+    identity = {"kind": kind, **asdict(bc),
+                **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")}}
+    _guard_folder(folder, identity)
+    m = bc.trained_models(kind)
+    paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
+    todo = [i for i in range(m) if read_unit(paths[i]) is None]
+    if todo:
+        indices = training_indices(kind, bc, x_train)
+        workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
+        bar = tqdm(total=m, initial=m - len(todo), desc=f"training {bc.name(kind)}",
+                   unit="model", disable=not progress)
+        jobs = [(asdict(run_cfg), asdict(bc), kind, i,
+                 None if indices is None else indices[i], str(paths[i])) for i in todo]
+        if workers == 1:
+            for job in jobs:
+                _train_unit(*job, False)
+                bar.update()
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                for fut in as_completed([pool.submit(_train_unit, *j, True) for j in jobs]):
+                    fut.result()
+                    bar.update()
+        bar.close()
+    scores = [read_unit(p) for p in paths]
+    if any(s is None for s in scores):
+        raise UserError(f"a model file in {folder} is damaged; rerun to retrain it")
+    return np.stack(scores)
+
+
+def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,
+                     run_cfg: RunConfig) -> Certificates:
+    votes = tally_votes(scores)
+    if kind == "dpa":
+        pred, radius = baselines.dpa_radius(votes)
+    elif kind == "fa":
+        pred, radius = baselines.fa_certificate(scores.argmax(axis=2).T, scores.shape[2],
+                                                bc.spread)
+    else:
+        pred, radius = baselines.bagging_radius(votes, train_size=n_train,
+                                                subsample_size=bc.subsample, eta=run_cfg.eta,
+                                                max_radius=run_cfg.max_radius)
+    return _cert(pred, np.minimum(radius, run_cfg.max_radius))
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
+    from dpcert.data import load_dataset
+
     run_cfg = RunConfig.from_mapping(cfg.dp)
-    labels = None
+    data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
+    labels = data.y_test
     results: dict[str, Certificates] = {}
     curves: dict[str, object] = {}
     if "dp" in cfg.methods:
         run(run_cfg, out / "dp", progress)
-        votes = np.load(out / "dp" / "votes.npy")
-        labels = np.load(out / "dp" / "labels.npy")
         cert_rows = np.loadtxt(out / "dp" / "certificates.csv", delimiter=",", skiprows=1,
                                dtype=np.int64, ndmin=2)
         results["dp (pld, sound)"] = _cert(cert_rows[:, 1], cert_rows[:, 2])
         curves["baseline-DP (Ma et al., CA lower bound)"] = _ma_curve(out / "dp", run_cfg.eta)
-    from dpcert.data import load_dataset
+    calibration: list[tuple[str, float, bool]] = []
+    for kind in BASELINES:
+        if kind not in cfg.methods:
+            continue
+        certs = {}
+        for bc in cfg.settings[kind]:
+            scores = train_models(kind, bc, run_cfg, data.x_train, out / bc.folder(kind),
+                                  progress)
+            certs[bc.name(kind)] = certify_baseline(kind, bc, scores, len(data.y_train),
+                                                    run_cfg)
+        if cfg.calibrate:
+            target = _clean(results["dp (pld, sound)"], labels)
+            best = min(certs, key=lambda k: abs(_clean(certs[k], labels) - target))
+            calibration += [(k, _clean(c, labels), k == best) for k, c in certs.items()]
+            certs = {best: certs[best]}
+        results.update(certs)
+    return _report(results, labels, out, run_cfg, curves, calibration)
 
-    data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
-    labels = data.y_test if labels is None else labels
-    n_train = len(data.y_train)
-    if "dpa" in cfg.methods:
-        bc = BaselineConfig(**cfg.dpa)
-        votes = _train_models("dpa", bc, run_cfg, out / "dpa", progress)
-        pred, radius = baselines.dpa_radius(votes)
-        results[f"dpa (k={bc.models})"] = _cert(pred, radius)
-    if "bagging" in cfg.methods:
-        bc = BaselineConfig(**cfg.bagging)
-        votes = _train_models("bagging", bc, run_cfg, out / "bagging", progress)
-        pred, radius = baselines.bagging_radius(votes, train_size=n_train,
-                                                subsample_size=bc.subsample, eta=run_cfg.eta,
-                                                max_radius=run_cfg.max_radius)
-        results[f"bagging (N={bc.models}, k={bc.subsample})"] = _cert(pred, radius)
-    return _report(results, labels, out, run_cfg, curves)
+
+def _clean(cert: Certificates, labels: np.ndarray) -> float:
+    return float(np.mean(cert.prediction == labels))
 
 
 def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
@@ -170,7 +317,8 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
 
 
 def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
-            cfg: RunConfig, curves: dict[str, object]) -> str:
+            cfg: RunConfig, curves: dict[str, object],
+            calibration: list[tuple[str, float, bool]]) -> str:
     from dpcert.report import ca_table, plot_curves
 
     lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
@@ -179,7 +327,15 @@ def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
              "and certified at radius >= r. The baseline-DP row is a statistical lower bound on "
              "certified accuracy (no per-point certificate).", "",
              *ca_table(results, labels, curves)]
+    if calibration:
+        target = _clean(results["dp (pld, sound)"], labels)
+        lines += ["", f"Calibration: each baseline keeps the setting whose clean accuracy is "
+                  f"closest to the DP ensemble's ({target:.3f}).", "",
+                  "| setting | clean acc | kept |", "|---|---|---|",
+                  *(f"| {name} | {acc:.3f} | {'yes' if kept else ''} |"
+                    for name, acc, kept in calibration)]
     text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", text)
     plot_curves(results, labels, out / "compare.png", f"{cfg.dataset}: defences compared",
                 curves)

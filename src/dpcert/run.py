@@ -231,12 +231,18 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             raise UserError(f"instance {i} is missing or damaged; rerun to retrain it")
         scores.append(s)
     stacked = np.stack(scores).astype(np.float32)
-    votes = np.zeros(stacked.shape[1:], dtype=np.int64)
-    for s in stacked:
-        votes[np.arange(len(s)), s.argmax(axis=1)] += 1
+    votes = tally_votes(stacked)
     _save_npy(run_dir / "scores.npy", stacked)
     _save_npy(run_dir / "votes.npy", votes)
     return votes, stacked
+
+
+def tally_votes(scores: np.ndarray) -> np.ndarray:
+    """Vote counts (N, L) from per-model scores (P, N, L): each model votes for its argmax."""
+    p, n, n_labels = scores.shape
+    votes = np.zeros((n, n_labels), dtype=np.int64)
+    np.add.at(votes, (np.tile(np.arange(n), p), scores.argmax(axis=2).ravel()), 1)
+    return votes
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
