@@ -116,3 +116,15 @@ def test_unknown_dataset():
         data.load_dataset("imagenet", None)
     with pytest.raises(UserError, match="data-dir"):
         data.load_dataset("mnist", None)
+
+
+def test_loaded_arrays_have_canonical_strides():
+    """x[:, None] leaves a stride-1 channel axis that torch reads as channels_last (other conv
+    kernels, other rounding); loaders must hand out canonical C strides so that one dataset
+    trains the same model however it reached the worker."""
+    from dpcert.data import load_dataset
+
+    d = load_dataset("digits")
+    for arr in (d.x_train, d.x_test):
+        n, c, h, w = arr.shape
+        assert arr.strides == (4 * c * h * w, 4 * h * w, 4 * w, 4)

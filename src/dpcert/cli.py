@@ -310,6 +310,11 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 @click.option("--batch-instances", type=int,
               help="Train this many instances as one vmap-batched computation (GPUs).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
+@click.option("--backend", type=click.Choice(["local", "ray"]),
+              help="local: one process per core (default); ray: Ray tasks (pip install "
+                   "'dpcert[ray]').")
+@click.option("--address", "ray_address",
+              help="Ray cluster address (default: a private local cluster).")
 @click.option("--output", type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_cmd(config, output, quiet, **options) -> None:

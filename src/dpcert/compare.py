@@ -149,25 +149,18 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
     return [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
 
 
-_WORKER_DATA: dict = {}
-
-
 def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
                 out: str, single_thread: bool) -> int:
     """Train baseline model i on its examples and write its unit file (runs in a worker)."""
     import torch
 
-    from dpcert.data import load_dataset
+    from dpcert.data import load_dataset_cached
     from dpcert.train import instance_generator, predict_scores, train_plain
 
     if single_thread:
         torch.set_num_threads(1)
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
-    key = (cfg.dataset, cfg.data_dir)
-    if key not in _WORKER_DATA:
-        _WORKER_DATA.clear()
-        _WORKER_DATA[key] = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    data = _WORKER_DATA[key]
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
     gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
     if idx is None:
         idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen).numpy()

@@ -7,6 +7,7 @@ expected where.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import pickle
@@ -30,6 +31,17 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+
+    def __post_init__(self) -> None:
+        # Canonical C strides everywhere: a size-1 channel axis made by x[:, None] keeps
+        # stride 1, which torch reads as channels_last and answers with other conv kernels
+        # (other float rounding), so the same data would train a slightly different model
+        # depending on how it was loaded (e.g. in a Ray worker).
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            arr = getattr(self, name)
+            canonical = np.empty(0, arr.dtype).itemsize * np.cumprod((*arr.shape[1:], 1)[::-1])
+            if arr.strides != tuple(int(v) for v in canonical[::-1]):
+                object.__setattr__(self, name, np.array(arr, order="C", copy=True))
 
     @property
     def num_classes(self) -> int:
@@ -197,3 +209,10 @@ def load_dataset(name: str, path: Path | None = None) -> Dataset:
     if name == "npz":
         return load_npz(Path(path))
     raise UserError(f"unknown dataset {name!r} (digits, mnist, fashion-mnist, cifar10, npz)")
+
+
+@functools.lru_cache(maxsize=1)
+def load_dataset_cached(name: str, path: str | None = None) -> Dataset:
+    """:func:`load_dataset`, kept for the life of the process: a training worker loads its
+    dataset once for all the units it trains. Callers must not modify the arrays."""
+    return load_dataset(name, Path(path) if path else None)

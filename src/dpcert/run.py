@@ -32,7 +32,7 @@ from dpcert.accounting import AccountingSpec
 from dpcert.certify import Certificates, certify
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
-from dpcert.store import atomic_save_npz, atomic_write_text
+from dpcert.store import atomic_save_unit, atomic_write_text, remove_stale_temp_files
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class RunConfig:
     workers: int = 0
     batch_instances: int = 1
     device: str = "cpu"
+    backend: str = "local"  # local processes, or ray tasks
+    ray_address: str | None = None  # None: a private local Ray cluster
+    gpu_fraction: float = 0.25  # GPU share of one ray task when device is cuda
 
     #: fields that change what the instances are; a run directory refuses other values
     TRAINING_FIELDS = ("dataset", "model", "instances", "sample_rate", "noise_multiplier",
@@ -74,6 +77,10 @@ class RunConfig:
                             f"{self.batch_instances!r}")
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.backend not in ("local", "ray"):
+            raise UserError(f"backend must be local or ray, got {self.backend!r}")
+        if not (isinstance(self.gpu_fraction, int | float) and 0 < self.gpu_fraction <= 1):
+            raise UserError(f"gpu_fraction must lie in (0, 1], got {self.gpu_fraction!r}")
         # the mechanism checks q, sigma, T, C
         MechanismRecord(sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier,
                         steps=self.steps, clip_norm=self.clip_norm)
@@ -132,7 +139,7 @@ def _digest(scores: np.ndarray) -> str:
 
 def write_unit(path: Path, scores: np.ndarray) -> None:
     """One trained model's test scores (N, L) with their checksum, written atomically."""
-    atomic_save_npz(path, scores=scores, sha256=np.array(_digest(scores)))
+    atomic_save_unit(path, scores=scores, sha256=np.array(_digest(scores)))
 
 
 def read_unit(path: Path) -> np.ndarray | None:
@@ -145,25 +152,14 @@ def read_unit(path: Path) -> np.ndarray | None:
     return scores if _digest(scores) == digest else None
 
 
-_WORKER_DATA: dict = {}
+def train_group(cfg: RunConfig, instances: list[int], data) -> list[np.ndarray]:
+    """Test scores (N, L) of the given instances, trained alone or as one batched computation.
 
-
-def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
-                 single_thread: bool) -> list[int]:
-    """Train instances (alone, or as one batched computation) and write each unit file."""
+    Pure: no files. ``data`` is a :class:`dpcert.data.Dataset`."""
     import torch
 
-    from dpcert.data import load_dataset
     from dpcert.train import TrainConfig, predict_scores, train_instance, train_instances_batched
 
-    if single_thread:  # one worker process per core beats intra-op threads on CPU
-        torch.set_num_threads(1)
-    cfg = RunConfig(**cfg_dict)
-    key = (cfg.dataset, cfg.data_dir)
-    if key not in _WORKER_DATA:
-        _WORKER_DATA.clear()
-        _WORKER_DATA[key] = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    data = _WORKER_DATA[key]
     device = torch.device(cfg.device)
     x = torch.tensor(data.x_train, device=device)
     y = torch.tensor(data.y_train, device=device)
@@ -176,16 +172,77 @@ def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
         models = [train_instance(tcfg, x, y, data.num_classes, seed=cfg.seed,
                                  instance=instances[0])]
     x_test = torch.tensor(data.x_test)
-    for model, out in zip(models, outs, strict=True):
-        scores = predict_scores(model.cpu(), x_test)
+    return [predict_scores(model.cpu(), x_test) for model in models]
+
+
+def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
+                 single_thread: bool) -> list[int]:
+    """Local backend: train a group of instances and write each unit file as it is ready."""
+    import torch
+
+    from dpcert.data import load_dataset_cached
+
+    if single_thread:  # one worker process per core beats intra-op threads on CPU
+        torch.set_num_threads(1)
+    cfg = RunConfig(**cfg_dict)
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
+    for scores, out in zip(train_group(cfg, instances, data), outs, strict=True):
         write_unit(Path(out), scores)
     return instances
+
+
+def _ray_group(cfg_dict: dict, instances: list[int], data) -> list[np.ndarray]:
+    """Ray task body: one worker thread (like a local worker process), scores returned."""
+    import torch
+
+    torch.set_num_threads(1)
+    return train_group(RunConfig(**cfg_dict), instances, data)
+
+
+def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
+    """Ray backend: one task per group, the dataset shipped once through the object store.
+
+    The driver writes each unit atomically as its task returns, so workers need no shared
+    filesystem; a crashed driver loses only the tasks in flight (rerun resumes), and Ray
+    retries tasks whose worker died (``max_retries``)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs Ray: pip install 'dpcert[ray]'") from None
+    from dpcert.data import load_dataset_cached
+
+    started = not ray.is_initialized()
+    if started:
+        try:
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, logging_level="WARNING")
+            else:  # a private local cluster, reachable on loopback only
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                         logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot start or reach the Ray cluster: {err}") from None
+    try:
+        gpus = cfg.gpu_fraction if cfg.device == "cuda" else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_ray_group)
+        data_ref = ray.put(load_dataset_cached(cfg.dataset, cfg.data_dir))
+        cfg_dict = asdict(cfg)
+        pending = {task.remote(cfg_dict, g, data_ref): g for g in groups}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            group = pending.pop(done[0])
+            for scores, out in zip(ray.get(done[0]), outs(group), strict=True):
+                write_unit(Path(out), scores)
+            bar.update(len(group))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     """Train every instance whose unit file is missing or damaged; others are kept."""
     units = run_dir / "instances"
     units.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(units)
     todo = []
     for i in range(cfg.instances):
         path = units / f"inst_{i:06d}.npz"
@@ -208,7 +265,9 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     def outs(group: list[int]) -> list[str]:
         return [str(units / f"inst_{i:06d}.npz") for i in group]
 
-    if workers == 1:
+    if cfg.backend == "ray":
+        _train_ray(cfg, groups, outs, bar)
+    elif workers == 1:
         for group in groups:
             _train_units(cfg_dict, group, outs(group), False)
             bar.update(len(group))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +29,57 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete temp files an interrupted :func:`atomic_write` left in ``folder``; their count."""
+    stale = list(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda h: h.write(text.encode()))
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, lambda h: np.savez(h, **arrays))
+
+
+def atomic_save_unit(path: Path, **arrays: np.ndarray) -> None:
+    """:func:`atomic_save_npz` for a unit of work, with the crash-test failpoints around it."""
+    if _failpoint_armed("mid-write"):
+        atomic_write(path, lambda h: _write_half_then_die(h, arrays))
+    atomic_save_npz(path, **arrays)
+    failpoint("unit-done")
+
+
+# -- failpoints: deterministic crashes for the crash-safety tests ------------------------------
+# DPCERT_FAILPOINT="<name>:<k>" makes the process SIGKILL itself the k-th time it reaches the
+# failpoint <name> ("mid-write": halfway through writing an .npz; "unit-done": right after a
+# unit file is in place). A real SIGKILL, not an exception: no cleanup handler runs.
+
+_HITS: dict[str, int] = {}
+
+
+def _failpoint_armed(name: str) -> bool:
+    spec = os.environ.get("DPCERT_FAILPOINT", "")
+    target, _, count = spec.partition(":")
+    if target != name:
+        return False
+    _HITS[name] = _HITS.get(name, 0) + 1
+    return str(_HITS[name]) == count
+
+
+def failpoint(name: str) -> None:
+    if _failpoint_armed(name):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_half_then_die(handle: IO[bytes], arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    handle.write(data[: len(data) // 2])
+    handle.flush()
+    os.fsync(handle.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
