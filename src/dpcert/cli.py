@@ -16,6 +16,7 @@ from dpcert.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
 from dpcert.certify import INFERENCES, Certificates, certified_accuracy, certify, radius_summary
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
+from dpcert.run import DATASETS, MODEL_NAMES
 from dpcert.store import atomic_write_text
 
 #: Radii at which certified accuracy is reported.
@@ -292,9 +293,9 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 @main.command("run")
 @click.argument("config", required=False, type=click.Path(path_type=Path))
 @click.option("--dataset",
-              type=click.Choice(["digits", "mnist", "fashion-mnist", "cifar10", "npz"]))
+              type=click.Choice(DATASETS))
 @click.option("--data-dir", help="Folder (IDX / CIFAR batches) or .npz file of the dataset.")
-@click.option("--model", type=click.Choice(["digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn"]))
+@click.option("--model", type=click.Choice(MODEL_NAMES))
 @click.option("--instances", type=int, help="Number P of DP-SGD instances.")
 @click.option("--sample-rate", type=float)
 @click.option("--noise-multiplier", type=float)

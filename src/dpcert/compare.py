@@ -96,10 +96,10 @@ class CompareConfig:
         methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
         if not isinstance(methods, list | tuple) or not methods:
             raise UserError("methods must be a non-empty list (dp, dpa, fa, bagging)")
-        methods = tuple(methods)
-        bad = set(methods) - {"dp", *BASELINES}
+        bad = [m for m in methods if m not in ("dp", *BASELINES)]
         if bad:
-            raise UserError(f"unknown methods {sorted(bad)} (dp, dpa, fa, bagging)")
+            raise UserError(f"unknown methods {bad} (dp, dpa, fa, bagging)")
+        methods = tuple(dict.fromkeys(methods))
         calibrate = data.get("calibrate", False)
         if not isinstance(calibrate, bool):
             raise UserError(f"calibrate must be true or false, got {calibrate!r}")

@@ -142,16 +142,22 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"CIFAR-10 batch not found: {path}") from None
     try:
         obj = _NoObjectsUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as err:
-        raise UserError(f"{path} is not a valid CIFAR-10 batch: {err}") from None
+    # Untrusted bytes: the unpickler can fail in many ways (overflowing frame lengths, bad
+    # opcodes, recursion); each only means "not a CIFAR batch".
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path} is not a valid CIFAR-10 batch: "
+                        f"{type(err).__name__}: {str(err)[:100]}") from None
     if not isinstance(obj, dict) or b"data" not in obj or b"labels" not in obj:
         raise UserError(f"{path} is not a CIFAR-10 batch (needs 'data' and 'labels')")
-    data = np.asarray(obj[b"data"])
-    labels = np.asarray(obj[b"labels"], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise UserError(f"{path}: data must be (n, 3072) with one label per row")
-    return data.reshape(-1, 3, 32, 32), labels
+    data, labels = obj[b"data"], obj[b"labels"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072):
+        raise UserError(f"{path}: 'data' must be a uint8 array of shape (n, 3072)")
+    if not (isinstance(labels, list)
+            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in labels)
+            and len(labels) == len(data) and all(0 <= v < 10 for v in labels)):
+        raise UserError(f"{path}: 'labels' must be one label in 0..9 per row of 'data'")
+    return data.reshape(-1, 3, 32, 32), np.array(labels, dtype=np.int64)
 
 
 def load_cifar10(folder: Path) -> Dataset:
@@ -184,8 +190,10 @@ def load_npz(path: Path) -> Dataset:
     for x in (x_tr, x_te):
         if x.ndim == 3:
             x = x[:, None]
-        if x.ndim != 4 or not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-            raise UserError(f"{path}: images must be finite numbers of shape (n, [C,] H, W)")
+        if (x.ndim != 4 or x.size == 0 or not np.issubdtype(x.dtype, np.number)
+                or not np.all(np.isfinite(x))):
+            raise UserError(f"{path}: images must be finite numbers of non-empty shape "
+                            f"(n, [C,] H, W), got {x.dtype} {x.shape}")
         x = x.astype(np.float32)
         if x.max() > 1.0:
             x = x / 255.0

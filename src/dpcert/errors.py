@@ -1,5 +1,9 @@
-"""Errors that are the user's to fix: the CLI prints them as one line and exits with status 2."""
+"""The one exception type for user mistakes: the CLI prints it as one line and exits 2."""
 
 
 class UserError(ValueError):
-    """Bad input or configuration (wrong shape, out-of-range parameter, missing file)."""
+    """Bad input, options or files. The message is a single line (embedded newlines, e.g. from
+    a library's error text, are folded into spaces)."""
+
+    def __init__(self, message: object) -> None:
+        super().__init__(" ".join(str(message).split()))

@@ -34,6 +34,20 @@ from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
 from dpcert.store import atomic_save_unit, atomic_write_text, remove_stale_temp_files
 
+#: Datasets and models a run can name (models.MODELS holds the builders; a test keeps the two
+#: in step, so that validating a config does not import torch).
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "npz")
+MODEL_NAMES = ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn")
+
+
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and bool(np.isfinite(value)))
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -66,24 +80,32 @@ class RunConfig:
                        "steps", "clip_norm", "lr", "optimizer", "subset_size", "seed")
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.instances, int) and self.instances >= 2):
-            raise UserError(f"instances must be an integer >= 2, got {self.instances!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise UserError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
-        if not (isinstance(self.batch_instances, int) and self.batch_instances >= 1):
-            raise UserError(f"batch_instances must be a positive integer, got "
-                            f"{self.batch_instances!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise UserError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.backend not in ("local", "ray"):
-            raise UserError(f"backend must be local or ray, got {self.backend!r}")
-        if not (isinstance(self.gpu_fraction, int | float) and 0 < self.gpu_fraction <= 1):
+        for name, choices in (("dataset", DATASETS), ("model", MODEL_NAMES),
+                              ("optimizer", ("sgd", "adam")), ("device", ("cpu", "cuda")),
+                              ("backend", ("local", "ray"))):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}, got "
+                                f"{getattr(self, name)!r}")
+        for name, low in (("instances", 2), ("seed", 0), ("max_radius", 1), ("workers", 0),
+                          ("batch_instances", 1)):
+            if not _is_int(getattr(self, name), low):
+                raise UserError(f"{name} must be an integer >= {low}, got "
+                                f"{getattr(self, name)!r}")
+        for name in ("data_dir", "ray_address"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be a path or address string, got "
+                                f"{getattr(self, name)!r}")
+        if not (_is_real(self.lr) and self.lr > 0):
+            raise UserError(f"learning rate must be a number > 0, got {self.lr!r}")
+        if not (_is_real(self.eta) and 0 < self.eta < 1):
+            raise UserError(f"eta must lie in (0, 1), got {self.eta!r}")
+        if not (_is_real(self.gpu_fraction) and 0 < self.gpu_fraction <= 1):
             raise UserError(f"gpu_fraction must lie in (0, 1], got {self.gpu_fraction!r}")
-        # the mechanism checks q, sigma, T, C
+        # the mechanism checks q, sigma, T, C and the subset size
         MechanismRecord(sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier,
-                        steps=self.steps, clip_norm=self.clip_norm)
+                        steps=self.steps, clip_norm=self.clip_norm,
+                        dataset_size=None if self.subset_size is None else 2**62,
+                        subset_size=self.subset_size)
 
     @classmethod
     def from_mapping(cls, data: dict) -> RunConfig:
