@@ -360,6 +360,33 @@ def compare_cmd(config, output, quiet) -> None:
     _run_user(action)
 
 
+@main.command("attack-check")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--radius", type=int, required=True, help="Attack budget r (insertions + "
+              "deletions; a label flip counts 2).")
+@click.option("--targets", type=click.IntRange(1), default=5, show_default=True,
+              help="Points attacked per group (certified at >= r; control below r).")
+@click.option("--attacks", default="flip,insert", show_default=True,
+              help="Comma-separated: flip (nearest examples relabelled), insert (copies of "
+                   "the point, wrong label).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Choice of targets.")
+@click.option("--workers", type=click.IntRange(0), default=0, help="Training processes.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def attack_check_cmd(run_dir, radius, targets, attacks, seed, workers, quiet) -> None:
+    """Poison the training set of RUN_DIR aimed at chosen test points, retrain, count flips."""
+
+    def action() -> None:
+        from dpcert.attack import attack_check
+
+        text, _ = attack_check(run_dir, radius, targets=targets,
+                               attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+                               seed=seed, workers=workers, progress=not quiet)
+        click.echo(text)
+        click.echo(f"details: {run_dir / f'attack_check_r{radius}'}")
+
+    _run_user(action)
+
+
 def _run_user(action) -> None:
     try:
         action()
