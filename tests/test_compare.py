@@ -53,6 +53,8 @@ def test_compare_small_digits(tmp_path):
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
     assert len(list((tmp_path / "dpa_k5").glob("model_*.npz"))) == 5
     assert len(list((tmp_path / "fa_k3_d2").glob("model_*.npz"))) == 6
+    rows = (tmp_path / "fa_k3_d2" / "certificates.csv").read_text().splitlines()
+    assert rows[0] == "index,prediction,radius,label" and len(rows) == 360
     again = compare(cfg, tmp_path, progress=False)  # reuses every trained unit
     assert again == text
     # the same setting with other training values is refused, not silently reused

@@ -245,6 +245,7 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
+    from dpcert.cli import certificates_csv
     from dpcert.data import load_dataset
 
     run_cfg = RunConfig.from_mapping(cfg.dp)
@@ -266,8 +267,10 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
         for bc in cfg.settings[kind]:
             scores = train_models(kind, bc, run_cfg, data.x_train, out / bc.folder(kind),
                                   progress)
-            certs[bc.name(kind)] = certify_baseline(kind, bc, scores, len(data.y_train),
-                                                    run_cfg)
+            cert = certify_baseline(kind, bc, scores, len(data.y_train), run_cfg)
+            atomic_write_text(out / bc.folder(kind) / "certificates.csv",
+                              certificates_csv(cert, labels))
+            certs[bc.name(kind)] = cert
         if cfg.calibrate:
             target = _clean(results["dp (pld, sound)"], labels)
             best = min(certs, key=lambda k: abs(_clean(certs[k], labels) - target))
