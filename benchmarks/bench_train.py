@@ -6,7 +6,11 @@ STEPS steps (after a warm-up). Opacus uses ``make_private`` with Poisson samplin
 per-sample hooks, default mode) and in its ghost-clipping mode. Prints absolute numbers,
 ratios and the machine.
 
-Run: python benchmarks/bench_train.py [--threads N]
+With ``--processes K`` every variant runs in K processes at once (one thread each, started
+together at a barrier) and the K rates are added: the equal-cores comparison that matches how
+dpcert trains on CPUs (one instance per core).
+
+Run: python benchmarks/bench_train.py [--threads N | --processes K]
 """
 
 from __future__ import annotations
@@ -113,17 +117,56 @@ def opacus_run(x, y, mode="hooks"):
     return timed(step)
 
 
+VARIANTS = {"plain (non-DP)": lambda x, y: plain(x, y),
+            "opacus make_private": lambda x, y: opacus_run(x, y),
+            "opacus ghost clipping": lambda x, y: opacus_run(x, y, "ghost"),
+            "dpcert vmap": lambda x, y: ours(x, y, "vmap"),
+            "dpcert ghost (default)": lambda x, y: ours(x, y, "ghost")}
+
+
+def _all_variants(threads: int, barrier=None) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x, y = torch.rand(N, 1, 28, 28), torch.randint(0, 10, (N,))
+    out = {}
+    for name, fn in VARIANTS.items():
+        if barrier is not None:  # every process times the same variant at the same time
+            barrier.wait()
+        out[name] = fn(x, y)
+    return out
+
+
+def _worker(barrier, queue) -> None:
+    queue.put(_all_variants(1, barrier))
+
+
+def in_processes(k: int) -> dict[str, float]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(barrier, queue)) for _ in range(k)]
+    for p in procs:
+        p.start()
+    parts = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return {name: sum(part[name] for part in parts) for name in VARIANTS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--processes", type=int, default=0,
+                        help="run K single-thread processes at once and add their rates")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x, y = torch.rand(N, 1, 28, 28), torch.randint(0, 10, (N,))
-    results = {"plain (non-DP)": plain(x, y), "opacus make_private": opacus_run(x, y),
-               "opacus ghost clipping": opacus_run(x, y, "ghost"),
-               "dpcert vmap": ours(x, y, "vmap"), "dpcert ghost (default)": ours(x, y, "ghost")}
-    print(f"machine: {machine()}, torch {torch.__version__}, {args.threads} threads")
+    if args.processes:
+        results = in_processes(args.processes)
+        layout = f"{args.processes} processes x 1 thread"
+    else:
+        results = _all_variants(args.threads)
+        layout = f"{args.threads} threads"
+    print(f"machine: {machine()}, torch {torch.__version__}, {layout}")
     print(f"LeNet-5, 28x28 inputs, expected batch {BATCH}, median of {REPEATS} x {STEPS} steps")
     for name, rate in results.items():
         print(f"  {name:<26} {rate:8.0f} samples/s")
