@@ -15,6 +15,9 @@ SMALL = dict(instances=5, steps=15, sample_rate=0.05, noise_multiplier=2.0)
 
 @pytest.fixture(scope="module")
 def cluster():
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # tests reach no network
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              logging_level="WARNING")
     yield
