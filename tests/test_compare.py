@@ -57,6 +57,18 @@ def test_compare_small_digits(tmp_path):
     assert rows[0] == "index,prediction,radius,label" and len(rows) == 360
     again = compare(cfg, tmp_path, progress=False)  # reuses every trained unit
     assert again == text
+    # an existing run directory is reused as the DP method, not retrained
+    units = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dp" / "instances").iterdir()}
+    reuse = CompareConfig.from_mapping({"dp_run": str(tmp_path / "dp"), "methods": ["dp"]})
+    assert reuse.dp["instances"] == 4 and reuse.dp["steps"] == 10
+    reused = compare(reuse, tmp_path / "again", progress=False)
+    assert reused.splitlines()[6] == text.splitlines()[6]  # the dp row
+    assert {p.name: p.stat().st_mtime_ns
+            for p in (tmp_path / "dp" / "instances").iterdir()} == units
+    with pytest.raises(UserError, match="other training settings"):
+        compare(CompareConfig.from_mapping({"dp_run": str(tmp_path / "dp"), "methods": ["dp"],
+                                            "dp": {"steps": 11}}), tmp_path / "x",
+                progress=False)
     # the same setting with other training values is refused, not silently reused
     other = CompareConfig.from_mapping({"dp": {"instances": 4, "steps": 10, "workers": 1},
                                         "dpa": {"models": 5, "epochs": 2}})
@@ -101,6 +113,8 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
     {"calibrate": "yes"},
     {"methods": ["dpa"], "calibrate": True},
     {"dp": [1, 2]},
+    {"dp_run": 3},
+    {"dp_run": "/nonexistent/run"},
 ])
 def test_compare_config_errors(bad):
     with pytest.raises(UserError):

@@ -84,12 +84,13 @@ class CompareConfig:
     settings: dict[str, tuple[BaselineConfig, ...]] = field(default_factory=dict)
     methods: tuple[str, ...] = ("dp", "dpa", "bagging")
     calibrate: bool = False
+    dp_run: str | None = None  # an existing run directory to reuse (resumed, not retrained)
 
     @classmethod
     def from_mapping(cls, data: dict) -> CompareConfig:
         if not isinstance(data, dict):
             raise UserError("a compare config must be a mapping")
-        unknown = set(data) - {"dp", *BASELINES, "methods", "calibrate"}
+        unknown = set(data) - {"dp", *BASELINES, "methods", "calibrate", "dp_run"}
         if unknown:
             raise UserError(f"unknown compare config keys: {sorted(unknown)}")
         given = [k for k in BASELINES if k in data]
@@ -108,8 +109,26 @@ class CompareConfig:
         settings = {k: _settings(k, data.get(k, {})) for k in BASELINES if k in methods}
         if not isinstance(data.get("dp", {}), dict):
             raise UserError("the dp section must be a mapping of run options")
-        RunConfig.from_mapping(data.get("dp", {}))
-        return cls(dict(data.get("dp", {})), settings, methods, calibrate)
+        dp_run = data.get("dp_run")
+        if dp_run is not None and not isinstance(dp_run, str):
+            raise UserError(f"dp_run must be a run directory path, got {dp_run!r}")
+        dp = {**(_stored_run_config(Path(dp_run)) if dp_run else {}), **data.get("dp", {})}
+        RunConfig.from_mapping(dp)
+        return cls(dp, settings, methods, calibrate, dp_run)
+
+
+def _stored_run_config(run_dir: Path) -> dict:
+    """The run options stored in an existing run directory's config.json."""
+    path = run_dir / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"dp_run: {run_dir} is not a dpcert run (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
+        raise UserError(f"dp_run: {path} is damaged: {err}") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"dp_run: {path} is not a run configuration")
+    return {k: v for k, v in stored.items() if k in RunConfig.__dataclass_fields__}
 
 
 def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:
@@ -254,11 +273,12 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     results: dict[str, Certificates] = {}
     curves: dict[str, object] = {}
     if "dp" in cfg.methods:
-        run(run_cfg, out / "dp", progress)
-        cert_rows = np.loadtxt(out / "dp" / "certificates.csv", delimiter=",", skiprows=1,
+        dp_dir = Path(cfg.dp_run) if cfg.dp_run else out / "dp"
+        run(run_cfg, dp_dir, progress)  # a finished run is only re-certified
+        cert_rows = np.loadtxt(dp_dir / "certificates.csv", delimiter=",", skiprows=1,
                                dtype=np.int64, ndmin=2)
         results["dp (pld, sound)"] = _cert(cert_rows[:, 1], cert_rows[:, 2])
-        curves["baseline-DP (Ma et al., CA lower bound)"] = _ma_curve(out / "dp", run_cfg.eta)
+        curves["baseline-DP (Ma et al., CA lower bound)"] = _ma_curve(dp_dir, run_cfg.eta)
     calibration: list[tuple[str, float, bool]] = []
     for kind in BASELINES:
         if kind not in cfg.methods:
