@@ -123,6 +123,20 @@ def test_ghost_clipping_equals_vmap(name, shape, clip):
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("stride,padding,size", [(1, 0, 9), (2, 1, 9), (2, 0, 10), (3, 2, 11)])
+def test_conv_per_example_weight_grads(stride, padding, size):
+    """Against autograd, one example at a time, including strides that leave a remainder."""
+    torch.manual_seed(1)
+    layer = torch.nn.Conv2d(3, 4, 3, stride=stride, padding=padding)
+    a = torch.randn(5, 3, size, size)
+    out = layer(a)
+    g = torch.randn_like(out)
+    got = ghost._conv_weight_grads(layer, a, g)
+    for i in range(len(a)):
+        (ref,) = torch.autograd.grad(layer(a[i: i + 1]), layer.weight, g[i: i + 1])
+        torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_ghost_declines_unsupported_models():
     assert not ghost.supports(build_model("resnet18_gn", 3, 10))
     assert not ghost.supports(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)))

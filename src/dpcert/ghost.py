@@ -6,7 +6,7 @@ g_i of the loss with respect to its output:
 
 * Linear (input (B, d_in)):  dW_i = g_i a_i^T, so ||dW_i||^2 = ||g_i||^2 ||a_i||^2, db_i = g_i;
 * Conv2d: dW_i[o, c, u, v] = sum_{h,w} g_i[o, h, w] a_i[c, h s + u, w s + v] over the padded
-  input, computed with an ``as_strided`` view of the patches (no unfold copy).
+  input, computed for all examples by one grouped convolution.
 
 The squared norms add over layers, give the clipping factors c_i = min(1, C / ||grad_i||), and
 the clipped sum is one weighted contraction per layer: sum_i c_i g_i a_i^T = (c g)^T a. This is
@@ -38,16 +38,23 @@ def supports(model: nn.Module) -> bool:
 
 
 def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example weight gradients (B, O, C, kh, kw) of a Conv2d from input and output grads."""
+    """Per-example weight gradients (B, O, C, kh, kw) of a Conv2d from input and output grads.
+
+    dW_i[o, c, u, v] = sum_{h,w} g_i[o, h, w] a_i[c, h s + u, w s + v] is itself a convolution
+    of the padded input with the output gradient as kernel (dilated by the stride); with the
+    batch as channels and one group per example, one grouped conv2d computes all of them.
+    Measured 1.7-4x faster on CPU than contracting an ``as_strided`` patch view, whose
+    gather into contiguous memory dominated the step (benchmarks/bench_train.py).
+    """
     ph, pw = layer.padding
-    sh, sw = layer.stride
     kh, kw = layer.kernel_size
     ap = nn.functional.pad(a, (pw, pw, ph, ph))
-    b, c, _, _ = ap.shape
-    ho, wo = g.shape[2], g.shape[3]
-    s = ap.stride()
-    patches = ap.as_strided((b, c, ho, wo, kh, kw), (s[0], s[1], s[2] * sh, s[3] * sw, s[2], s[3]))
-    return torch.einsum("bchwuv,bohw->bocuv", patches, g)
+    b, c = ap.shape[:2]
+    o, ho, wo = g.shape[1:]
+    out = nn.functional.conv2d(ap.transpose(0, 1), g.reshape(b * o, 1, ho, wo), groups=b,
+                               dilation=layer.stride)  # (C, B*O, >= kh, >= kw)
+    out = out[:, :, :kh, :kw]  # strides that do not divide the input leave extra rows
+    return out.reshape(c, b, o, kh, kw).permute(1, 2, 0, 3, 4)
 
 
 def clipped_gradient_sum(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
