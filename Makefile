@@ -34,6 +34,8 @@ test-slow: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_certify.py
 	$(BIN)/python benchmarks/radius_table.py
+	$(BIN)/python benchmarks/bench_train.py --processes 2
+	$(BIN)/python benchmarks/bench_conv_grads.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -43,8 +43,8 @@ def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
     dW_i[o, c, u, v] = sum_{h,w} g_i[o, h, w] a_i[c, h s + u, w s + v] is itself a convolution
     of the padded input with the output gradient as kernel (dilated by the stride); with the
     batch as channels and one group per example, one grouped conv2d computes all of them.
-    Measured 1.7-4x faster on CPU than contracting an ``as_strided`` patch view, whose
-    gather into contiguous memory dominated the step (benchmarks/bench_train.py).
+    About 1.5x faster on CPU than contracting an ``as_strided`` patch view, whose gather into
+    contiguous memory was 41% of a LeNet-5 step (benchmarks/bench_conv_grads.py).
     """
     ph, pw = layer.padding
     kh, kw = layer.kernel_size
