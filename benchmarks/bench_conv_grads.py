@@ -1,9 +1,9 @@
-"""Per-example Conv2d weight gradients: dpcert's grouped convolution vs an as_strided patch
-contraction (the previous implementation, kept here as the reference), same inputs, same run.
+"""Per-example Conv2d weight gradients: grouped convolution vs as_strided patch contraction,
+same inputs, same run — the measurement behind ``dpcert.ghost.GROUPED_MIN_OUTPUT``.
 
-Shapes: LeNet-5's two convolutions and one layer of the Opacus CIFAR CNN, batch 128, one
-thread (dpcert trains one instance per core). Prints ms per call (median of REPEATS) and the
-ratio, plus the machine.
+Shapes: the convolutions of LeNet-5, digits_cnn and the Opacus CIFAR CNN, batch 128, one
+thread (dpcert trains one instance per core). Prints ms per call (median of REPEATS), the
+ratio, which method dpcert picks, and the machine.
 
 Run: python benchmarks/bench_conv_grads.py
 """
@@ -21,24 +21,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from dpcert.ghost import _conv_weight_grads  # noqa: E402
+from dpcert.ghost import (  # noqa: E402
+    GROUPED_MIN_OUTPUT,
+    conv_weight_grads_grouped,
+    conv_weight_grads_patches,
+)
 
 REPEATS, CALLS = 9, 10
 SHAPES = [("lenet5 conv1", 1, 6, 5, 2, 28), ("lenet5 conv2", 6, 16, 5, 0, 14),
-          ("cifar_cnn conv3", 32, 64, 3, 1, 16)]
-
-
-def patches_einsum(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Reference: contract an as_strided view of the padded input's patches with g."""
-    ph, pw = layer.padding
-    sh, sw = layer.stride
-    kh, kw = layer.kernel_size
-    ap = nn.functional.pad(a, (pw, pw, ph, ph))
-    b, c = ap.shape[:2]
-    ho, wo = g.shape[2], g.shape[3]
-    s = ap.stride()
-    patches = ap.as_strided((b, c, ho, wo, kh, kw), (s[0], s[1], s[2] * sh, s[3] * sw, s[2], s[3]))
-    return torch.einsum("bchwuv,bohw->bocuv", patches, g)
+          ("digits_cnn conv1", 1, 16, 3, 1, 8), ("digits_cnn conv2", 16, 32, 3, 1, 4),
+          ("cifar_cnn conv1", 3, 32, 3, 1, 32), ("cifar_cnn conv2", 32, 32, 3, 1, 32),
+          ("cifar_cnn conv3", 32, 64, 3, 1, 16), ("cifar_cnn conv5", 64, 128, 3, 1, 8)]
 
 
 def ms_per_call(fn, *args) -> float:
@@ -60,12 +53,14 @@ def main() -> None:
         layer = nn.Conv2d(cin, cout, k, padding=pad)
         a = torch.rand(128, cin, size, size)
         g = torch.rand_like(layer(a))
-        torch.testing.assert_close(_conv_weight_grads(layer, a, g), patches_einsum(layer, a, g),
-                                   rtol=1e-4, atol=1e-3)
-        ours, ref = ms_per_call(_conv_weight_grads, layer, a, g), ms_per_call(patches_einsum,
-                                                                              layer, a, g)
-        print(f"  {name:<16} grouped conv {ours:7.2f} ms   as_strided einsum {ref:7.2f} ms   "
-              f"speed-up {ref / ours:.2f}x")
+        torch.testing.assert_close(conv_weight_grads_grouped(layer, a, g),
+                                   conv_weight_grads_patches(layer, a, g), rtol=1e-4, atol=1e-3)
+        grouped = ms_per_call(conv_weight_grads_grouped, layer, a, g)
+        patches = ms_per_call(conv_weight_grads_patches, layer, a, g)
+        pick = "grouped" if g.shape[2] * g.shape[3] >= GROUPED_MIN_OUTPUT else "patches"
+        print(f"  {name:<17} out {g.shape[2]:>2}x{g.shape[3]:<2}  grouped {grouped:7.2f} ms   "
+              f"patches {patches:7.2f} ms   patches/grouped {patches / grouped:5.2f}   "
+              f"dpcert uses {pick}")
 
 
 if __name__ == "__main__":

@@ -131,10 +131,11 @@ def test_conv_per_example_weight_grads(stride, padding, size):
     a = torch.randn(5, 3, size, size)
     out = layer(a)
     g = torch.randn_like(out)
-    got = ghost._conv_weight_grads(layer, a, g)
-    for i in range(len(a)):
-        (ref,) = torch.autograd.grad(layer(a[i: i + 1]), layer.weight, g[i: i + 1])
-        torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
+    for method in (ghost.conv_weight_grads_grouped, ghost.conv_weight_grads_patches):
+        got = method(layer, a, g)
+        for i in range(len(a)):
+            (ref,) = torch.autograd.grad(layer(a[i: i + 1]), layer.weight, g[i: i + 1])
+            torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_ghost_declines_unsupported_models():

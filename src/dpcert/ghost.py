@@ -6,7 +6,8 @@ g_i of the loss with respect to its output:
 
 * Linear (input (B, d_in)):  dW_i = g_i a_i^T, so ||dW_i||^2 = ||g_i||^2 ||a_i||^2, db_i = g_i;
 * Conv2d: dW_i[o, c, u, v] = sum_{h,w} g_i[o, h, w] a_i[c, h s + u, w s + v] over the padded
-  input, computed for all examples by one grouped convolution.
+  input, computed for all examples by one grouped convolution (large outputs) or by
+  contracting an ``as_strided`` patch view (small outputs), whichever is faster on CPU.
 
 The squared norms add over layers, give the clipping factors c_i = min(1, C / ||grad_i||), and
 the clipped sum is one weighted contraction per layer: sum_i c_i g_i a_i^T = (c g)^T a. This is
@@ -37,15 +38,28 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
+#: Output sizes (ho * wo) from which the grouped convolution beats the patch contraction on
+#: CPU (benchmarks/bench_conv_grads.py: 1.5-2.2x faster at 10x10 and above, 1.3-5x slower at
+#: 8x8 and below with many channels). A fixed rule, not timing, picks the method, so a run is
+#: reproducible bit for bit.
+GROUPED_MIN_OUTPUT = 100
+
+
 def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients (B, O, C, kh, kw) of a Conv2d from input and output grads.
 
-    dW_i[o, c, u, v] = sum_{h,w} g_i[o, h, w] a_i[c, h s + u, w s + v] is itself a convolution
-    of the padded input with the output gradient as kernel (dilated by the stride); with the
-    batch as channels and one group per example, one grouped conv2d computes all of them.
-    About 1.5x faster on CPU than contracting an ``as_strided`` patch view, whose gather into
-    contiguous memory was 41% of a LeNet-5 step (benchmarks/bench_conv_grads.py).
-    """
+    dW_i[o, c, u, v] = sum_{h,w} g_i[o, h, w] a_i[c, h s + u, w s + v]."""
+    if g.shape[2] * g.shape[3] >= GROUPED_MIN_OUTPUT:
+        return conv_weight_grads_grouped(layer, a, g)
+    return conv_weight_grads_patches(layer, a, g)
+
+
+def conv_weight_grads_grouped(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
+                              ) -> torch.Tensor:
+    """dW_i as a convolution of the padded input with the output gradient as kernel (dilated
+    by the stride): with the batch as channels and one group per example, one grouped conv2d
+    computes every example's gradient. Avoids gathering patches into contiguous memory (41% of
+    a LeNet-5 step with the patch contraction)."""
     ph, pw = layer.padding
     kh, kw = layer.kernel_size
     ap = nn.functional.pad(a, (pw, pw, ph, ph))
@@ -55,6 +69,21 @@ def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
                                dilation=layer.stride)  # (C, B*O, >= kh, >= kw)
     out = out[:, :, :kh, :kw]  # strides that do not divide the input leave extra rows
     return out.reshape(c, b, o, kh, kw).permute(1, 2, 0, 3, 4)
+
+
+def conv_weight_grads_patches(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
+                              ) -> torch.Tensor:
+    """dW_i by contracting an ``as_strided`` view of the padded input's patches with g_i
+    (no unfold copy; einsum gathers the view once)."""
+    ph, pw = layer.padding
+    sh, sw = layer.stride
+    kh, kw = layer.kernel_size
+    ap = nn.functional.pad(a, (pw, pw, ph, ph))
+    b, c = ap.shape[:2]
+    ho, wo = g.shape[2], g.shape[3]
+    s = ap.stride()
+    patches = ap.as_strided((b, c, ho, wo, kh, kw), (s[0], s[1], s[2] * sh, s[3] * sw, s[2], s[3]))
+    return torch.einsum("bchwuv,bohw->bocuv", patches, g)
 
 
 def clipped_gradient_sum(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
