@@ -58,16 +58,18 @@ def test_attack_check_certified_survive_and_controls_flip(small_run):
     certs = np.loadtxt(out / "certificates.csv", delimiter=",", skiprows=1, dtype=int)
     r_cert = 2
     assert (certs[:, 2] >= r_cert).sum() >= 2, "the fixture should certify some points at r=2"
-    _, outcomes = attack_check(out, r_cert, targets=2, progress=False)
-    certified = [o for o in outcomes if o.group == "certified"]
-    assert len(certified) == 4 and not any(o.flipped for o in certified)
+    _, outcomes = attack_check(out, r_cert, targets=2, controls=0, progress=False)
+    assert len(outcomes) == 4 and all(o.group == "certified" for o in outcomes)
+    assert not any(o.flipped for o in outcomes)
     # a large attack on uncertified points is a real attack: it changes predictions
-    text, outcomes = attack_check(out, 150, targets=3, attacks=("insert",), progress=False)
+    text, outcomes = attack_check(out, 150, targets=0, controls=3, attacks=("insert",),
+                                  progress=False)
     control = [o for o in outcomes if o.group == "control"]
     assert len(control) == 3 and sum(o.flipped for o in control) >= 1
     assert (out / "attack_check_r150" / "report.md").read_text() == text
     # rerun: every retrained ensemble is reused
-    again, _ = attack_check(out, 150, targets=3, attacks=("insert",), progress=False)
+    again, _ = attack_check(out, 150, targets=0, controls=3, attacks=("insert",),
+                            progress=False)
     assert again == text
 
 

@@ -135,20 +135,22 @@ def retrain_jobs(cfg: RunConfig, jobs: list[Job], workers: int, done) -> None:
 
 
 def choose_targets(radius_of: np.ndarray, prediction: np.ndarray, labels: np.ndarray, r: int,
-                   count: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to ``count`` correct points certified at >= r, and as many correct ones below r."""
+                   count: int, controls: int, seed: int) -> dict[str, np.ndarray]:
+    """Up to ``count`` correct points certified at >= r and ``controls`` correct ones below r,
+    chosen at random."""
     rng = np.random.default_rng(seed)
     correct = prediction == labels
-    groups = {"certified": np.flatnonzero(correct & (radius_of >= r)),
-              "control": np.flatnonzero(correct & (radius_of < r))}
-    return {g: np.sort(rng.permutation(idx)[:count]) for g, idx in groups.items()}
+    groups = {"certified": (np.flatnonzero(correct & (radius_of >= r)), count),
+              "control": (np.flatnonzero(correct & (radius_of < r)), controls)}
+    return {g: np.sort(rng.permutation(idx)[:k]) for g, (idx, k) in groups.items()}
 
 
-def attack_check(run_dir: Path, radius: int, *, targets: int = 5,
+def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int | None = None,
                  attacks: tuple[str, ...] = ATTACKS, seed: int = 0, workers: int = 0,
                  progress: bool = True) -> tuple[str, list[Outcome]]:
-    """Attack up to ``targets`` certified and ``targets`` control points; returns the report
-    (markdown) and every outcome. Writes ``RUN_DIR/attack_check_r{radius}/``."""
+    """Attack up to ``targets`` certified and ``controls`` (default: ``targets``) control
+    points; returns the report (markdown) and every outcome. Writes
+    ``RUN_DIR/attack_check_r{radius}/``."""
     from tqdm import tqdm
 
     from dpcert.data import load_dataset
@@ -162,7 +164,8 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5,
     data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
     if len(data.y_test) != len(labels) or not np.array_equal(data.y_test, labels):
         raise UserError(f"the dataset no longer matches the run in {run_dir}")
-    chosen = choose_targets(certs[:, 2], certs[:, 1], labels, radius, targets, seed)
+    controls = targets if controls is None else controls
+    chosen = choose_targets(certs[:, 2], certs[:, 1], labels, radius, targets, controls, seed)
     out = run_dir / f"attack_check_r{radius}"
     out.mkdir(exist_ok=True)
     workers = workers or max(1, min(os.cpu_count() or 1, cfg.instances))

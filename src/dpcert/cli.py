@@ -364,21 +364,24 @@ def compare_cmd(config, output, quiet) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--radius", type=int, required=True, help="Attack budget r (insertions + "
               "deletions; a label flip counts 2).")
-@click.option("--targets", type=click.IntRange(1), default=5, show_default=True,
-              help="Points attacked per group (certified at >= r; control below r).")
+@click.option("--targets", type=click.IntRange(0), default=5, show_default=True,
+              help="Points certified at >= r to attack.")
+@click.option("--controls", type=click.IntRange(0),
+              help="Control points (correct, certified below r) to attack [default: --targets].")
 @click.option("--attacks", default="flip,insert", show_default=True,
               help="Comma-separated: flip (nearest examples relabelled), insert (copies of "
                    "the point, wrong label).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Choice of targets.")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Training processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def attack_check_cmd(run_dir, radius, targets, attacks, seed, workers, quiet) -> None:
+def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
+                     quiet) -> None:
     """Poison the training set of RUN_DIR aimed at chosen test points, retrain, count flips."""
 
     def action() -> None:
         from dpcert.attack import attack_check
 
-        text, _ = attack_check(run_dir, radius, targets=targets,
+        text, _ = attack_check(run_dir, radius, targets=targets, controls=controls,
                                attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
                                seed=seed, workers=workers, progress=not quiet)
         click.echo(text)
