@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,8 @@ class Dataset:
         # depending on how it was loaded (e.g. in a Ray worker).
         for name in ("x_train", "y_train", "x_test", "y_test"):
             arr = getattr(self, name)
-            canonical = np.empty(0, arr.dtype).itemsize * np.cumprod((*arr.shape[1:], 1)[::-1])
-            if arr.strides != tuple(int(v) for v in canonical[::-1]):
+            canonical = tuple(arr.itemsize * math.prod(arr.shape[i + 1:]) for i in range(arr.ndim))
+            if arr.strides != canonical:
                 object.__setattr__(self, name, np.array(arr, order="C", copy=True))
 
     @property
