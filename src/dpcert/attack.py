@@ -30,7 +30,7 @@ import numpy as np
 
 from dpcert.data import Dataset
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, read_unit, write_unit
+from dpcert.run import RunConfig, read_unit, stored_config, write_unit
 from dpcert.store import atomic_write_text
 
 ATTACKS = ("flip", "insert")
@@ -208,13 +208,11 @@ def _load_run(run_dir: Path):
     if not (run_dir / "config.json").is_file() or not (run_dir / "certificates.csv").is_file():
         raise UserError(f"{run_dir} is not a finished dpcert run (config.json and "
                         "certificates.csv expected)")
+    cfg = RunConfig.from_mapping(stored_config(run_dir))
     try:
-        stored = json.loads((run_dir / "config.json").read_text())
-        cfg = RunConfig.from_mapping({k: v for k, v in stored.items()
-                                      if k in RunConfig.__dataclass_fields__})
         certs = np.loadtxt(run_dir / "certificates.csv", delimiter=",", skiprows=1,
                            dtype=np.int64, ndmin=2)
-    except (json.JSONDecodeError, ValueError) as err:
+    except ValueError as err:
         raise UserError(f"{run_dir}: damaged run files: {err}") from None
     votes = load_array(run_dir / "votes.npy", "votes")
     scores = load_array(run_dir / "scores.npy", "scores")

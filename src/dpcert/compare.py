@@ -32,7 +32,7 @@ import numpy as np
 from dpcert import baselines
 from dpcert.certify import Certificates
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, read_unit, run, tally_votes, write_unit
+from dpcert.run import RunConfig, read_unit, run, stored_config, tally_votes, write_unit
 from dpcert.store import atomic_write_text
 
 BASELINES = ("dpa", "fa", "bagging")
@@ -112,23 +112,9 @@ class CompareConfig:
         dp_run = data.get("dp_run")
         if dp_run is not None and not isinstance(dp_run, str):
             raise UserError(f"dp_run must be a run directory path, got {dp_run!r}")
-        dp = {**(_stored_run_config(Path(dp_run)) if dp_run else {}), **data.get("dp", {})}
+        dp = {**(stored_config(Path(dp_run)) if dp_run else {}), **data.get("dp", {})}
         RunConfig.from_mapping(dp)
         return cls(dp, settings, methods, calibrate, dp_run)
-
-
-def _stored_run_config(run_dir: Path) -> dict:
-    """The run options stored in an existing run directory's config.json."""
-    path = run_dir / "config.json"
-    try:
-        stored = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"dp_run: {run_dir} is not a dpcert run (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
-        raise UserError(f"dp_run: {path} is damaged: {err}") from None
-    if not isinstance(stored, dict):
-        raise UserError(f"dp_run: {path} is not a run configuration")
-    return {k: v for k, v in stored.items() if k in RunConfig.__dataclass_fields__}
 
 
 def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:

@@ -335,17 +335,28 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 # -- the whole job ---------------------------------------------------------------------------
 
 
+def stored_config(run_dir: Path) -> dict:
+    """The run options stored in ``run_dir/config.json`` (RunConfig's fields only)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a dpcert run (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
+        raise UserError(f"{path} is damaged ({err}); remove the run directory to start "
+                        "over") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"{path} is not a run configuration")
+    return {k: v for k, v in stored.items() if k in RunConfig.__dataclass_fields__}
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     from dpcert.data import load_dataset
 
     data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{cfg_path} is damaged; remove the run directory to start "
-                            "over") from None
+        old = stored_config(run_dir)
         changed = {k: (old.get(k), v) for k, v in cfg.training().items() if old.get(k) != v}
         if changed:
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
