@@ -36,6 +36,7 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/radius_table.py
 	$(BIN)/python benchmarks/bench_train.py --processes 2
 	$(BIN)/python benchmarks/bench_conv_grads.py
+	$(BIN)/python benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
