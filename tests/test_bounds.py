@@ -104,3 +104,11 @@ def test_bad_inputs():
         vote_bounds(np.array([[1, 2]]), 1.5)
     with pytest.raises(UserError):
         score_bounds(np.ones((1, 2, 3)) / 3, 0.1)
+
+
+def test_subnormal_eta_is_refused():
+    from dpcert.bounds import vote_bounds
+
+    with pytest.raises(UserError, match="eta"):
+        vote_bounds(np.array([[5, 5]]), 1e-320)
+    vote_bounds(np.array([[5, 5]]), 1e-300)

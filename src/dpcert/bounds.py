@@ -41,9 +41,14 @@ class ConfidenceBounds:
     p_upper: np.ndarray
 
 
+#: Smallest supported eta: below it eta / L is a subnormal float, where scipy's beta quantiles
+#: (Clopper-Pearson) stop converging and lose their guaranteed direction.
+MIN_ETA = 1e-300
+
+
 def _check_eta(eta: float) -> None:
-    if not (isinstance(eta, float | int) and 0.0 < eta < 1.0):
-        raise UserError(f"eta must lie in (0, 1), got {eta}")
+    if not (isinstance(eta, float | int) and MIN_ETA <= eta < 1.0):
+        raise UserError(f"eta must lie in [{MIN_ETA:g}, 1), got {eta}")
 
 
 def _top_two(lower: np.ndarray, upper: np.ndarray, top: np.ndarray) -> ConfidenceBounds:
