@@ -170,20 +170,21 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
                 output, labels, cache_dir, no_cache, quiet, method, train_size,
                 subsample_size, spread, per_model, num_classes, shifts) -> None:
     """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
-    if method == "fa" and per_model:
-        _run_user(lambda: _certify_fa(input_path, spread, num_classes, shifts, max_radius,
-                                      output, labels))
-        return
-    if per_model:
-        _run_user(lambda: _raise("--per-model applies to --method fa only"))
-    if method != "dp":
-        _run_user(lambda: _certify_baseline(input_path, method, eta, max_radius, output, labels,
-                                            train_size, subsample_size, spread))
-        return
-    _run_user(lambda: _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size,
-                               subset_size, mechanism, inference, accounting, group, eta, bound,
-                               max_radius, paper_delta, output, labels, cache_dir, no_cache,
-                               quiet))
+
+    def action() -> None:
+        if per_model and method != "fa":
+            raise UserError("--per-model applies to --method fa only")
+        if per_model:
+            _certify_fa(input_path, spread, num_classes, shifts, max_radius, output, labels)
+        elif method != "dp":
+            _certify_baseline(input_path, method, eta, max_radius, output, labels, train_size,
+                              subsample_size, spread)
+        else:
+            _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size,
+                     subset_size, mechanism, inference, accounting, group, eta, bound,
+                     max_radius, paper_delta, output, labels, cache_dir, no_cache, quiet)
+
+    _run_user(action)
 
 
 def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
@@ -232,10 +233,6 @@ def _write_results(cert: Certificates, labels: np.ndarray | None, output: Path) 
                f"max radius {int(cert.radius.max())}")
     if labels is not None:
         click.echo(accuracy_report(cert, labels))
-
-
-def _raise(message: str) -> None:
-    raise UserError(message)
 
 
 def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
