@@ -4,8 +4,10 @@ one-line UserError (CLI: exit status 2, no traceback, no output file) — never 
 import gzip
 import io
 import json
+import os
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
 from dpcert.run import RunConfig
 
-FUZZ = settings(max_examples=60, deadline=None,
+# DPCERT_FUZZ_EXAMPLES=5000 for a long fuzzing session; CI draws 60 fresh cases per test.
+FUZZ = settings(max_examples=int(os.environ.get("DPCERT_FUZZ_EXAMPLES", "60")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
@@ -138,7 +141,9 @@ arrays = hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64, np.uint8,
 def test_npz_reader_fuzz(tmp_path, content):
     path = tmp_path / "d.npz"
     np.savez(path, **content)
-    ds = ok_or_user_error(data.load_npz, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a silent overflow to inf
+        ds = ok_or_user_error(data.load_npz, path)
     if ds is not None:
         assert ds.x_train.ndim == 4 and len(ds.x_train) == len(ds.y_train)
         assert np.all(np.isfinite(ds.x_train)) and ds.y_train.min() >= 0
@@ -168,9 +173,11 @@ def test_certify_command_fuzz(tmp_path, arr, inference, method):
     np.save(src, arr)
     out = tmp_path / "out.csv"
     out.unlink(missing_ok=True)
-    res = invoke(["certify", src, "--inference", inference, "--sample-rate", "0.1",
-                  "--noise-multiplier", "2", "--steps", "10", "--max-radius", "5",
-                  "--output", out, *method])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent overflow or invalid cast
+        res = invoke(["certify", src, "--inference", inference, "--sample-rate", "0.1",
+                      "--noise-multiplier", "2", "--steps", "10", "--max-radius", "5",
+                      "--output", out, *method])
     assert out.exists() == (res.exit_code == 0)
 
 

@@ -22,6 +22,7 @@ from dpcert.store import atomic_write_text
 #: Radii at which certified accuracy is reported.
 REPORT_RADII = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _SCORE_SUM_TOL = 1e-3
+_MAX_VOTES = 2**53
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
@@ -48,14 +49,15 @@ def validate_outputs(arr: np.ndarray, inference: str) -> np.ndarray:
         if arr.ndim != 2:
             raise UserError(
                 f"multinomial input must be vote counts of shape (N, L), got {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.integer):
-            if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
-                    and np.all(arr == np.round(arr))):
-                raise UserError(f"vote counts must be integers, got dtype {arr.dtype}")
-            arr = arr.astype(np.int64)
+        if not (np.issubdtype(arr.dtype, np.integer)
+                or (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
+                    and np.all(arr == np.round(arr)))):
+            raise UserError(f"vote counts must be integers, got dtype {arr.dtype}")
         if np.any(arr < 0):
             raise UserError("vote counts must be non-negative")
-        return arr
+        if np.any(arr > _MAX_VOTES):  # beyond exact float/int64 arithmetic
+            raise UserError(f"vote counts above {_MAX_VOTES} are not supported")
+        return arr.astype(np.int64)
     if inference == "scores":
         if arr.ndim != 3:
             raise UserError(f"scores input must have shape (P, N, L), got {arr.shape}")

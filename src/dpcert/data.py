@@ -91,6 +91,8 @@ def read_idx(path: Path) -> np.ndarray:
     count = int(np.prod(dims, dtype=object))
     if count > _MAX_IDX_ITEMS:
         raise UserError(f"{path}: IDX header claims {count} items, refusing")
+    if count == 0:  # also keeps numpy away from empty shapes with enormous other dimensions
+        raise UserError(f"{path}: IDX file holds no items (dimensions {dims})")
     dt = np.dtype(dtypes[raw[2]])
     body = raw[4 + 4 * ndim:]
     if len(body) != count * dt.itemsize:
@@ -191,11 +193,13 @@ def load_npz(path: Path) -> Dataset:
     for x in (x_tr, x_te):
         if x.ndim == 3:
             x = x[:, None]
-        if (x.ndim != 4 or x.size == 0 or not np.issubdtype(x.dtype, np.number)
-                or not np.all(np.isfinite(x))):
-            raise UserError(f"{path}: images must be finite numbers of non-empty shape "
+        if x.ndim != 4 or x.size == 0 or not np.issubdtype(x.dtype, np.number):
+            raise UserError(f"{path}: images must be numbers of non-empty shape "
                             f"(n, [C,] H, W), got {x.dtype} {x.shape}")
-        x = x.astype(np.float32)
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):  # NaN, inf, or beyond float32's range
+            raise UserError(f"{path}: images must be finite float32 numbers")
         if x.max() > 1.0:
             x = x / 255.0
         out.append(x)
