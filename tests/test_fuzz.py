@@ -82,12 +82,14 @@ def test_mechanism_record_fuzz(tmp_path, mapping):
 # -- dataset readers -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("reader", [data.read_idx, data.read_cifar_batch],
+                         ids=["idx", "cifar"])
 @FUZZ
-@given(st.binary(max_size=64))
-def test_idx_reader_random_bytes(tmp_path, raw):
-    path = tmp_path / "f.idx"
+@given(st.binary(max_size=200))
+def test_readers_on_random_bytes(tmp_path, reader, raw):
+    path = tmp_path / "file"
     path.write_bytes(raw)
-    ok_or_user_error(data.read_idx, path)
+    ok_or_user_error(reader, path)
 
 
 @FUZZ
@@ -119,14 +121,6 @@ pickled = st.recursive(
 def test_cifar_reader_fuzz(tmp_path, obj, protocol):
     path = tmp_path / "batch"
     path.write_bytes(pickle.dumps(obj, protocol=protocol))
-    ok_or_user_error(data.read_cifar_batch, path)
-
-
-@FUZZ
-@given(st.binary(max_size=200))
-def test_cifar_reader_random_bytes(tmp_path, raw):
-    path = tmp_path / "batch"
-    path.write_bytes(raw)
     ok_or_user_error(data.read_cifar_batch, path)
 
 
