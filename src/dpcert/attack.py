@@ -241,5 +241,7 @@ def _report(outcomes: list[Outcome], radius: int, cfg: RunConfig) -> str:
     broken = [o for o in outcomes if o.group == "certified" and o.flipped]
     lines += ["", "Certified predictions changed: "
               + (", ".join(f"point {o.index} ({o.attack})" for o in broken) if broken
-                 else "none") + "."]
+                 else "none") + ". (A valid certificate may still see a flip with probability "
+              "about eta, or through the finite vote of the retrained ensemble; two attacks "
+              "are evidence, not proof.)"]
     return "\n".join(lines) + "\n"
