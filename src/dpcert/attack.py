@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from dpcert.data import Dataset
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, read_unit, stored_config, write_unit
+from dpcert.run import RunConfig, read_unit, stored_config, worker_pool, write_unit
 from dpcert.store import atomic_write_text
 
 ATTACKS = ("flip", "insert")
@@ -110,12 +109,6 @@ def _instance_on_target(cfg_dict: dict, job: Job, instance: int) -> np.ndarray:
     return train_group(cfg, [instance], one)[0][0]
 
 
-def _single_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def retrain_jobs(cfg: RunConfig, jobs: list[Job], workers: int, done) -> None:
     """Retrain the ensemble for every job; ``done(job, scores (P, L))`` as each completes."""
     cfg_dict = asdict(cfg)
@@ -124,10 +117,7 @@ def retrain_jobs(cfg: RunConfig, jobs: list[Job], workers: int, done) -> None:
             done(job, np.stack([_instance_on_target(cfg_dict, job, i)
                                 for i in range(cfg.instances)]))
         return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                             initializer=_single_thread) as pool:
+    with worker_pool(workers) as pool:
         pending = [(job, [pool.submit(_instance_on_target, cfg_dict, job, i)
                           for i in range(cfg.instances)]) for job in jobs]
         for job, futures in pending:
@@ -153,7 +143,7 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     ``RUN_DIR/attack_check_r{radius}/``."""
     from tqdm import tqdm
 
-    from dpcert.data import load_dataset
+    from dpcert.data import load_dataset_cached
 
     if not (isinstance(radius, int) and radius >= 1):
         raise UserError(f"--radius must be a positive integer, got {radius!r}")
@@ -161,7 +151,7 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     if bad or not attacks:
         raise UserError(f"unknown attacks {bad} (choose from {', '.join(ATTACKS)})")
     cfg, votes, scores, labels, certs = _load_run(run_dir)
-    data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
     if len(data.y_test) != len(labels) or not np.array_equal(data.y_test, labels):
         raise UserError(f"the dataset no longer matches the run in {run_dir}")
     controls = targets if controls is None else controls

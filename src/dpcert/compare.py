@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,15 @@ import numpy as np
 from dpcert import baselines
 from dpcert.certify import Certificates
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, read_unit, run, stored_config, tally_votes, write_unit
+from dpcert.run import (
+    RunConfig,
+    read_unit,
+    run,
+    stored_config,
+    tally_votes,
+    worker_pool,
+    write_unit,
+)
 from dpcert.store import atomic_write_text
 
 BASELINES = ("dpa", "fa", "bagging")
@@ -155,15 +163,13 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
 
 
 def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
-                out: str, single_thread: bool) -> int:
+                out: str) -> int:
     """Train baseline model i on its examples and write its unit file (runs in a worker)."""
     import torch
 
     from dpcert.data import load_dataset_cached
     from dpcert.train import instance_generator, predict_scores, train_plain
 
-    if single_thread:
-        torch.set_num_threads(1)
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
     data = load_dataset_cached(cfg.dataset, cfg.data_dir)
     gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
@@ -218,13 +224,11 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                  None if indices is None else indices[i], str(paths[i])) for i in todo]
         if workers == 1:
             for job in jobs:
-                _train_unit(*job, False)
+                _train_unit(*job)
                 bar.update()
         else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                for fut in as_completed([pool.submit(_train_unit, *j, True) for j in jobs]):
+            with worker_pool(workers) as pool:
+                for fut in as_completed([pool.submit(_train_unit, *j) for j in jobs]):
                     fut.result()
                     bar.update()
         bar.close()
@@ -251,10 +255,10 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     from dpcert.cli import certificates_csv
-    from dpcert.data import load_dataset
+    from dpcert.data import load_dataset_cached
 
     run_cfg = RunConfig.from_mapping(cfg.dp)
-    data = load_dataset(run_cfg.dataset, Path(run_cfg.data_dir) if run_cfg.data_dir else None)
+    data = load_dataset_cached(run_cfg.dataset, run_cfg.data_dir)  # run() reuses it
     labels = data.y_test
     results: dict[str, Certificates] = {}
     curves: dict[str, object] = {}

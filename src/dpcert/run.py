@@ -197,15 +197,25 @@ def train_group(cfg: RunConfig, instances: list[int], data) -> list[np.ndarray]:
     return [predict_scores(model.cpu(), x_test) for model in models]
 
 
-def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
-                 single_thread: bool) -> list[int]:
-    """Local backend: train a group of instances and write each unit file as it is ready."""
+def _one_thread() -> None:
     import torch
 
+    torch.set_num_threads(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned training processes with one torch thread each: on CPUs one worker process per
+    core beats intra-op threads (docs/benchmarks.md). Shared by run, compare, attack-check."""
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                               initializer=_one_thread)
+
+
+def _train_units(cfg_dict: dict, instances: list[int], outs: list[str]) -> list[int]:
+    """Local backend: train a group of instances and write each unit file as it is ready."""
     from dpcert.data import load_dataset_cached
 
-    if single_thread:  # one worker process per core beats intra-op threads on CPU
-        torch.set_num_threads(1)
     cfg = RunConfig(**cfg_dict)
     data = load_dataset_cached(cfg.dataset, cfg.data_dir)
     for scores, out in zip(train_group(cfg, instances, data), outs, strict=True):
@@ -215,9 +225,7 @@ def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
 
 def _ray_group(cfg_dict: dict, instances: list[int], data) -> list[np.ndarray]:
     """Ray task body: one worker thread (like a local worker process), scores returned."""
-    import torch
-
-    torch.set_num_threads(1)
+    _one_thread()
     return train_group(RunConfig(**cfg_dict), instances, data)
 
 
@@ -291,13 +299,11 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
         _train_ray(cfg, groups, outs, bar)
     elif workers == 1:
         for group in groups:
-            _train_units(cfg_dict, group, outs(group), False)
+            _train_units(cfg_dict, group, outs(group))
             bar.update(len(group))
     else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_units, cfg_dict, g, outs(g), True) for g in groups]
+        with worker_pool(workers) as pool:
+            futures = [pool.submit(_train_units, cfg_dict, g, outs(g)) for g in groups]
             for fut in as_completed(futures):
                 bar.update(len(fut.result()))
     bar.close()
@@ -351,9 +357,9 @@ def stored_config(run_dir: Path) -> dict:
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
-    from dpcert.data import load_dataset
+    from dpcert.data import load_dataset_cached
 
-    data = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = stored_config(run_dir)
