@@ -126,7 +126,14 @@ class GroupBounds:
             raise UserError("the paper's RDP sub-dataset amplification is not reproduced; "
                             "use --group sound (sound sub-dataset accounting) instead")
         self._cache = Path(cache_dir) / self.key if cache_dir is not None else None
-        self._pure: list[OutcomeBound] = [outcomes.identity()]
+        # Sequential modes keep pure(0..R) as rows of two growable stacks, so that the chain
+        # over every split of r is one gather; independent modes keep only the probed tables.
+        ident = outcomes.identity()
+        self._lower = ident.lower[None, :].copy()
+        self._upper = ident.upper[None, :].copy()
+        self._count = 1
+        self._probed: dict[int, OutcomeBound] = {0: ident}
+        self._direct: dict[int, OutcomeBound | None] = {}
         self._inner: _SgmTables | None = None
         if record.uses_subsets and self.spec.group == "sound":
             self._inner = _SgmTables(record, self.spec, self._cache)
@@ -146,30 +153,55 @@ class GroupBounds:
         """True when the pure tables already hold for any mix of insertions and deletions."""
         return self.spec.group == "paper"
 
+    @property
+    def sequential(self) -> bool:
+        """True when the bound at r needs the pure tables of every r' <= r (the chain over
+        splits of mixed changes); False when a table can be computed for any r on its own."""
+        return not self.covers_any_change
+
     def pure(self, r: int) -> OutcomeBound:
-        """Bound for r insertions or r deletions (non-decreasing in r by construction)."""
-        while len(self._pure) <= r:
-            s = len(self._pure)
-            table = self._load_or_compute(s)
-            prev = self._pure[-1]
-            # Enforce monotonicity in r: a bound for s-1 changes, loosened to s, stays valid.
-            self._pure.append(outcomes.looser(table, prev))
-        return self._pure[r]
+        """Bound for r insertions or r deletions, non-decreasing in r by construction.
+
+        Monotonicity is enforced by loosening each new table with the nearest table below it
+        that exists (a bound for fewer changes, loosened, stays valid for r). In sequential
+        modes that is every r' < r; in independent modes the tables actually probed, which
+        coincides whenever the raw tables are monotone themselves (tested).
+        """
+        if self.sequential:
+            while self._count <= r:
+                s = self._count
+                table = outcomes.looser(self._load_or_compute(s), self._row(s - 1))
+                self._append(table)
+            return self._row(r)
+        if r not in self._probed:
+            below = max(k for k in self._probed if k < r)
+            self._probed[r] = outcomes.looser(self._load_or_compute(r), self._probed[below])
+        return self._probed[r]
+
+    def _row(self, r: int) -> OutcomeBound:
+        return OutcomeBound(self._lower[r], self._upper[r])
+
+    def _append(self, table: OutcomeBound) -> None:
+        if self._count == len(self._lower):
+            grow = max(16, self._count)
+            pad = np.empty((grow, self._lower.shape[1]))
+            self._lower = np.concatenate([self._lower, pad])
+            self._upper = np.concatenate([self._upper, pad])
+        self._lower[self._count] = table.lower
+        self._upper[self._count] = table.upper
+        self._count += 1
 
     def any_change(self, r: int, lower_idx: np.ndarray, upper_idx: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Lower bounds at grid indices ``lower_idx`` and upper bounds at ``upper_idx`` valid
         for every a insertions + b deletions with a + b <= r (worst split of the chain)."""
+        lower_idx, upper_idx = np.asarray(lower_idx), np.asarray(upper_idx)
         if self.covers_any_change or r == 0:
             b = self.pure(r)
             return b.lower[lower_idx], b.upper[upper_idx]
         self.pure(r)
-        low = np.full(len(lower_idx), np.inf)
-        up = np.full(len(upper_idx), -np.inf)
-        for a in range(r + 1):
-            ins, dele = self._pure[a], self._pure[r - a]
-            up = np.maximum(up, ins.upper[outcomes.ceil_index(dele.upper[upper_idx])])
-            low = np.minimum(low, ins.lower[outcomes.floor_index(dele.lower[lower_idx])])
+        low = _chain_worst_split(self._lower, r, lower_idx, np.minimum, outcomes.floor_index)
+        up = _chain_worst_split(self._upper, r, upper_idx, np.maximum, outcomes.ceil_index)
         direct = self._direct_any_change(r)
         if direct is not None:
             low = np.maximum(low, direct.lower[lower_idx])
@@ -197,9 +229,29 @@ class GroupBounds:
         return _sgm_pure(self.record, self.spec, r)
 
     def _direct_any_change(self, r: int) -> OutcomeBound | None:
-        if self.spec.accounting == "adp" and self._inner is None:
-            return _adp_group_privacy(self.record, self.spec, r)
-        return None
+        if self.spec.accounting != "adp" or self._inner is not None:
+            return None
+        if r not in self._direct:
+            self._direct[r] = _adp_group_privacy(self.record, self.spec, r)
+        return self._direct[r]
+
+
+#: Gather size (splits x points) per step of the chain, to bound its temporary memory.
+_CHAIN_CHUNK = 1 << 22
+
+
+def _chain_worst_split(stack: np.ndarray, r: int, idx: np.ndarray, worst, to_grid) -> np.ndarray:
+    """worst over a = 0..r of stack[a][to_grid(stack[r - a][idx])]: the bound for a insertions
+    after r - a deletions, at every grid index in ``idx`` (shape (M,)); ``stack`` holds the
+    pure tables of one side (lower or upper) as rows 0..r."""
+    out = np.empty(len(idx))
+    per = max(1, _CHAIN_CHUNK // (r + 1))
+    a = np.arange(r + 1)[:, None]
+    for start in range(0, len(idx), per):
+        cols = idx[start:start + per]
+        inner = to_grid(stack[r - a, cols[None, :]])
+        out[start:start + per] = worst.reduce(stack[a, inner], axis=0)
+    return out
 
 
 # -- the SGM itself (whole dataset, or an instance's subset) ---------------------------------

@@ -5,9 +5,15 @@ the lower outcome bound of its top label stays above the upper outcome bound of 
 label: lower_r(p_lower) > upper_r(p_upper). Its radius is the largest such r (the condition is
 monotone in r because the group tables are), or :data:`ABSTAIN` when p_lower <= p_upper.
 
-The search walks r = 1, 2, ... once for all points together: at each r only the points still
-certified are tested, and only at the distinct grid cells their bounds fall in; the group tables
-for r are computed (or read from the cache) once and shared by every point.
+Search (:func:`search_radius`). Points are reduced to their distinct pairs of grid cells (lower
+bound cell, upper bound cell); certification is monotone in both cells and in r. First the
+radius of the best pair (highest lower cell, lowest upper cell), an upper bound on every radius,
+is found: by walking r = 1, 2, ... where the tables must be built in order anyway (the sound
+modes chain every split of insertions and deletions), by galloping (1, 2, 4, ...) and bisecting
+where a table can be computed for any r alone (the paper modes). Then every pair is bisected
+inside [0, that radius], all pairs sharing each probe: at a probe r the table is evaluated once,
+at the cells of the pairs whose bracket contains r. :func:`search_radius_linear`, the walk over
+every r, is kept as the reference the bisection is tested against.
 """
 
 from __future__ import annotations
@@ -44,13 +50,89 @@ class Certificates:
 
 def search_radius(conf: ConfidenceBounds, bounds: GroupBounds, *, max_radius: int,
                   progress: bool = False) -> np.ndarray:
-    """Largest certified r <= max_radius for every point, ABSTAIN where p_lower <= p_upper."""
+    """Largest certified r <= max_radius for every point, ABSTAIN where p_lower <= p_upper.
+
+    Gallop-and-bisect over r shared by all points (see the module docstring); identical to
+    :func:`search_radius_linear` whenever the tables are monotone in r.
+    """
+    radius = np.full(conf.p_lower.shape, ABSTAIN, dtype=np.int64)
+    ids = np.flatnonzero(conf.p_lower > conf.p_upper)
+    if ids.size == 0:
+        return radius
+    cells = np.stack([outcomes.floor_index(conf.p_lower[ids]),
+                      outcomes.ceil_index(conf.p_upper[ids])])
+    (lo_cell, up_cell), inverse = np.unique(cells, axis=1, return_inverse=True)
+    bar = _progress_bar(progress, None)
+    top = _best_radius(bounds, int(lo_cell.max()), int(up_cell.min()), max_radius, bar)
+    # Invariant: pair j is certified at lo[j] and not at hi[j] (hi = top + 1 is never probed).
+    lo = np.zeros(lo_cell.size, dtype=np.int64)
+    hi = np.full(lo_cell.size, top + 1, dtype=np.int64)
+    if top > 0:
+        _probe(bounds, top, np.arange(lo.size), lo_cell, up_cell, lo, hi, bar)
+    while np.any(open_ := hi - lo > 1):
+        mid = (lo + hi) // 2
+        for r in np.unique(mid[open_]):
+            _probe(bounds, int(r), np.flatnonzero(open_ & (mid == r)), lo_cell, up_cell, lo, hi,
+                   bar)
+    if bar is not None:
+        bar.close()
+    radius[ids] = lo[inverse.ravel()]
+    return radius
+
+
+def _probe(bounds, r: int, sel: np.ndarray, lo_cell: np.ndarray, up_cell: np.ndarray,
+           lo: np.ndarray, hi: np.ndarray, bar) -> None:
+    """Evaluate radius r for the pairs ``sel`` (once per distinct cell) and narrow brackets."""
+    ul, inv_l = np.unique(lo_cell[sel], return_inverse=True)
+    uu, inv_u = np.unique(up_cell[sel], return_inverse=True)
+    low, up = bounds.any_change(r, ul, uu)
+    ok = low[inv_l] > up[inv_u]
+    lo[sel[ok]] = r
+    hi[sel[~ok]] = r
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(r=r)
+
+
+def _best_radius(bounds, lo_cell: int, up_cell: int, max_radius: int, bar) -> int:
+    """Radius (<= max_radius) of one pair of cells: walk r upwards where tables are built in
+    order anyway, otherwise gallop (1, 2, 4, ...) and bisect."""
+    lc, uc = np.array([lo_cell]), np.array([up_cell])
+
+    def ok(r: int) -> bool:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(r=r)
+        low, up = bounds.any_change(r, lc, uc)
+        return bool(low[0] > up[0])
+
+    if getattr(bounds, "sequential", False):
+        r = 0
+        while r < max_radius and ok(r + 1):
+            r += 1
+        return r
+    good, bad = 0, max_radius + 1
+    r = 1
+    while r <= max_radius:
+        if not ok(r):
+            bad = r
+            break
+        good = r
+        r = min(2 * r, max_radius) if r < max_radius else max_radius + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if ok(mid) else (good, mid)
+    return good
+
+
+def search_radius_linear(conf: ConfidenceBounds, bounds: GroupBounds, *, max_radius: int
+                         ) -> np.ndarray:
+    """Reference search: walk r = 1, 2, ... testing the points still certified (O(R) tables)."""
     radius = np.full(conf.p_lower.shape, ABSTAIN, dtype=np.int64)
     alive = conf.p_lower > conf.p_upper
     radius[alive] = 0
     lo_idx = outcomes.floor_index(conf.p_lower)
     up_idx = outcomes.ceil_index(conf.p_upper)
-    bar = _progress_bar(progress, max_radius)
     r = 1
     while r <= max_radius and alive.any():
         ids = np.flatnonzero(alive)
@@ -60,21 +142,16 @@ def search_radius(conf: ConfidenceBounds, bounds: GroupBounds, *, max_radius: in
         ok = low[inv_l] > up[inv_u]
         radius[ids[ok]] = r
         alive[ids[~ok]] = False
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(certified=int(ok.sum()))
         r += 1
-    if bar is not None:
-        bar.close()
     return radius
 
 
-def _progress_bar(enabled: bool, total: int):
+def _progress_bar(enabled: bool, total: int | None):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="certifying radius", unit="r", leave=False)
+    return tqdm(total=total, desc="certifying (radius probes)", unit="probe", leave=False)
 
 
 def confidence_bounds(outputs: np.ndarray, *, inference: str, eta: float,

@@ -32,7 +32,12 @@ from dpcert.accounting import AccountingSpec
 from dpcert.certify import Certificates, certify
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
-from dpcert.store import atomic_save_unit, atomic_write_text, remove_stale_temp_files
+from dpcert.store import (
+    atomic_save_npy,
+    atomic_save_unit,
+    atomic_write_text,
+    remove_stale_temp_files,
+)
 
 #: Datasets and models a run can name (models.MODELS holds the builders; a test keeps the two
 #: in step, so that validating a config does not import torch).
@@ -319,8 +324,8 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         scores.append(s)
     stacked = np.stack(scores).astype(np.float32)
     votes = tally_votes(stacked)
-    _save_npy(run_dir / "scores.npy", stacked)
-    _save_npy(run_dir / "votes.npy", votes)
+    atomic_save_npy(run_dir / "scores.npy", stacked)
+    atomic_save_npy(run_dir / "votes.npy", votes)
     return votes, stacked
 
 
@@ -330,12 +335,6 @@ def tally_votes(scores: np.ndarray) -> np.ndarray:
     votes = np.zeros((n, n_labels), dtype=np.int64)
     np.add.at(votes, (np.tile(np.arange(n), p), scores.argmax(axis=2).ravel()), 1)
     return votes
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from dpcert.store import atomic_write
-
-    atomic_write(path, lambda h: np.save(h, arr))
 
 
 # -- the whole job ---------------------------------------------------------------------------
@@ -378,7 +377,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
                              dataset_size=len(data.y_train), sampling="poisson",
                              subset_size=cfg.subset_size)
     record.save(run_dir / "mechanism.json")
-    _save_npy(run_dir / "labels.npy", data.y_test)
+    atomic_save_npy(run_dir / "labels.npy", data.y_test)
     return record
 
 

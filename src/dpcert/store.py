@@ -45,6 +45,10 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, lambda h: np.savez(h, **arrays))
 
 
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda h: np.save(h, array, allow_pickle=False))
+
+
 def atomic_save_unit(path: Path, **arrays: np.ndarray) -> None:
     """:func:`atomic_save_npz` for a unit of work, with the crash-test failpoints around it."""
     if _failpoint_armed("mid-write"):
