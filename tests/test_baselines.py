@@ -162,3 +162,91 @@ def test_fa_shifts_and_errors():
         baselines.fa_certificate(np.array([[0, 5]]), 3, 1)
     with pytest.raises(UserError):
         baselines.fa_certificate(np.array([[0, 1, 1]]), 3, 2, np.array([1, 1]))
+
+
+# -- Run-off Election ----------------------------------------------------------------------
+
+def roe_brute_force(ranks):
+    """Largest r such that no r models, each outputting any ranking, change the ROE winner."""
+    k, _, n_labels = ranks.shape
+    base = baselines.roe_election(ranks)[0][0]
+    perms = [np.array(p) for p in itertools.permutations(range(n_labels))]
+    for s in range(1, k + 1):
+        for models in itertools.combinations(range(k), s):
+            for choice in itertools.product(range(len(perms)), repeat=s):
+                r = ranks.copy()
+                for m, c in zip(models, choice, strict=True):
+                    r[m, 0] = perms[c]
+                if baselines.roe_election(r)[0][0] != base:
+                    return s - 1
+    return k
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 3).flatmap(lambda n_labels: st.lists(
+    st.lists(st.integers(0, 2), min_size=n_labels, max_size=n_labels), min_size=1, max_size=5)))
+def test_roe_certificate_matches_brute_force(model_scores):
+    """Every set of corrupted models and every ranking they could output (k <= 5, L <= 3;
+    integer scores so that ties and their tie-breaking are exercised)."""
+    scores = np.array(model_scores, dtype=float)[:, None, :]
+    pred, radius = baselines.roe_certificate(scores)
+    ranks = baselines.model_rankings(scores)
+    assert pred[0] == baselines.roe_election(ranks)[0][0]
+    assert radius[0] == roe_brute_force(ranks)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=4, max_size=4), min_size=1, max_size=3))
+def test_roe_certificate_is_sound_with_four_labels(model_scores):
+    scores = np.array(model_scores, dtype=float)[:, None, :]
+    assert baselines.roe_certificate(scores)[1][0] <= roe_brute_force(
+        baselines.model_rankings(scores))
+
+
+def test_roe_election_by_hand():
+    # round 1: label 0 has 3 votes, 1 and 2 have 2 each -> finalists 0 and 1 (tie to smaller);
+    # round 2: five of seven models rank 1 above 0 -> 1 wins though 0 led round 1
+    scores = np.array([[.9, .1, 0], [.9, .1, 0], [.9, .0, .1], [0, .9, .1], [0, .9, .1],
+                       [.1, .2, .7], [.1, .2, .7]])[:, None, :]
+    ranks = baselines.model_rankings(scores)
+    np.testing.assert_array_equal(ranks[0, 0], [0, 1, 2])
+    winner, loser, counts = baselines.roe_election(ranks)
+    assert counts[0].tolist() == [3, 2, 2] and winner[0] == 1 and loser[0] == 0
+    assert baselines.roe_certificate(scores)[1][0] == roe_brute_force(ranks)
+
+
+def test_roe_can_certify_less_than_dpa_on_the_same_models():
+    """The paper's claim that ROE's radius is at least DPA's does not hold pointwise: here DPA
+    certifies 1, while a single corrupted model changes the ROE winner (model 0 switching to
+    label 0 makes 0 a finalist that ties 1 in round 2 and wins the tie on its smaller index)."""
+    scores = np.array([[0.141, 0.489, 0.014, 0.356], [0.043, 0.704, 0.229, 0.024],
+                       [0.017, 0.882, 0.028, 0.073], [0.269, 0.112, 0.575, 0.043]])[:, None, :]
+    ranks = baselines.model_rankings(scores)
+    counts = baselines.roe_election(ranks)[2]
+    dpa_pred, dpa_radius = baselines.dpa_radius(counts)
+    roe_pred, roe_radius = baselines.roe_certificate(scores)
+    assert dpa_pred[0] == roe_pred[0] == 1
+    assert dpa_radius[0] == 1 and roe_radius[0] == 0 == roe_brute_force(ranks)
+    attacked = ranks.copy()
+    attacked[0, 0] = [0, 1, 2, 3]
+    assert baselines.roe_election(attacked)[0][0] == 0
+
+
+def test_roe_certifies_more_than_dpa_when_third_labels_prefer_the_winner():
+    """Round 1: 20 / 15 / 6 votes, DPA radius floor(5 / 2) = 2. The 6 models voting for
+    label 2 rank 0 above 1, so the final is 26 : 15: flipping it needs 6 models (B1); knocking
+    0 out of round 1 needs 8 (A); bringing 2 to the final needs 5 and then beating 0 there 15
+    (B2). ROE radius 6 - 1 = 5."""
+    scores = np.array([[0.6, 0.3, 0.1]] * 20 + [[0.3, 0.6, 0.1]] * 15 + [[0.3, 0.1, 0.6]] * 6)
+    scores = scores[:, None, :]
+    counts = baselines.roe_election(baselines.model_rankings(scores))[2]
+    assert counts[0].tolist() == [20, 15, 6]
+    assert baselines.dpa_radius(counts)[1][0] == 2
+    assert baselines.roe_certificate(scores)[1][0] == 5
+
+
+def test_roe_input_errors():
+    with pytest.raises(UserError):
+        baselines.roe_certificate(np.zeros((3, 4)))
+    with pytest.raises(UserError):
+        baselines.roe_certificate(np.zeros((3, 4, 1)))

@@ -217,3 +217,23 @@ def test_certify_fa_per_model(tmp_path):
         assert not out.exists()
     res = run(p, "--method", "dpa", "--per-model", "--output", out)
     assert res.returncode == 2 and not out.exists()
+
+
+def test_certify_roe_from_per_model_scores(tmp_path):
+    from dpcert import baselines
+
+    rng = np.random.default_rng(3)
+    scores = rng.dirichlet([1.0, 1.0, 1.0], size=(9, 5)).astype(np.float32)  # (k, N, L)
+    s = tmp_path / "s.npy"
+    np.save(s, scores)
+    out = tmp_path / "o.csv"
+    res = run(s, "--method", "roe", "--output", out)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    pred, radius = baselines.roe_certificate(scores)
+    assert [int(r[1]) for r in rows] == pred.tolist()
+    assert [int(r[2]) for r in rows] == radius.tolist()
+    out.unlink()
+    np.save(s, np.zeros((9, 5)))  # votes, not per-model scores
+    res = run(s, "--method", "roe", "--output", out)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()

@@ -76,6 +76,29 @@ def test_compare_small_digits(tmp_path):
         compare(other, tmp_path, progress=False)
 
 
+def test_roe_reuses_the_dpa_models(tmp_path):
+    from dpcert.run import read_unit
+
+    base = {"dp": {"instances": 4, "steps": 10, "workers": 1}}
+    dpa = compare(CompareConfig.from_mapping({**base, "methods": ["dpa"],
+                                              "dpa": {"models": 5, "epochs": 1}}),
+                  tmp_path, progress=False)
+    units = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dpa_k5").glob("model_*")}
+    text = compare(CompareConfig.from_mapping({**base, "methods": ["dpa", "roe"],
+                                               "dpa": {"models": 5, "epochs": 1},
+                                               "roe": {"models": 5, "epochs": 1}}),
+                   tmp_path, progress=False)
+    assert "roe (k=5)" in text and "dpa (k=5)" in text and "dpa (k=5)" in dpa
+    assert {p.name: p.stat().st_mtime_ns
+            for p in (tmp_path / "dpa_k5").glob("model_*")} == units  # not retrained
+    scores = np.stack([read_unit(tmp_path / "dpa_k5" / f"model_{i:06d}.npz") for i in range(5)])
+    rows = np.loadtxt(tmp_path / "dpa_k5" / "certificates_roe.csv", delimiter=",", skiprows=1,
+                      dtype=np.int64)
+    pred, radius = baselines.roe_certificate(scores)
+    np.testing.assert_array_equal(rows[:, 1], pred)
+    np.testing.assert_array_equal(rows[:, 2], radius)
+
+
 def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
     base = {"instances": 4, "steps": 10}
     settings = [{"models": 2, "epochs": 1}, {"models": 6, "epochs": 1}]
@@ -115,6 +138,8 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
     {"dp": [1, 2]},
     {"dp_run": 3},
     {"dp_run": "/nonexistent/run"},
+    {"roe": {"spread": 2}},
+    {"methods": ["dp", ["roe"]]},
 ])
 def test_compare_config_errors(bad):
     with pytest.raises(UserError):

@@ -11,6 +11,14 @@
   certified for t buckets iff the t largest delta_h(c') sum to at most
   n_c - n_c' - [c' < c], for every c'. With counts alone (no per-model votes) the sound
   bound replaces every delta_h by its maximum 2 d: radius = floor(gap / (2 d)).
+* Run-off Election (Rezaei, Banihashem, Chegini, Feizi, ICML 2023), DPA-style partitions: two
+  rounds over the same k models. Round 1: plurality of the models' top labels; the two best
+  (ties to the smaller label) are the finalists. Round 2: every model votes for the finalist
+  it ranks higher (ranking by score, ties to the smaller label); the winner has more votes
+  (ties to the smaller label). One poisoned example corrupts at most one model, so the
+  radius is the least number of models whose rankings, changed arbitrarily, change the
+  winner, minus one: see :func:`roe_certificate` for the three ways it can change and the
+  bound on each.
 * Bagging (Jia, Cao, Gong, AAAI 2021): N models on k examples drawn with replacement from n;
   certified at r iff max_{n-r <= n' <= n+r} (n'/n)^k - 2 ((max(n, n') - r)/n)^k + 1
   - p1_lo + p2_hi < 0 with SimuEM bounds. The left side minus the p terms depends only on
@@ -28,7 +36,7 @@ from dpcert.bounds import vote_bounds
 from dpcert.certify import ABSTAIN
 from dpcert.errors import UserError
 
-METHODS = ("dp", "bagging", "dpa", "fa")
+METHODS = ("dp", "bagging", "dpa", "fa", "roe")
 
 
 def _gap(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +118,98 @@ def fa_certificate(predictions: np.ndarray, num_classes: int, spread: int,
         r_c = (spent <= gap[:, None]).sum(axis=1)
         radius = np.where(rival, np.minimum(radius, r_c), radius)
     return pred, radius.astype(np.int64)
+
+
+def model_rankings(scores: np.ndarray) -> np.ndarray:
+    """Rank of every label in every model's ranking: (k, N, L) scores -> (k, N, L) ints, 0 for
+    the top label; higher score first, ties to the smaller label."""
+    order = np.argsort(-np.asarray(scores), axis=2, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(order.shape[2])[None, None, :], axis=2)
+    return ranks
+
+
+def roe_election(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run-off election on rankings (k, N, L): (winner, loser) finalists and round-1
+    counts (N, L)."""
+    k, n, n_labels = ranks.shape
+    counts = np.zeros((n, n_labels), dtype=np.int64)
+    np.add.at(counts, (np.tile(np.arange(n), k), np.argmin(ranks, axis=2).ravel()), 1)
+    rows = np.arange(n)
+    f1 = np.argmax(counts, axis=1)
+    masked = counts.copy()
+    masked[rows, f1] = -1
+    f2 = np.argmax(masked, axis=1)
+    margin = _round2_margin(ranks, f1)[rows, f2]
+    first_wins = (margin > 0) | ((margin == 0) & (f1 < f2))
+    return np.where(first_wins, f1, f2), np.where(first_wins, f2, f1), counts
+
+
+def _round2_margin(ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N, L): models ranking y above c minus models ranking c above y, for every label c."""
+    ry = np.take_along_axis(ranks, y[None, :, None], axis=2)
+    return np.sign(ranks - ry).sum(axis=0)
+
+
+def _half_up(x: np.ndarray) -> np.ndarray:
+    """ceil((x + 1) / 2): models needed to push a gap x >= 0 below 0 at 2 per model."""
+    return np.floor_divide(np.asarray(x) + 2, 2)
+
+
+def roe_certificate(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, radius) of Run-off Election over k DPA-style models' scores (k, N, L).
+
+    Radius = s - 1 where s lower-bounds the number of models an attacker must corrupt to
+    change the winner y (o is the other finalist; n the round-1 counts; a "gap" is how far
+    the leader is ahead after tie-breaking, and one corrupted model moves a count by one and a
+    round-2 margin by two):
+
+    * A, y out of the final: two labels must beat y in round 1. If y led round 1, for rivals
+      a, b with gaps g_a, g_b each model lowers g_a + g_b by at most 3 and each by at most 2:
+      s >= max(ceil((g_a + g_b + 2) / 3), ceil((g_a + 1) / 2), ceil((g_b + 1) / 2)) for the
+      two smallest gaps; if o led round 1, one more label c must beat y: ceil((g_c + 1) / 2).
+    * B1, o wins the final against y: the round-2 margin e of y over o must fall below 0:
+      ceil((e + 1) / 2).
+    * B2, a third label z reaches the final and beats y there: z must beat o in round 1
+      (and, if o led, y must beat o too: the A-type bound on o's two gaps), and z must beat
+      y in round 2 (margin e_z): the largest of those bounds.
+
+    Every successful attack is one of A, B1, B2, so the least bound is sound (tested against a
+    brute force over every set of corrupted models and every ranking they could output).
+    """
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 3 or scores.shape[0] < 1 or scores.shape[2] < 2:
+        raise UserError(f"ROE needs per-model scores of shape (models, N, labels >= 2), got "
+                        f"{scores.shape}")
+    ranks = model_rankings(scores)
+    y, o, counts = roe_election(ranks)
+    n, n_labels = counts.shape
+    rows = np.arange(n)
+    labels = np.arange(n_labels)[None, :]
+    y_led = counts[rows, y] > counts[rows, o] - (o < y)  # y is round 1's first finalist
+    big = np.iinfo(np.int64).max // 4
+    others = (labels != y[:, None]) & (labels != o[:, None])
+
+    gap_y = counts[rows, y][:, None] - counts - (labels < y[:, None])  # y over c in round 1
+    gap_o = counts[rows, o][:, None] - counts - (labels < o[:, None])  # o over c in round 1
+    e = _round2_margin(ranks, y) - (1 - (y[:, None] < labels))  # y beats c in round 2: e >= 0
+
+    # A: y eliminated in round 1.
+    rival_gaps = np.sort(np.where(labels != y[:, None], gap_y, big), axis=1)
+    g1, g2 = rival_gaps[:, 0], rival_gaps[:, 1]  # with two labels g2 is y's own entry: big
+    pair = np.maximum(np.floor_divide(g1 + g2 + 4, 3), np.maximum(_half_up(g1), _half_up(g2)))
+    single = np.where(others, _half_up(gap_y), big).min(axis=1)
+    case_a = np.where(y_led, pair, single)
+    # B1: o beats y in the final.
+    case_b1 = _half_up(e[rows, o])
+    # B2: z beats o in round 1 (and y beats o if o led), z beats y in round 2.
+    oy = (counts[rows, o] - counts[rows, y] - (y < o))[:, None]
+    reach = np.where(y_led[:, None], _half_up(gap_o),
+                     np.maximum(np.floor_divide(gap_o + oy + 4, 3),
+                                np.maximum(_half_up(gap_o), _half_up(oy))))
+    case_b2 = np.where(others, np.maximum(reach, _half_up(e)), big).min(axis=1)
+    s = np.minimum(np.minimum(case_a, case_b1), case_b2)
+    return y, (np.minimum(s, scores.shape[0] + 1) - 1).astype(np.int64)
 
 
 def bagging_threshold(n: int, k: int, max_radius: int) -> np.ndarray:

@@ -154,8 +154,10 @@ def main() -> None:
               help="Test labels (N,) .npy: adds a label column and prints certified accuracy.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Group-table cache (default $DPCERT_CACHE or ~/.cache/dpcert).")
-@click.option("--method", type=click.Choice(["dp", "bagging", "dpa", "fa"]), default="dp",
-              show_default=True, help="Defence that produced the votes (dp: this project).")
+@click.option("--method", type=click.Choice(["dp", "bagging", "dpa", "fa", "roe"]), default="dp",
+              show_default=True,
+              help="Defence that produced the votes (dp: this project). roe: Run-off Election "
+                   "over DPA-partition models; INPUT.npy holds every model's scores (k, N, L).")
 @click.option("--train-size", type=int, help="Bagging: training-set size n.")
 @click.option("--subsample-size", type=int, help="Bagging: examples k per bag.")
 @click.option("--spread", type=int, help="Finite Aggregation: spread d.")
@@ -178,6 +180,8 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
             raise UserError("--per-model applies to --method fa only")
         if per_model:
             _certify_fa(input_path, spread, num_classes, shifts, max_radius, output, labels)
+        elif method == "roe":
+            _certify_roe(input_path, max_radius, output, labels)
         elif method != "dp":
             _certify_baseline(input_path, method, eta, max_radius, output, labels, train_size,
                               subsample_size, spread)
@@ -259,6 +263,18 @@ def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
             raise UserError(f"--shifts must lie in 0..{preds.shape[1] - 1}")
     labels = _load_labels(labels_path, preds.shape[0])
     pred, radius = baselines.fa_certificate(preds, num_classes, spread, shift_arr)
+    nan = np.full(len(pred), np.nan)
+    _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
+
+
+def _certify_roe(input_path, max_radius, output, labels_path) -> None:
+    """Run-off Election certificate from every partition model's scores (k, N, L)."""
+    from dpcert import baselines
+
+    _check_output(output)
+    scores = validate_outputs(load_array(input_path, "input"), "scores")
+    labels = _load_labels(labels_path, scores.shape[1])
+    pred, radius = baselines.roe_certificate(scores)
     nan = np.full(len(pred), np.nan)
     _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
 

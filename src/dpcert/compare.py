@@ -9,6 +9,8 @@ for the same threat (radius = inserted + deleted training examples; a modificati
 * fa: Finite Aggregation (Wang, Levine, Feizi 2022), k d models; every example hashed into one
   of k d buckets, bucket h training the d models (h + s) mod kd; full per-model certificate;
 * bagging: N models, each on k examples drawn with replacement (Jia, Cao, Gong 2021);
+* roe: Run-off Election (Rezaei et al. 2023) over DPA's k partition models — the same trained
+  models as a dpa setting with the same values (they share its folder), a second aggregation;
 * baseline-DP: the statistical certified-accuracy lower bound of Ma, Zhu, Hsu (2019) for one
   of the DP instances (a curve, not a per-point certificate).
 
@@ -34,6 +36,7 @@ from dpcert.certify import Certificates
 from dpcert.errors import UserError
 from dpcert.run import (
     RunConfig,
+    load_run_data,
     read_unit,
     run,
     stored_config,
@@ -43,7 +46,7 @@ from dpcert.run import (
 )
 from dpcert.store import atomic_write_text
 
-BASELINES = ("dpa", "fa", "bagging")
+BASELINES = ("dpa", "fa", "bagging", "roe")
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
 _SEED_OFFSET = 7919
 
@@ -72,14 +75,15 @@ class BaselineConfig:
             raise UserError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
 
     def name(self, kind: str) -> str:
-        if kind == "dpa":
-            return f"dpa (k={self.models})"
+        if kind in ("dpa", "roe"):
+            return f"{kind} (k={self.models})"
         if kind == "fa":
             return f"fa (k={self.models}, d={self.spread})"
         return f"bagging (N={self.models}, k={self.subsample})"
 
     def folder(self, kind: str) -> str:
-        return {"dpa": f"dpa_k{self.models}", "fa": f"fa_k{self.models}_d{self.spread}",
+        return {"dpa": f"dpa_k{self.models}", "roe": f"dpa_k{self.models}",
+                "fa": f"fa_k{self.models}_d{self.spread}",
                 "bagging": f"bagging_N{self.models}_k{self.subsample}"}[kind]
 
     def trained_models(self, kind: str) -> int:
@@ -104,10 +108,10 @@ class CompareConfig:
         given = [k for k in BASELINES if k in data]
         methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
         if not isinstance(methods, list | tuple) or not methods:
-            raise UserError("methods must be a non-empty list (dp, dpa, fa, bagging)")
-        bad = [m for m in methods if m not in ("dp", *BASELINES)]
+            raise UserError("methods must be a non-empty list (dp, dpa, fa, bagging, roe)")
+        bad = [m for m in methods if not isinstance(m, str) or m not in ("dp", *BASELINES)]
         if bad:
-            raise UserError(f"unknown methods {bad} (dp, dpa, fa, bagging)")
+            raise UserError(f"unknown methods {bad} (dp, dpa, fa, bagging, roe)")
         methods = tuple(dict.fromkeys(methods))
         calibrate = data.get("calibrate", False)
         if not isinstance(calibrate, bool):
@@ -167,11 +171,10 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
     """Train baseline model i on its examples and write its unit file (runs in a worker)."""
     import torch
 
-    from dpcert.data import load_dataset_cached
     from dpcert.train import instance_generator, predict_scores, train_plain
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
-    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
+    data = load_run_data(cfg)
     gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
     if idx is None:
         idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen).numpy()
@@ -209,7 +212,8 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     """Scores (M, N, L) of a baseline's models, training (in parallel) those not yet on disk."""
     from tqdm import tqdm
 
-    identity = {"kind": kind, **asdict(bc),
+    # ROE aggregates DPA's models: same training, same folder, same identity.
+    identity = {"kind": "dpa" if kind == "roe" else kind, **asdict(bc),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")}}
     _guard_folder(folder, identity)
     m = bc.trained_models(kind)
@@ -246,6 +250,8 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
     elif kind == "fa":
         pred, radius = baselines.fa_certificate(scores.argmax(axis=2).T, scores.shape[2],
                                                 bc.spread)
+    elif kind == "roe":
+        pred, radius = baselines.roe_certificate(scores)
     else:
         pred, radius = baselines.bagging_radius(votes, train_size=n_train,
                                                 subsample_size=bc.subsample, eta=run_cfg.eta,
@@ -255,10 +261,9 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     from dpcert.cli import certificates_csv
-    from dpcert.data import load_dataset_cached
 
     run_cfg = RunConfig.from_mapping(cfg.dp)
-    data = load_dataset_cached(run_cfg.dataset, run_cfg.data_dir)  # run() reuses it
+    data = load_run_data(run_cfg)  # run() reuses it
     labels = data.y_test
     results: dict[str, Certificates] = {}
     curves: dict[str, object] = {}
@@ -278,8 +283,8 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
             scores = train_models(kind, bc, run_cfg, data.x_train, out / bc.folder(kind),
                                   progress)
             cert = certify_baseline(kind, bc, scores, len(data.y_train), run_cfg)
-            atomic_write_text(out / bc.folder(kind) / "certificates.csv",
-                              certificates_csv(cert, labels))
+            name = "certificates_roe.csv" if kind == "roe" else "certificates.csv"
+            atomic_write_text(out / bc.folder(kind) / name, certificates_csv(cert, labels))
             certs[bc.name(kind)] = cert
         if cfg.calibrate:
             target = _clean(results["dp (pld, sound)"], labels)
