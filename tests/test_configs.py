@@ -11,13 +11,21 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*_sigma*.yaml"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_is_valid(path):
+    """The paper's public-code mechanism, with LeNet-5 or with the best learner."""
     cfg = RunConfig.from_mapping(load_config_file(path))
     assert cfg.instances == 1000 and cfg.sample_rate == 0.001 and cfg.steps == 1000
-    assert cfg.model == "lenet5"
+    assert cfg.subset_size is None and cfg.data_dir == f"data/{cfg.dataset}"
+    if path.stem.endswith("_best"):
+        assert cfg.model == "linear" and cfg.features == "scatter"
+        assert cfg.noise_multiplier == 3.0
+    else:
+        assert cfg.model == "lenet5"
 
 
 def test_there_are_paper_configs():
-    assert len(CONFIGS) == 6
+    assert len([p for p in CONFIGS if not p.stem.endswith("_best")]) == 6
+    assert {p.stem for p in CONFIGS if p.stem.endswith("_best")} == {
+        "fashion-mnist_sigma3_best", "mnist_sigma3_best"}
 
 
 @pytest.mark.parametrize("name", ["compare_digits.yaml", "compare_mnist_reduced.yaml",

@@ -98,3 +98,38 @@ def test_end_to_end_digits_certifies(tmp_path):
     ca0 = np.mean(correct & (radius[:, 2] >= 0))
     assert ca0 >= correct.mean() - 0.08  # within a few points of the clean accuracy
     assert np.any(radius[:, 2] >= 1)
+
+
+LINEAR = dict(instances=5, steps=30, sample_rate=0.05, noise_multiplier=2.0, workers=1,
+              model="linear", features="scatter", optimizer="sgd", lr=0.5)
+
+
+def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_path):
+    """Instances of the batched linear engine depend on (seed, index) only: batch sizes 1, 2
+    and 5 and two worker processes give the same scores; resume after a lost unit too."""
+    a = tmp_path / "a"
+    run(RunConfig(**{**LINEAR, "batch_instances": 2}), a, progress=False)
+    scores, votes = np.load(a / "scores.npy"), np.load(a / "votes.npy")
+    assert scores.shape == (5, 359, 10)
+    assert np.mean(scores.argmax(2) == np.load(a / "labels.npy")[None]) > 0.5  # it learns
+    for name, extra in (("one", {"batch_instances": 1}), ("all", {"batch_instances": 5}),
+                        ("procs", {"batch_instances": 2, "workers": 2})):
+        run(RunConfig(**{**LINEAR, **extra}), tmp_path / name, progress=False)
+        np.testing.assert_allclose(np.load(tmp_path / name / "scores.npy"), scores, atol=1e-4)
+        np.testing.assert_array_equal(np.load(tmp_path / name / "votes.npy"), votes)
+    (a / "instances" / "inst_000003.npz").unlink()
+    run(RunConfig(**{**LINEAR, "batch_instances": 2}), a, progress=False)
+    np.testing.assert_array_equal(np.load(a / "scores.npy"), scores)
+
+
+@pytest.mark.parametrize("bad", [
+    {"model": "linear"},  # no features
+    {"features": "scatter"},  # a conv model on feature vectors
+    {"model": "linear", "features": "scatter", "optimizer": "adam"},
+    {"model": "linear", "features": "pixels", "optimizer": "sgd"},
+    {"averaging": "tail"},  # averaging is for the linear model
+    {"model": "linear", "features": "scatter", "optimizer": "sgd", "averaging": "ema"},
+])
+def test_learner_options_are_validated(bad):
+    with pytest.raises(UserError):
+        RunConfig(**bad)

@@ -29,7 +29,14 @@ import numpy as np
 
 from dpcert.data import Dataset
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, read_unit, stored_config, worker_pool, write_unit
+from dpcert.run import (
+    RunConfig,
+    load_run_data,
+    read_unit,
+    stored_config,
+    worker_pool,
+    write_unit,
+)
 from dpcert.store import atomic_write_text
 
 ATTACKS = ("flip", "insert")
@@ -95,12 +102,11 @@ def _instance_on_target(cfg_dict: dict, job: Job, instance: int) -> np.ndarray:
 
     Runs in a worker that holds the clean dataset; the poisoned copy of the last job is kept,
     since a worker trains several instances of the same job in a row."""
-    from dpcert.data import load_dataset_cached
     from dpcert.run import train_group
 
     cfg = RunConfig(**cfg_dict)
     if _POISONED.get("job") != job:
-        clean = load_dataset_cached(cfg.dataset, cfg.data_dir)
+        clean = load_run_data(cfg)
         _POISONED.update(job=job, data=poison(clean, job.attack, job.index, job.label,
                                               job.target_label, job.radius))
     data = _POISONED["data"]
@@ -143,15 +149,13 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     ``RUN_DIR/attack_check_r{radius}/``."""
     from tqdm import tqdm
 
-    from dpcert.data import load_dataset_cached
-
     if not (isinstance(radius, int) and radius >= 1):
         raise UserError(f"--radius must be a positive integer, got {radius!r}")
     bad = [a for a in attacks if a not in ATTACKS]
     if bad or not attacks:
         raise UserError(f"unknown attacks {bad} (choose from {', '.join(ATTACKS)})")
     cfg, votes, scores, labels, certs = _load_run(run_dir)
-    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
+    data = load_run_data(cfg)
     if len(data.y_test) != len(labels) or not np.array_equal(data.y_test, labels):
         raise UserError(f"the dataset no longer matches the run in {run_dir}")
     controls = targets if controls is None else controls

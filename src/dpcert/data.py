@@ -25,7 +25,8 @@ _MAX_IDX_ITEMS = 1 << 31
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits: x float32 (n, C, H, W) in [0, 1], y int64 (n,)."""
+    """Train and test splits: x float32 (n, C, H, W) in [0, 1] (or features (n, D)),
+    y int64 (n,)."""
 
     name: str
     x_train: np.ndarray
@@ -225,7 +226,16 @@ def load_dataset(name: str, path: Path | None = None) -> Dataset:
 
 
 @functools.lru_cache(maxsize=1)
-def load_dataset_cached(name: str, path: str | None = None) -> Dataset:
-    """:func:`load_dataset`, kept for the life of the process: a training worker loads its
-    dataset once for all the units it trains. Callers must not modify the arrays."""
-    return load_dataset(name, Path(path) if path else None)
+def load_dataset_cached(name: str, path: str | None = None,
+                        features: str | None = None) -> Dataset:
+    """:func:`load_dataset`, optionally mapped through a fixed feature map
+    (:mod:`dpcert.features`; x becomes (n, D)), kept for the life of the process: a training
+    worker loads its dataset once for all the units it trains. Callers must not modify the
+    arrays."""
+    data = load_dataset(name, Path(path) if path else None)
+    if features is None:
+        return data
+    from dpcert.features import transform
+
+    return Dataset(data.name, transform(data.x_train, features, progress=True), data.y_train,
+                   transform(data.x_test, features, progress=True), data.y_test)

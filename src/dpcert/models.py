@@ -4,6 +4,7 @@
 * ``lenet5``: LeNet-5 for 28x28 MNIST / Fashion-MNIST (as in the paper).
 * ``cifar_cnn``: the small CNN of the Opacus CIFAR-10 tutorial (GroupNorm-free, tanh).
 * ``resnet18_gn``: ResNet-18 with GroupNorm in place of BatchNorm.
+* ``linear``: softmax regression on fixed features (``features: scatter``).
 """
 
 from __future__ import annotations
@@ -73,11 +74,18 @@ def resnet18_gn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def linear(in_channels: int, num_classes: int = 10) -> nn.Module:
+    """Softmax regression on fixed features (n, D): ``in_channels`` is D. DP runs train it
+    with :mod:`dpcert.engine`; the aggregation baselines through this module."""
+    return nn.Linear(in_channels, num_classes)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
     "lenet5": lenet5,
     "cifar_cnn": cifar_cnn,
     "resnet18_gn": resnet18_gn,
+    "linear": linear,
 }
 
 

@@ -42,7 +42,10 @@ from dpcert.store import (
 #: Datasets and models a run can name (models.MODELS holds the builders; a test keeps the two
 #: in step, so that validating a config does not import torch).
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "npz")
-MODEL_NAMES = ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn")
+MODEL_NAMES = ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn", "linear")
+#: Fixed feature maps (dpcert.features.FEATURES) and iterate averaging (dpcert.engine.AVERAGING).
+FEATURE_NAMES = ("scatter",)
+AVERAGING_NAMES = ("tail",)
 
 
 def _is_int(value: object, low: int) -> bool:
@@ -69,6 +72,8 @@ class RunConfig:
     lr: float = 0.01
     optimizer: str = "adam"
     subset_size: int | None = None
+    features: str | None = None  # a fixed feature map applied to every image first
+    averaging: str | None = None  # "tail": Polyak average of the second half (linear model)
     seed: int = 0
     # certification and execution (do not change trained instances)
     eta: float = 1e-3
@@ -82,7 +87,8 @@ class RunConfig:
 
     #: fields that change what the instances are; a run directory refuses other values
     TRAINING_FIELDS = ("dataset", "model", "instances", "sample_rate", "noise_multiplier",
-                       "steps", "clip_norm", "lr", "optimizer", "subset_size", "seed")
+                       "steps", "clip_norm", "lr", "optimizer", "subset_size", "features",
+                       "averaging", "seed")
 
     def __post_init__(self) -> None:
         for name, choices in (("dataset", DATASETS), ("model", MODEL_NAMES),
@@ -100,6 +106,17 @@ class RunConfig:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be a path or address string, got "
                                 f"{getattr(self, name)!r}")
+        for name, choices in (("features", FEATURE_NAMES), ("averaging", AVERAGING_NAMES)):
+            if getattr(self, name) is not None and getattr(self, name) not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)} or absent, got "
+                                f"{getattr(self, name)!r}")
+        if (self.model == "linear") != (self.features is not None):
+            raise UserError("the linear model trains on fixed features and conv models on "
+                            "images: set model: linear together with features: scatter")
+        if self.model == "linear" and self.optimizer != "sgd":
+            raise UserError("the linear model trains with optimizer: sgd")
+        if self.averaging is not None and self.model != "linear":
+            raise UserError("averaging is available for the linear model only")
         if not (_is_real(self.lr) and self.lr > 0):
             raise UserError(f"learning rate must be a number > 0, got {self.lr!r}")
         if not (_is_real(self.eta) and 0 < self.eta < 1):
@@ -140,6 +157,14 @@ METHODS = (
     ("paper_adp", "adp", "paper", "multinomial", "paper"),
     ("paper_adp_scores", "adp", "paper", "scores", "paper"),
 )
+
+
+def load_run_data(cfg: RunConfig):
+    """The run's dataset (:class:`dpcert.data.Dataset`), as features when the run uses them;
+    loaded once per process."""
+    from dpcert.data import load_dataset_cached
+
+    return load_dataset_cached(cfg.dataset, cfg.data_dir, cfg.features)
 
 
 def load_config_file(path: Path) -> dict:
@@ -190,6 +215,14 @@ def train_group(cfg: RunConfig, instances: list[int], data) -> list[np.ndarray]:
     device = torch.device(cfg.device)
     x = torch.tensor(data.x_train, device=device)
     y = torch.tensor(data.y_train, device=device)
+    if cfg.model == "linear":
+        from dpcert.engine import LinearDpSgd, predict_linear, train_linear
+
+        lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
+                           cfg.lr, cfg.subset_size, cfg.averaging)
+        weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
+                                    instances=instances)
+        return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
     tcfg = TrainConfig(cfg.model, cfg.sample_rate, cfg.noise_multiplier, cfg.steps,
                        cfg.clip_norm, cfg.lr, cfg.optimizer, cfg.subset_size)
     if len(instances) > 1:
@@ -219,10 +252,8 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
 
 def _train_units(cfg_dict: dict, instances: list[int], outs: list[str]) -> list[int]:
     """Local backend: train a group of instances and write each unit file as it is ready."""
-    from dpcert.data import load_dataset_cached
-
     cfg = RunConfig(**cfg_dict)
-    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
+    data = load_run_data(cfg)
     for scores, out in zip(train_group(cfg, instances, data), outs, strict=True):
         write_unit(Path(out), scores)
     return instances
@@ -244,8 +275,6 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
         import ray
     except ImportError:
         raise UserError("--backend ray needs Ray: pip install 'dpcert[ray]'") from None
-    from dpcert.data import load_dataset_cached
-
     started = not ray.is_initialized()
     if started:
         try:
@@ -259,7 +288,7 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
     try:
         gpus = cfg.gpu_fraction if cfg.device == "cuda" else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_ray_group)
-        data_ref = ray.put(load_dataset_cached(cfg.dataset, cfg.data_dir))
+        data_ref = ray.put(load_run_data(cfg))
         cfg_dict = asdict(cfg)
         pending = {task.remote(cfg_dict, g, data_ref): g for g in groups}
         while pending:
@@ -356,9 +385,7 @@ def stored_config(run_dir: Path) -> dict:
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
-    from dpcert.data import load_dataset_cached
-
-    data = load_dataset_cached(cfg.dataset, cfg.data_dir)
+    data = load_run_data(cfg)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = stored_config(run_dir)

@@ -1,0 +1,155 @@
+"""Batched linear DP-SGD (dpcert.engine): clipping, sampling, per-instance determinism."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dpcert import engine
+from dpcert.errors import UserError
+
+
+def _data(n=400, dim=12, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return x, y
+
+
+CFG = engine.LinearDpSgd(sample_rate=0.05, noise_multiplier=1.0, steps=40, clip_norm=0.7, lr=0.5)
+
+
+def test_clipped_sum_equals_autograd_per_example_gradients_clipped():
+    """Against torch autograd: every example's own gradient of its cross-entropy with respect
+    to (W, b), clipped to C and summed — for K = 2 models, with padding masked out."""
+    torch.manual_seed(1)
+    k, b, dim, classes, clip = 2, 5, 7, 4, 0.3
+    weight = torch.randn(k, classes, dim)
+    bias = torch.randn(k, classes)
+    xb = torch.randn(k, b, dim) * 2
+    yb = torch.randint(0, classes, (k, b))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    got_w, got_b = engine.clipped_gradient_sum(
+        weight, bias, xb, torch.eye(classes)[yb], xb.pow(2).sum(2) + 1, mask, clip)
+    clipped = []
+    for j in range(k):
+        want_w, want_b = torch.zeros(classes, dim), torch.zeros(classes)
+        for i in range(b):
+            if mask[j, i] == 0:
+                continue
+            w = weight[j].clone().requires_grad_(True)
+            bb = bias[j].clone().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy((xb[j, i] @ w.T + bb)[None], yb[j, i][None])
+            gw, gb = torch.autograd.grad(loss, (w, bb))
+            norm = torch.sqrt(gw.pow(2).sum() + gb.pow(2).sum())
+            clipped.append(bool(norm > clip))
+            want_w += gw * min(1.0, clip / float(norm))
+            want_b += gb * min(1.0, clip / float(norm))
+        torch.testing.assert_close(got_w[j], want_w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_b[j], want_b, rtol=1e-5, atol=1e-6)
+    assert any(clipped) and not all(clipped)  # both regimes are exercised
+
+
+def test_one_example_moves_the_clipped_sum_by_at_most_c():
+    """The sensitivity the mechanism record claims: adding any example (huge features, any
+    label) to a batch changes the clipped sum by at most C in L2 over all parameters."""
+    torch.manual_seed(2)
+    weight, bias = torch.randn(1, 3, 6), torch.randn(1, 3)
+    for scale in (0.01, 1.0, 1e4):
+        xb = torch.randn(1, 9, 6) * scale
+        onehot = torch.eye(3)[torch.randint(0, 3, (1, 9))]
+        sq = xb.pow(2).sum(2) + 1
+        with_all = engine.clipped_gradient_sum(weight, bias, xb, onehot, sq, torch.ones(1, 9),
+                                               0.5)
+        mask = torch.ones(1, 9)
+        mask[0, 4] = 0  # the same batch without example 4
+        without = engine.clipped_gradient_sum(weight, bias, xb, onehot, sq, mask, 0.5)
+        diff = torch.sqrt((with_all[0] - without[0]).pow(2).sum()
+                          + (with_all[1] - without[1]).pow(2).sum())
+        assert float(diff) <= 0.5 * (1 + 1e-5)
+
+
+def test_instance_is_independent_of_its_batch_companions():
+    x, y = _data()
+    together_w, together_b = engine.train_linear(CFG, x, y, 3, seed=7, instances=[0, 1, 2])
+    alone_w, alone_b = engine.train_linear(CFG, x, y, 3, seed=7, instances=[2])
+    pair_w, _ = engine.train_linear(CFG, x, y, 3, seed=7, instances=[1, 2])
+    torch.testing.assert_close(together_w[2], alone_w[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together_b[2], alone_b[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together_w[1], pair_w[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together_w[0], together_w[1])  # instances differ
+    other_seed, _ = engine.train_linear(CFG, x, y, 3, seed=8, instances=[2])
+    assert not torch.allclose(other_seed[0], alone_w[0])
+
+
+def test_poisson_indices_are_bernoulli_q_per_example():
+    n, q, draws = 200, 0.03, 4000
+    rng = np.random.default_rng(0)
+    counts = np.zeros(n)
+    sizes = []
+    for _ in range(draws):
+        idx = engine.poisson_indices(n, q, rng)
+        assert np.all(np.diff(idx) > 0) and (idx.size == 0 or (idx[0] >= 0 and idx[-1] < n))
+        counts[idx] += 1
+        sizes.append(idx.size)
+    # every example's inclusion count is Binomial(draws, q): a chi-square test over examples
+    expected = draws * q
+    chi2 = float(np.sum((counts - expected) ** 2 / (expected * (1 - q))))
+    assert stats.chi2.sf(chi2, n) > 1e-4
+    # batch sizes are Binomial(n, q), empty batches included
+    sizes = np.array(sizes)
+    observed = np.bincount(sizes, minlength=n + 1)[:16]
+    probs = stats.binom.pmf(np.arange(16), n, q)
+    assert observed[0] > 0
+    assert stats.chisquare(np.append(observed, draws - observed.sum()),
+                           np.append(probs, 1 - probs.sum()) * draws).pvalue > 1e-4
+    assert np.array_equal(engine.poisson_indices(5, 1.0, rng), np.arange(5))
+
+
+def test_subset_training_ignores_examples_outside_the_subset():
+    x, y = _data()
+    cfg = engine.LinearDpSgd(sample_rate=0.1, noise_multiplier=1.0, steps=20, clip_norm=1.0,
+                             lr=0.5, subset_size=100)
+    subset = engine._numpy_stream(3, 0).choice(len(y), 100, replace=False)
+    outside = np.setdiff1d(np.arange(len(y)), subset)
+    x2, y2 = x.clone(), y.clone()
+    x2[outside] = -x2[outside]
+    y2[outside] = (y2[outside] + 1) % 3
+    a, _ = engine.train_linear(cfg, x, y, 3, seed=3, instances=[0])
+    b, _ = engine.train_linear(cfg, x2, y2, 3, seed=3, instances=[0])
+    torch.testing.assert_close(a, b)
+    x2[subset[0]] = -x2[subset[0]]  # an example inside the subset does matter
+    c, _ = engine.train_linear(cfg, x2, y2, 3, seed=3, instances=[0])
+    assert not torch.allclose(a, c)
+
+
+def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
+    x, y = _data()
+    steps = 6
+    iterates = []
+    for t in range(1, steps + 1):
+        cfg = engine.LinearDpSgd(0.05, 1.0, t, 0.7, 0.5)
+        iterates.append(engine.train_linear(cfg, x, y, 3, seed=1, instances=[4]))
+    avg = engine.train_linear(engine.LinearDpSgd(0.05, 1.0, steps, 0.7, 0.5, averaging="tail"),
+                              x, y, 3, seed=1, instances=[4])
+    want_w = torch.stack([w for w, _ in iterates[steps // 2:]]).mean(0)
+    want_b = torch.stack([b for _, b in iterates[steps // 2:]]).mean(0)
+    torch.testing.assert_close(avg[0], want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(avg[1], want_b, rtol=1e-5, atol=1e-6)
+
+
+def test_learns_a_separable_problem_and_predicts_distributions():
+    x, y = _data(n=600, dim=8, classes=2, seed=4)
+    y = (x[:, 0] > 0).long()
+    cfg = engine.LinearDpSgd(0.2, 0.5, 150, 1.0, 2.0)
+    w, b = engine.train_linear(cfg, x, y, 2, seed=0, instances=[0, 1])
+    scores = engine.predict_linear(w, b, x)
+    assert scores.shape == (2, 600, 2)
+    np.testing.assert_allclose(scores.sum(2), 1.0, rtol=1e-5)
+    assert (scores.argmax(2) == y.numpy()).mean() > 0.9
+
+
+def test_bad_averaging_is_a_user_error():
+    with pytest.raises(UserError):
+        engine.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, averaging="ema")
