@@ -153,3 +153,26 @@ def test_learns_a_separable_problem_and_predicts_distributions():
 def test_bad_averaging_is_a_user_error():
     with pytest.raises(UserError):
         engine.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, averaging="ema")
+
+
+def test_library_entry_point_trains_scores_and_records_the_mechanism():
+    """The README's example: own features in, scores and the mechanism record out, certified."""
+    from dpcert import certify
+    from dpcert.run import tally_votes
+
+    x, y = _data(n=300, dim=10, classes=3, seed=5)
+    scores, record = engine.train_linear_ensemble(
+        x.numpy(), y.numpy(), x[:20].numpy(), instances=7, sample_rate=0.1,
+        noise_multiplier=1.5, steps=25, clip_norm=1.0, lr=0.5, batch_instances=3)
+    assert scores.shape == (7, 20, 3)
+    assert (record.sample_rate, record.noise_multiplier, record.steps, record.dataset_size,
+            record.sampling) == (0.1, 1.5, 25, 300, "poisson")
+    w, b = engine.train_linear(engine.LinearDpSgd(0.1, 1.5, 25, 1.0, 0.5), x, y, 3, seed=0,
+                               instances=[4])
+    np.testing.assert_allclose(scores[4], engine.predict_linear(w, b, x[:20])[0], atol=1e-5)
+    cert = certify(tally_votes(scores), record, cache_dir=None, max_radius=5)
+    assert cert.radius.shape == (20,)
+    with pytest.raises(UserError):
+        engine.train_linear_ensemble(x.numpy(), y.numpy(), x[:, :3].numpy(), instances=2,
+                                     sample_rate=0.1, noise_multiplier=1.0, steps=2,
+                                     clip_norm=1.0, lr=0.1)

@@ -16,7 +16,7 @@ from dpcert.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
 from dpcert.certify import INFERENCES, Certificates, certified_accuracy, certify, radius_summary
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
-from dpcert.run import DATASETS, MODEL_NAMES
+from dpcert.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
 from dpcert.store import atomic_write_text
 
 #: Radii at which certified accuracy is reported.
@@ -319,12 +319,17 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 @click.option("--lr", type=float)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]))
 @click.option("--subset-size", type=int, help="Train each instance on a random subset.")
+@click.option("--features", type=click.Choice(FEATURE_NAMES),
+              help="Fixed feature map applied to every image (with --model linear).")
+@click.option("--averaging", type=click.Choice(AVERAGING_NAMES),
+              help="tail: average the iterates of the second half (linear model; free).")
 @click.option("--seed", type=int, help="Master seed (default 0: reruns are identical).")
 @click.option("--eta", type=float)
 @click.option("--max-radius", type=int)
 @click.option("--workers", type=int, help="Training processes (default: one per core).")
 @click.option("--batch-instances", type=int,
-              help="Train this many instances as one vmap-batched computation (GPUs).")
+              help="Train this many instances as one batched computation (GPUs; the "
+                   "linear model on any device).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
 @click.option("--backend", type=click.Choice(["local", "ray"]),
               help="local: one process per core (default); ray: Ray tasks (pip install "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dpcert.errors import UserError
+from dpcert.mechanism import MechanismRecord
 
 AVERAGING = (None, "tail")
 #: SeedSequence "purposes", so the streams of one instance never overlap.
@@ -160,3 +161,43 @@ def predict_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
     out = [torch.softmax(torch.einsum("nd,kdl->knl", x[i:i + batch], weight)
                          + bias[:, None, :], dim=2) for i in range(0, len(x), batch)]
     return torch.cat(out, dim=1).cpu().numpy().astype(np.float32)
+
+
+def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                          x_eval: np.ndarray | torch.Tensor, *, instances: int,
+                          sample_rate: float, noise_multiplier: float, steps: int,
+                          clip_norm: float, lr: float, seed: int = 0,
+                          subset_size: int | None = None, averaging: str | None = None,
+                          batch_instances: int = 100, device: str = "cpu",
+                          progress: bool = False) -> tuple[np.ndarray, MechanismRecord]:
+    """Train P linear DP-SGD instances on your own features and score ``x_eval`` with them.
+
+    The library entry point (in the spirit of Opacus' ``make_private``): features x (n, D)
+    and int labels y (n,), any device. Returns softmax scores (P, N, L) of every instance on
+    x_eval (N, D) and the :class:`~dpcert.mechanism.MechanismRecord` of what ran, which
+    :func:`dpcert.certify` consumes (votes: ``dpcert.run.tally_votes(scores)``).
+    """
+    record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
+                             steps=steps, clip_norm=clip_norm, dataset_size=len(y),
+                             sampling="poisson", subset_size=subset_size)
+    if not (isinstance(instances, int) and instances >= 1 and batch_instances >= 1):
+        raise UserError("instances and batch_instances must be positive integers")
+    dev = torch.device(device)
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32), device=dev)
+    yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
+    xe = torch.as_tensor(np.asarray(x_eval, dtype=np.float32), device=dev)
+    if xt.ndim != 2 or xe.ndim != 2 or xe.shape[1] != xt.shape[1] or yt.shape != (len(xt),):
+        raise UserError(f"need features x (n, D), labels y (n,), x_eval (N, D); got "
+                        f"{tuple(xt.shape)}, {tuple(yt.shape)}, {tuple(xe.shape)}")
+    num_classes = int(yt.max()) + 1
+    cfg = LinearDpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, subset_size,
+                      averaging)
+    from tqdm import tqdm
+
+    out = []
+    for start in tqdm(range(0, instances, batch_instances), desc="training instances",
+                      unit="batch", disable=not progress):
+        group = list(range(start, min(start + batch_instances, instances)))
+        weight, bias = train_linear(cfg, xt, yt, num_classes, seed=seed, instances=group)
+        out.append(predict_linear(weight, bias, xe))
+    return np.concatenate(out), record
