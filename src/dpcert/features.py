@@ -9,7 +9,7 @@ groups of 9 consecutive ones are standardised within the group (zero mean, unit 
 the group's channels and positions: GroupNorm applied to one example, no learned affine), and
 the whole vector is scaled to unit L2 norm. Without the group step the order-0 channel (a
 blurred image) dominates the norm and DP-SGD learns the wavelet channels slowly (validation
-accuracy 0.73 vs 0.79, docs/results.md); the unit norm bounds the linear model's per-example
+accuracy 0.72 vs 0.79, docs/results.md); the unit norm bounds the linear model's per-example
 gradient.
 
 Why nothing here may look at the training set as a whole: a certificate covers the training
