@@ -37,6 +37,7 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_train.py --processes 2
 	$(BIN)/python benchmarks/bench_conv_grads.py
 	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_engine.py --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

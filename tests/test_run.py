@@ -106,7 +106,8 @@ LINEAR = dict(instances=5, steps=30, sample_rate=0.05, noise_multiplier=2.0, wor
 
 def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_path):
     """Instances of the batched linear engine depend on (seed, index) only: batch sizes 1, 2
-    and 5 and two worker processes give the same scores; resume after a lost unit too."""
+    and 5, two worker processes and a resume give the same votes and scores up to float
+    rounding (batched products of other shapes round differently)."""
     a = tmp_path / "a"
     run(RunConfig(**{**LINEAR, "batch_instances": 2}), a, progress=False)
     scores, votes = np.load(a / "scores.npy"), np.load(a / "votes.npy")
@@ -117,9 +118,10 @@ def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_pa
         run(RunConfig(**{**LINEAR, **extra}), tmp_path / name, progress=False)
         np.testing.assert_allclose(np.load(tmp_path / name / "scores.npy"), scores, atol=1e-4)
         np.testing.assert_array_equal(np.load(tmp_path / name / "votes.npy"), votes)
-    (a / "instances" / "inst_000003.npz").unlink()
+    (a / "instances" / "inst_000003.npz").unlink()  # retrained alone now, not beside 2
     run(RunConfig(**{**LINEAR, "batch_instances": 2}), a, progress=False)
-    np.testing.assert_array_equal(np.load(a / "scores.npy"), scores)
+    np.testing.assert_allclose(np.load(a / "scores.npy"), scores, atol=1e-4)
+    np.testing.assert_array_equal(np.load(a / "votes.npy"), votes)
 
 
 @pytest.mark.parametrize("bad", [

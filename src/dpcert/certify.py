@@ -80,13 +80,19 @@ def search_radius(conf: ConfidenceBounds, bounds: GroupBounds, *, max_radius: in
     return radius
 
 
+def _certified_at(bounds, r: int, lo_cells: np.ndarray, up_cells: np.ndarray) -> np.ndarray:
+    """Whether each (lower cell, upper cell) pair is certified at radius r (bool, shape (M,));
+    the tables are evaluated once per distinct cell."""
+    ul, inv_l = np.unique(lo_cells, return_inverse=True)
+    uu, inv_u = np.unique(up_cells, return_inverse=True)
+    low, up = bounds.any_change(r, ul, uu)
+    return low[inv_l] > up[inv_u]
+
+
 def _probe(bounds, r: int, sel: np.ndarray, lo_cell: np.ndarray, up_cell: np.ndarray,
            lo: np.ndarray, hi: np.ndarray, bar) -> None:
-    """Evaluate radius r for the pairs ``sel`` (once per distinct cell) and narrow brackets."""
-    ul, inv_l = np.unique(lo_cell[sel], return_inverse=True)
-    uu, inv_u = np.unique(up_cell[sel], return_inverse=True)
-    low, up = bounds.any_change(r, ul, uu)
-    ok = low[inv_l] > up[inv_u]
+    """Evaluate radius r for the pairs ``sel`` and narrow their brackets."""
+    ok = _certified_at(bounds, r, lo_cell[sel], up_cell[sel])
     lo[sel[ok]] = r
     hi[sel[~ok]] = r
     if bar is not None:
@@ -103,8 +109,7 @@ def _best_radius(bounds, lo_cell: int, up_cell: int, max_radius: int, bar) -> in
         if bar is not None:
             bar.update(1)
             bar.set_postfix(r=r)
-        low, up = bounds.any_change(r, lc, uc)
-        return bool(low[0] > up[0])
+        return bool(_certified_at(bounds, r, lc, uc)[0])
 
     if getattr(bounds, "sequential", False):
         r = 0
@@ -136,10 +141,7 @@ def search_radius_linear(conf: ConfidenceBounds, bounds: GroupBounds, *, max_rad
     r = 1
     while r <= max_radius and alive.any():
         ids = np.flatnonzero(alive)
-        ul, inv_l = np.unique(lo_idx[ids], return_inverse=True)
-        uu, inv_u = np.unique(up_idx[ids], return_inverse=True)
-        low, up = bounds.any_change(r, ul, uu)
-        ok = low[inv_l] > up[inv_u]
+        ok = _certified_at(bounds, r, lo_idx[ids], up_idx[ids])
         radius[ids[ok]] = r
         alive[ids[~ok]] = False
         r += 1
