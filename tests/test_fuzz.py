@@ -221,10 +221,12 @@ def test_malformed_npy_files(tmp_path):
 
 
 def test_config_model_names_match_the_builders():
+    from dpcert.engine import AVERAGING
     from dpcert.models import MODELS
-    from dpcert.run import MODEL_NAMES
+    from dpcert.run import AVERAGING_NAMES, MODEL_NAMES
 
     assert tuple(MODELS) == MODEL_NAMES
+    assert AVERAGING == (None, *AVERAGING_NAMES)
 
 
 @FUZZ

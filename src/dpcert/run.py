@@ -31,6 +31,7 @@ import numpy as np
 from dpcert.accounting import AccountingSpec
 from dpcert.certify import Certificates, certify
 from dpcert.errors import UserError
+from dpcert.features import FEATURES as FEATURE_NAMES
 from dpcert.mechanism import MechanismRecord
 from dpcert.store import (
     atomic_save_npy,
@@ -43,8 +44,7 @@ from dpcert.store import (
 #: in step, so that validating a config does not import torch).
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "npz")
 MODEL_NAMES = ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn", "linear")
-#: Fixed feature maps (dpcert.features.FEATURES) and iterate averaging (dpcert.engine.AVERAGING).
-FEATURE_NAMES = ("scatter",)
+#: Iterate averaging of the linear engine (dpcert.engine.AVERAGING, which needs torch).
 AVERAGING_NAMES = ("tail",)
 
 
