@@ -8,16 +8,18 @@
 # and runs one full paper-scale setting end to end on the GPU (P = 1000 ScatterNet + linear
 # instances, MNIST, sigma = 2: features, training, all certificates, report), then keeps the
 # small results (<= 8 files: the device tool returns no more). Needs data/mnist (the IDX
-# files, .gz is fine) and the pure-Python wheels the machine lacks in .whl/ (dp-accounting,
-# dm-tree, kymatio; see ../shared/DEVICE.md for the download command).
-# DEVICE=cpu INSTANCES=4 scripts/gpu_check.sh /tmp/x is a dry run on any machine.
+# files, .gz is fine) and the wheels the machine lacks in .whl/: dp-accounting==0.6.0, dm-tree
+# and kymatio==0.3.0 (pure Python; its declared appdirs/configparser are never imported), by
+# the download command of ../shared/DEVICE.md.
+# DEVICE=cpu INSTANCES=4 PYTHON=.venv/bin/python scripts/gpu_check.sh /tmp/x: a dry run here.
 set -euo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 device=${DEVICE:-cuda}
 instances=${INSTANCES:-1000}
+python=${PYTHON:-python3}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl
+    "$python" -m pip install -q --no-index --no-deps --target .site .whl/*.whl
 fi
 export PYTHONPATH="src:.site${PYTHONPATH:+:$PYTHONPATH}"
 export DPCERT_CACHE="$out/cache"
@@ -25,12 +27,12 @@ work="$out/work"
 
 {
     nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 || true
-    python3 benchmarks/bench_engine.py --device "$device" --threads "$(nproc)" --steps 200 \
+    "$python" benchmarks/bench_engine.py --device "$device" --threads "$(nproc)" --steps 200 \
         --instances "$instances" --reference-instances 2
 } > "$out/bench_engine.txt" 2>&1
 
 start=$(date +%s)
-python3 -m dpcert.cli run configs/mnist_sigma3_best.yaml --noise-multiplier 2 \
+"$python" -m dpcert.cli run configs/mnist_sigma3_best.yaml --noise-multiplier 2 \
     --instances "$instances" --device "$device" --batch-instances "$instances" \
     --output "$work" --quiet > "$out/run_report.txt" 2>&1
 end=$(date +%s)
