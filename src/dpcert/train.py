@@ -97,7 +97,9 @@ def train_instance(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, num_class
                    seed: int, instance: int) -> nn.Module:
     """Train one instance with DP-SGD on (x, y) — or on its own random subset of them."""
     gen = instance_generator(seed, instance)
-    model = _seeded_model(cfg.model, x.shape[1], num_classes, gen)
+    # Weights and noise are drawn on the host from the instance's stream and moved to the data's
+    # device, so an instance is the same numbers on every device (up to float rounding).
+    model = _seeded_model(cfg.model, x.shape[1], num_classes, gen).to(x.device)
     x, y = _subset(cfg, x, y, gen)
     n = len(y)
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
@@ -112,7 +114,7 @@ def train_instance(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, num_class
             params = {k: v.detach() for k, v in model.named_parameters()}
             summed = clipped_gradient_sum(model, params, x[idx], y[idx], cfg.clip_norm)
         for (name, p) in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * std
+            noise = torch.randn(p.shape, generator=gen).to(p.device) * std
             p.grad = (summed[name] + noise) / expected
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -141,7 +143,8 @@ def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
     from torch.func import stack_module_state
 
     gens = [instance_generator(seed, i) for i in instances]
-    models = [_seeded_model(cfg.model, x.shape[1], num_classes, gen) for gen in gens]
+    device = x.device
+    models = [_seeded_model(cfg.model, x.shape[1], num_classes, gen).to(device) for gen in gens]
     data = [_subset(cfg, x, y, gen) for gen in gens]
     n = len(data[0][1])
     params, _ = stack_module_state(models)
@@ -160,9 +163,9 @@ def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
     for _ in range(cfg.steps):
         idx = [poisson_batch(n, cfg.sample_rate, g) for g in gens]
         width = max(1, max(len(i) for i in idx))
-        mask = torch.zeros(len(gens), width)
-        xb = torch.zeros(len(gens), width, *x.shape[1:])
-        yb = torch.zeros(len(gens), width, dtype=torch.long)
+        mask = torch.zeros(len(gens), width, device=device)
+        xb = torch.zeros(len(gens), width, *x.shape[1:], device=device)
+        yb = torch.zeros(len(gens), width, dtype=torch.long, device=device)
         for k, (i, (xk, yk)) in enumerate(zip(idx, data, strict=True)):
             mask[k, : len(i)] = 1.0
             xb[k, : len(i)], yb[k, : len(i)] = xk[i], yk[i]
@@ -177,7 +180,7 @@ def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
                 noise[name].append(torch.randn(params[name].shape[1:], generator=gen) * std)
         for name in names:
             summed = torch.einsum("kb,kb...->k...", factor, g[name])
-            params[name].grad = (summed + torch.stack(noise[name])) / expected
+            params[name].grad = (summed + torch.stack(noise[name]).to(device)) / expected
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = []
