@@ -235,7 +235,11 @@ def load_dataset_cached(name: str, path: str | None = None,
     data = load_dataset(name, Path(path) if path else None)
     if features is None:
         return data
+    import sys
+
     from dpcert.features import transform
 
-    return Dataset(data.name, transform(data.x_train, features, progress=True), data.y_train,
-                   transform(data.x_test, features, progress=True), data.y_test)
+    # A bar only on a terminal: workers, tests and piped runs (--quiet) stay silent.
+    bar = sys.stderr.isatty()
+    return Dataset(data.name, transform(data.x_train, features, progress=bar), data.y_train,
+                   transform(data.x_test, features, progress=bar), data.y_test)
