@@ -161,6 +161,10 @@ def test_run_command_errors(tmp_path):
         assert res.returncode == 2, (args, res.stderr)
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))  # nothing left behind
+    res = run_cli("--batch-instances", "lots", "--output", tmp_path / "r5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "neither a positive integer nor auto" in res.stderr
+    assert not (tmp_path / "r5").exists()
 
 
 @pytest.mark.parametrize("args,expect", [

@@ -39,6 +39,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     c = tmp_path / "c"
     run(RunConfig(**{**SMALL, "batch_instances": 3}), c, progress=False)
     np.testing.assert_allclose(np.load(c / "scores.npy"), scores, atol=1e-4)
+    np.testing.assert_array_equal(np.load(c / "votes.npy"), votes)
+    d = tmp_path / "d"
+    run(RunConfig(**{**SMALL, "batch_instances": "auto"}), d, progress=False)
+    np.testing.assert_allclose(np.load(d / "scores.npy"), scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["many", 0, -2, 1.5])
+def test_bad_batch_instances_is_a_user_error(value):
+    with pytest.raises(UserError, match="batch_instances"):
+        RunConfig(**{**SMALL, "batch_instances": value})
 
 
 def test_checksum_catches_silent_corruption(tmp_path):

@@ -25,6 +25,23 @@ _SCORE_SUM_TOL = 1e-3
 _MAX_VOTES = 2**53
 
 
+class BatchInstances(click.ParamType):
+    """A positive integer or ``auto``."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
+        return number
+
+
 def load_array(path: Path, what: str) -> np.ndarray:
     """np.load without pickles; every failure becomes a one-line UserError."""
     try:
@@ -327,9 +344,9 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 @click.option("--eta", type=float)
 @click.option("--max-radius", type=int)
 @click.option("--workers", type=int, help="Training processes (default: one per core).")
-@click.option("--batch-instances", type=int,
-              help="Train this many instances as one batched computation (GPUs; the "
-                   "linear model on any device).")
+@click.option("--batch-instances", type=BatchInstances(),
+              help="Train this many instances as one stacked computation, or 'auto': as "
+                   "many as fit in half the free GPU memory (1 per process on CPU).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]))
 @click.option("--backend", type=click.Choice(["local", "ray"]),
               help="local: one process per core (default); ray: Ray tasks (pip install "

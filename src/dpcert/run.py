@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -79,7 +80,7 @@ class RunConfig:
     eta: float = 1e-3
     max_radius: int = 1000
     workers: int = 0
-    batch_instances: int = 1
+    batch_instances: int | str = 1  # or "auto" (resolve_batch_instances)
     device: str = "cpu"
     backend: str = "local"  # local processes, or ray tasks
     ray_address: str | None = None  # None: a private local Ray cluster
@@ -97,10 +98,13 @@ class RunConfig:
             if getattr(self, name) not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)}, got "
                                 f"{getattr(self, name)!r}")
-        for name, low in (("instances", 2), ("seed", 0), ("max_radius", 1), ("workers", 0),
-                          ("batch_instances", 1)):
+        checks = [("instances", 2), ("seed", 0), ("max_radius", 1), ("workers", 0)]
+        if self.batch_instances != "auto":
+            checks.append(("batch_instances", 1))
+        for name, low in checks:
             if not _is_int(getattr(self, name), low):
-                raise UserError(f"{name} must be an integer >= {low}, got "
+                what = " or auto" if name == "batch_instances" else ""
+                raise UserError(f"{name} must be an integer >= {low}{what}, got "
                                 f"{getattr(self, name)!r}")
         for name in ("data_dir", "ray_address"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
@@ -204,13 +208,14 @@ def read_unit(path: Path) -> np.ndarray | None:
     return scores if _digest(scores) == digest else None
 
 
-def train_group(cfg: RunConfig, instances: list[int], data) -> list[np.ndarray]:
-    """Test scores (N, L) of the given instances, trained alone or as one batched computation.
+def train_group(cfg: RunConfig, instances: list[int], data,
+                on_step: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Test scores (N, L) of the given instances, trained as one stacked computation on the
+    run's device (:mod:`dpcert.stacked`; the linear model: :mod:`dpcert.engine`).
 
-    Pure: no files. ``data`` is a :class:`dpcert.data.Dataset`."""
+    Pure: no files. ``data`` is a :class:`dpcert.data.Dataset`; ``on_step(t)`` reports
+    progress (image models)."""
     import torch
-
-    from dpcert.train import TrainConfig, predict_scores, train_instance, train_instances_batched
 
     device = torch.device(cfg.device)
     x = torch.tensor(data.x_train, device=device)
@@ -223,16 +228,15 @@ def train_group(cfg: RunConfig, instances: list[int], data) -> list[np.ndarray]:
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances)
         return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
-    tcfg = TrainConfig(cfg.model, cfg.sample_rate, cfg.noise_multiplier, cfg.steps,
-                       cfg.clip_norm, cfg.lr, cfg.optimizer, cfg.subset_size)
-    if len(instances) > 1:
-        models = train_instances_batched(tcfg, x, y, data.num_classes, seed=cfg.seed,
-                                         instances=instances)
-    else:
-        models = [train_instance(tcfg, x, y, data.num_classes, seed=cfg.seed,
-                                 instance=instances[0])]
-    x_test = torch.tensor(data.x_test)
-    return [predict_scores(model.cpu(), x_test) for model in models]
+    from dpcert.models import build_model
+    from dpcert.stacked import DpSgd, predict_stacked, train_stacked
+
+    dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
+                 cfg.optimizer, cfg.subset_size)
+    in_channels = data.x_train.shape[1]
+    st = train_stacked(dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes),
+                       x, y, seed=cfg.seed, instances=instances, progress=on_step)
+    return list(predict_stacked(st, torch.tensor(data.x_test, device=device)))
 
 
 def _one_thread() -> None:
@@ -250,11 +254,12 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
                                initializer=_one_thread)
 
 
-def _train_units(cfg_dict: dict, instances: list[int], outs: list[str]) -> list[int]:
+def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
+                 on_step: Callable[[int], None] | None = None) -> list[int]:
     """Local backend: train a group of instances and write each unit file as it is ready."""
     cfg = RunConfig(**cfg_dict)
     data = load_run_data(cfg)
-    for scores, out in zip(train_group(cfg, instances, data), outs, strict=True):
+    for scores, out in zip(train_group(cfg, instances, data, on_step), outs, strict=True):
         write_unit(Path(out), scores)
     return instances
 
@@ -302,6 +307,31 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
             ray.shutdown()
 
 
+def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
+    """``batch_instances``, with ``auto`` resolved: the linear model 100 (measured on CPU,
+    docs/benchmarks.md), image models :func:`dpcert.stacked.instances_that_fit` on the run's
+    device (1 on CPU, where one process per core is faster)."""
+    if cfg.batch_instances != "auto":
+        return cfg.batch_instances
+    if cfg.model == "linear":
+        return min(todo, 100)
+    if cfg.device != "cuda":
+        return 1
+    import torch
+
+    from dpcert.models import build_model
+    from dpcert.stacked import DpSgd, instances_that_fit
+
+    data = load_run_data(cfg)
+    device = torch.device(cfg.device)
+    dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
+                 cfg.optimizer, cfg.subset_size)
+    fit = instances_that_fit(
+        dcfg, lambda: build_model(cfg.model, data.x_train.shape[1], data.num_classes),
+        torch.tensor(data.x_train, device=device), torch.tensor(data.y_train, device=device))
+    return min(todo, fit)
+
+
 def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     """Train every instance whose unit file is missing or damaged; others are kept."""
     units = run_dir / "instances"
@@ -318,12 +348,12 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
     if cfg.device == "cuda":
         workers = 1  # one process drives the GPU; batch_instances fills it
+    k = resolve_batch_instances(cfg, len(todo))
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.instances, initial=cfg.instances - len(todo), desc="training instances",
                unit="inst", disable=not progress)
     cfg_dict = asdict(cfg)
-    k = cfg.batch_instances
     groups = [todo[i: i + k] for i in range(0, len(todo), k)]
 
     def outs(group: list[int]) -> list[str]:
@@ -333,7 +363,9 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
         _train_ray(cfg, groups, outs, bar)
     elif workers == 1:
         for group in groups:
-            _train_units(cfg_dict, group, outs(group))
+            with tqdm(total=cfg.steps, desc=f"DP-SGD steps of {len(group)} instances",
+                      unit="step", leave=False, disable=not progress) as steps:
+                _train_units(cfg_dict, group, outs(group), lambda _: steps.update())
             bar.update(len(group))
     else:
         with worker_pool(workers) as pool:

@@ -1,0 +1,127 @@
+"""Counter-based random numbers for many DP-SGD instances at once, on any device.
+
+Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011; the
+generator behind cuRAND's and JAX's defaults) maps a 128-bit counter and a 64-bit key to 128
+random bits. Every number an instance draws is addressed by (key, counter): the key comes from
+(seed, instance) and the counter from (step, purpose, index). So an instance's sampling and
+noise never depend on which other instances share its batch, the chunk size, the device, the
+worker, or a resume — and the numbers of K instances come from one vectorised computation, not
+one generator call per instance.
+
+Written by hand because neither torch nor numpy offers it: torch generators take one seed per
+call, numpy's ``Philox`` is the 4x64 variant on the host. Words are held in int64 tensors;
+32x32-bit products are computed modulo 2^64 in two's complement and split into high and low
+words, which is exact. Tested bit for bit against the Random123 known-answer vectors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+_MASK = 0xFFFFFFFF
+#: counter word 3: what a number is for, so the streams of one instance never overlap
+SAMPLING, NOISE, SUBSET = 1, 2, 3
+
+
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               k0: torch.Tensor, k1: torch.Tensor, rounds: int = 10
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 of counter words (c0..c3) under key words (k0, k1).
+
+    All inputs are int64 tensors holding values in [0, 2^32) that broadcast together; returns
+    the four output words, same convention."""
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + _W0) & _MASK
+            k1 = (k1 + _W1) & _MASK
+        p0 = c0 * _M0  # < 2^64: wraps in int64, but its low 64 bits are exact
+        p1 = c2 * _M1
+        c0, c1, c2, c3 = ((p1 >> 32) & _MASK) ^ c1 ^ k0, p1 & _MASK, \
+            ((p0 >> 32) & _MASK) ^ c3 ^ k1, p0 & _MASK
+    return c0, c1, c2, c3
+
+
+def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.device | str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key words (K, 1) of each instance: 64 bits of SeedSequence([seed, instance])."""
+    state = np.stack([np.random.SeedSequence([seed, int(i)]).generate_state(2, dtype=np.uint32)
+                      for i in instances]).astype(np.int64)
+    keys = torch.from_numpy(state).to(device)
+    return keys[:, :1], keys[:, 1:]
+
+
+def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+            start: int = 0) -> tuple[torch.Tensor, ...]:
+    """Output words of blocks start .. start+count-1 for every instance: (K, count) each."""
+    k0, k1 = keys
+    c0 = torch.arange(start, start + count, device=k0.device, dtype=torch.int64)[None, :]
+    zero = torch.zeros((), device=k0.device, dtype=torch.int64)
+    return philox4x32(c0, zero, zero + (step & _MASK), zero + purpose, k0, k1)
+
+
+def _unit(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """float64 in the open interval (0, 1) from 53 of the 64 bits (hi, lo): (m + 1/2) / 2^53."""
+    m = (hi << 21) | (lo >> 11)
+    return (m.to(torch.float64) + 0.5) * 2.0**-53
+
+
+def uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+            start: int = 0) -> torch.Tensor:
+    """(K, 2 * count) float64 uniforms on (0, 1): two per Philox block, index 2j and 2j + 1
+    from block start + j."""
+    w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start)
+    return torch.stack([_unit(w0, w1), _unit(w2, w3)], dim=2).flatten(1)
+
+
+def normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(K, count) standard normals by the Box-Muller transform of 53-bit uniforms.
+
+    Computed in float64 (the radius sqrt(-2 ln u) reaches 8.6 standard deviations, against 5.7
+    for float32 uniforms), then rounded to ``dtype``."""
+    u = uniform(keys, step, purpose, (count + 1) // 2).view(-1, (count + 1) // 2, 2)
+    radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
+    angle = (2.0 * math.pi) * u[..., 1]
+    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)
+    return z[:, :count].to(dtype)
+
+
+def poisson_positions(keys: tuple[torch.Tensor, torch.Tensor], step: int, n: int, q: float,
+                      chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisson sampling of [0, n) at rate q for every instance: (index (K, W), mask (K, W)).
+
+    The gaps between included positions of a Bernoulli(q) sequence are i.i.d. Geometric(q),
+    drawn as 1 + floor(ln u / ln(1 - q)); their cumulative sums below n are exactly the
+    included positions (a prefix of each row). W is the largest batch (at least 1); padding
+    holds index 0 with mask False. Gaps are drawn ``chunk`` at a time (default: the expected
+    batch plus six standard deviations) until every row passes n; the positions do not depend
+    on the chunk (an even chunk reads the same uniforms)."""
+    k = keys[0].shape[0]
+    device = keys[0].device
+    if q >= 1.0:
+        index = torch.arange(n, device=device).expand(k, n)
+        return index, torch.ones(k, n, dtype=torch.bool, device=device)
+    if chunk is None:
+        chunk = int(n * q + 6 * math.sqrt(n * q) + 16)
+    log1mq = math.log1p(-q)
+    pos = torch.empty(k, 0, dtype=torch.int64, device=device)
+    last = torch.full((k,), -1, dtype=torch.int64, device=device)
+    drawn = 0
+    while True:
+        u = uniform(keys, step, SAMPLING, (chunk + 1) // 2, start=drawn // 2)
+        drawn += 2 * ((chunk + 1) // 2)
+        gaps = 1 + torch.floor(torch.log(u) / log1mq).clamp(max=n + 1).to(torch.int64)
+        more = last[:, None] + torch.cumsum(gaps, dim=1)
+        pos = torch.cat([pos, more], dim=1)
+        last = more[:, -1]
+        if bool((last >= n).all()):
+            break
+    valid = pos < n
+    width = max(1, int(valid.sum(1).max()))
+    valid = valid[:, :width]
+    return torch.where(valid, pos[:, :width], 0), valid

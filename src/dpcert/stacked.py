@@ -1,0 +1,300 @@
+"""DP-SGD for K instances of one torch model as a single stacked computation, on any device.
+
+The training engine for image models (the linear model on fixed features has its closed-form
+twin in :mod:`dpcert.engine`). Every step of every instance is the Sampled Gaussian Mechanism
+that :class:`~dpcert.mechanism.MechanismRecord` describes: Poisson sampling at rate q of the
+instance's data, per-example clipping to C over all parameters, N(0, sigma^2 C^2) noise on
+every coordinate of the sum, division by the expected batch size q n.
+
+* Everything in a step lives on the device: the K instances' parameters are stacked (K, ...)
+  tensors, Poisson batches are drawn for all K at once and gathered into a padded (W, K) index
+  (W the largest batch; a mask zeroes the padding), and noise for all K comes from one call.
+* Randomness is counter-based (:mod:`dpcert.philox`): instance i's batch at step t and its noise
+  are functions of (seed, i, t) alone, so an instance is the same model whatever else shares
+  its batch, on any worker, after any resume. Initial weights come from the model's own
+  initialiser under a torch seed derived from (seed, i), drawn on the host.
+* Clipping: for an ``nn.Sequential`` of Linear / Conv2d / parameter-free layers
+  (:func:`dpcert.ghost.supports`), per-example norms and the clipped sum come from one forward
+  and one backward pass of the stacked model — Linear layers by the ghost norm
+  ||g_i||^2 ||a_i||^2 and a batched matrix product (no per-example gradient is formed), Conv2d
+  layers by their per-example weight gradients (a few thousand numbers per example). Any other
+  model falls back to ``vmap(vmap(grad))`` over instances and examples.
+* The optimizer (SGD or Adam) is applied to the stacked tensors: both act element by element,
+  so each instance's update is exactly its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from dpcert import ghost, philox
+
+ModelFn = Callable[[], nn.Module]
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """One instance's DP-SGD run (privacy: q, sigma, T, C and the subset size; the rest free)."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    clip_norm: float
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    subset_size: int | None = None
+
+
+@dataclass
+class Stacked:
+    """K trained instances: the model's structure and its parameters stacked along dim 0."""
+
+    base: nn.Module
+    params: dict[str, torch.Tensor]
+
+    @property
+    def instances(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+
+def init_seed(seed: int, instance: int) -> int:
+    """The torch seed under which instance ``instance`` builds its initial weights."""
+    state = np.random.SeedSequence([seed, instance, 0]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
+                 device: torch.device) -> Stacked:
+    """Each instance's model built under its own seed on the host, stacked, moved to device."""
+    models = []
+    for i in instances:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed(seed, i))
+            models.append(model_fn())
+    names = [k for k, _ in models[0].named_parameters()]
+    params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]).to(device)
+              for k in names}
+    return Stacked(models[0].to(device).eval(), params)
+
+
+# -- stacked forward pass (ghost-compatible models) ---------------------------------------------
+
+
+def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_bk: torch.Tensor,
+             record: list | None = None) -> torch.Tensor:
+    """Logits (K, B, L) of K instances on their own examples x_bk (B, K, *input shape).
+
+    Conv layers run on the (B, K * C, H, W) layout as one grouped convolution (groups = K);
+    Linear layers on (K, B, D) as batched matrix products. With ``record``, appends
+    (name, layer, input, output) for each layer with parameters: Conv2d tensors in
+    the (B, K, ...) layout, Linear ones in (K, B, ...)."""
+    h, layout = x_bk, "bk"
+    b, k = x_bk.shape[:2]
+    for name, layer in base.named_children():
+        if isinstance(layer, nn.Conv2d):
+            if layout == "kb":
+                h, layout = h.transpose(0, 1).contiguous(), "bk"
+            w = params[f"{name}.weight"]
+            bias = params.get(f"{name}.bias")
+            out = nn.functional.conv2d(
+                h.reshape(b, k * h.shape[2], *h.shape[3:]), w.reshape(-1, *w.shape[2:]),
+                None if bias is None else bias.reshape(-1), layer.stride, layer.padding,
+                groups=k)
+            out = out.view(b, k, w.shape[1], *out.shape[2:])
+        elif isinstance(layer, nn.Linear):
+            if layout == "bk":
+                h, layout = h.transpose(0, 1).contiguous(), "kb"
+            w = params[f"{name}.weight"]
+            bias = params.get(f"{name}.bias")
+            out = torch.bmm(h, w.transpose(1, 2))
+            if bias is not None:
+                out = out + bias[:, None, :]
+        else:
+            shape = h.shape[:2]
+            h = layer(h.reshape(-1, *h.shape[2:]))
+            h = h.view(*shape, *h.shape[1:])
+            continue
+        if record is not None:
+            record.append((name, layer, h, out))
+        h = out
+    if layout == "bk":
+        h = h.transpose(0, 1)
+    return h.reshape(k, b, -1)
+
+
+def _conv_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients (N, O, C, kh, kw) of a Conv2d from inputs and output grads.
+
+    On CUDA: unfold + batched matmul (cuBLAS); on CPU the measured choice of :mod:`ghost`."""
+    if a.device.type != "cuda":
+        return ghost._conv_weight_grads(layer, a, g)
+    n, o = g.shape[:2]
+    cols = nn.functional.unfold(a, layer.kernel_size, padding=layer.padding,
+                                stride=layer.stride)  # (N, C kh kw, L)
+    out = torch.bmm(g.reshape(n, o, -1), cols.transpose(1, 2))
+    return out.view(n, o, *layer.weight.shape[1:])
+
+
+def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                       clip: float) -> dict[str, torch.Tensor]:
+    """sum_i min(1, C / ||g_i||) g_i per instance: {name: (K, *param shape)}.
+
+    x_bk (B, K, ...), y and mask (K, B)."""
+    params = {k: v.detach().requires_grad_(True) for k, v in st.params.items()}
+    record: list = []
+    logits = _forward(st.base, params, x_bk, record)
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    grads = torch.autograd.grad(loss, [r[3] for r in record])
+    sq = torch.zeros_like(mask, dtype=logits.dtype)
+    parts = []
+    for (name, layer, a, _), g in zip(record, grads, strict=True):
+        a = a.detach()
+        if isinstance(layer, nn.Linear):  # layout (K, B, ...)
+            sq = sq + g.pow(2).sum(2) * a.pow(2).sum(2)
+            gb = g
+            parts.append((name, layer, a, g, None, gb))
+        else:  # layout (B, K, ...)
+            gw = _conv_grads(layer, a.flatten(0, 1), g.flatten(0, 1)).view(
+                *g.shape[:2], *layer.weight.shape)
+            gb = g.sum(dim=(3, 4))
+            sq = sq + gw.pow(2).flatten(2).sum(2).T
+            parts.append((name, layer, a, g, gw, gb))
+        if layer.bias is not None:
+            sq = sq + (gb.pow(2).sum(2) if isinstance(layer, nn.Linear) else gb.pow(2).sum(2).T)
+    factor = torch.clamp(clip / sq.sqrt().clamp_min(1e-12), max=1.0) * mask
+    out = {}
+    for name, layer, a, g, gw, gb in parts:
+        if gw is None:
+            gc = g * factor[..., None]
+            out[f"{name}.weight"] = torch.bmm(gc.transpose(1, 2), a)
+            if layer.bias is not None:
+                out[f"{name}.bias"] = gc.sum(1)
+        else:
+            out[f"{name}.weight"] = torch.einsum("bk,bk...->k...", factor.T, gw)
+            if layer.bias is not None:
+                out[f"{name}.bias"] = torch.einsum("bk,bko->ko", factor.T, gb)
+    return out
+
+
+def _vmap_clipped_sum(st: Stacked, x_kb: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                      clip: float) -> dict[str, torch.Tensor]:
+    """The same sum for any model, by materialised per-example gradients (nested vmap)."""
+
+    def loss(p, xi, yi):
+        out = functional_call(st.base, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    per = vmap(vmap(grad(loss), in_dims=(None, 0, 0)))(st.params, x_kb, y)
+    sq = sum(v.flatten(2).pow(2).sum(2) for v in per.values())
+    factor = torch.clamp(clip / sq.sqrt().clamp_min(1e-12), max=1.0) * mask
+    return {k: torch.einsum("kb,kb...->k...", factor, v) for k, v in per.items()}
+
+
+def clipped_gradient_sum(st: Stacked, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                         mask: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
+    """Clipped per-example gradient sums of K instances on rows ``index`` (K, W) of (x, y);
+    ``mask`` (K, W) marks real examples (padding contributes nothing)."""
+    maskf = mask.to(x.dtype)
+    yb = y[index]
+    if ghost.supports(st.base):
+        return _ghost_clipped_sum(st, x[index.T], yb, maskf, clip)
+    return _vmap_clipped_sum(st, x[index], yb, maskf, clip)
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def _subset_rows(keys, n: int, m: int) -> torch.Tensor:
+    """Each instance's uniformly random m-subset of [0, n), sorted: (K, m) row indices (a
+    random permutation by sorting n counter-based uniforms per instance)."""
+    u = philox.uniform(keys, 0, philox.SUBSET, (n + 1) // 2)[:, :n]
+    return torch.sort(torch.argsort(u, dim=1)[:, :m], dim=1).values
+
+
+def train_stacked(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, *,
+                  seed: int, instances: list[int],
+                  progress: Callable[[int], None] | None = None) -> Stacked:
+    """Train the given instances of ``model_fn()`` together on (x, y) (on their device).
+
+    x (n, *input shape) float32, y (n,) int64. Instance i's result depends on (seed, i) only.
+    ``progress(steps_done)`` is called after each step when given."""
+    device = x.device
+    st = init_stacked(model_fn, seed, instances, device)
+    keys = philox.instance_keys(seed, instances, device)
+    n = len(y)
+    rows = None
+    if cfg.subset_size is not None and cfg.subset_size < n:
+        rows, n = _subset_rows(keys, n, cfg.subset_size), cfg.subset_size
+    leaves = [v.requires_grad_(False) for v in st.params.values()]
+    opt = (torch.optim.Adam(leaves, lr=cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(leaves, lr=cfg.lr))
+    sizes = [v[0].numel() for v in st.params.values()]
+    expected = cfg.sample_rate * n
+    std = cfg.noise_multiplier * cfg.clip_norm
+    for step in range(cfg.steps):
+        index, mask = philox.poisson_positions(keys, step, n, cfg.sample_rate)
+        if rows is not None:
+            index = torch.gather(rows, 1, index)
+        summed = clipped_gradient_sum(st, x, y, index, mask, cfg.clip_norm)
+        noise = philox.normal(keys, step, philox.NOISE, sum(sizes), dtype=x.dtype) * std
+        for (name, p), chunk in zip(st.params.items(), noise.split(sizes, dim=1), strict=True):
+            p.grad = (summed[name] + chunk.view_as(p)) / expected
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1)
+    return st
+
+
+@torch.no_grad()
+def predict_stacked(st: Stacked, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Softmax scores (K, N, L), float32 on the host, of every instance on x (N, ...)."""
+    k = st.instances
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        if ghost.supports(st.base):
+            logits = _forward(st.base, st.params, xb[:, None].expand(-1, k, *xb.shape[1:])
+                              .contiguous())
+        else:
+            logits = vmap(lambda p, xx: functional_call(st.base, p, (xx,)),
+                          in_dims=(0, None))(st.params, xb)
+        out.append(torch.softmax(logits, dim=2).cpu())
+    return torch.cat(out, dim=1).numpy().astype(np.float32)
+
+
+def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, *,
+                       probe: int = 8, share: float = 0.5, cap: int = 1000) -> int:
+    """How many instances to stack on x's device (``--batch-instances auto``).
+
+    CPU: 1 — stacking does not make one core faster (docs/benchmarks.md), so runs use one
+    process per core. CUDA: one probe step of ``probe`` instances at a batch six standard
+    deviations above the expected size measures the memory an instance needs; K fills
+    ``share`` of the free memory, at most ``cap``."""
+    device = x.device
+    if device.type != "cuda":
+        return 1
+    n = cfg.subset_size or len(y)
+    width = min(n, int(cfg.sample_rate * n + 6 * (cfg.sample_rate * n) ** 0.5 + 16))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    st = init_stacked(model_fn, 0, list(range(probe)), device)
+    index = torch.arange(width, device=device).expand(probe, width)
+    mask = torch.ones(probe, width, dtype=torch.bool, device=device)
+    summed = clipped_gradient_sum(st, x, y, index, mask, cfg.clip_norm)
+    keys = philox.instance_keys(0, list(range(probe)), device)
+    noise = philox.normal(keys, 0, philox.NOISE, sum(v[0].numel() for v in st.params.values()))
+    # optimizer state (Adam: two moments) and gradients: up to three more copies of the params
+    extra = 3 * sum(v.numel() * v.element_size() for v in st.params.values())
+    torch.cuda.synchronize(device)
+    per = (torch.cuda.max_memory_allocated(device) - before + extra) / probe
+    del st, summed, noise
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(cap, share * free // per)))

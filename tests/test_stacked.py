@@ -1,0 +1,153 @@
+"""The stacked training engine: clipped sums, the clipping bound, per-instance determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpcert import philox, stacked
+from dpcert.models import build_model
+
+
+def _gn_model() -> nn.Module:  # not ghost-compatible (GroupNorm): takes the vmap path
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 10))
+
+
+MODELS = {"lenet5": (lambda: build_model("lenet5", 1, 10), 28),
+          "digits_cnn": (lambda: build_model("digits_cnn", 1, 10), 8),
+          "groupnorm": (_gn_model, 8)}
+
+
+def _data(side: int, n: int = 120, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, side, side, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def _reference_sum(model: nn.Module, x, y, clip: float) -> dict[str, torch.Tensor]:
+    """Clipped sum from one autograd call per example (the definition)."""
+    out = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for xi, yi in zip(x, y, strict=True):
+        loss = nn.functional.cross_entropy(model(xi[None]), yi[None])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        for (k, _), g in zip(model.named_parameters(), grads, strict=True):
+            out[k] += g * min(1.0, clip / float(norm))
+    return out
+
+
+def _instance(st: stacked.Stacked, model_fn, k: int) -> nn.Module:
+    model = model_fn()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(st.params[name][k])
+    return model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_clipped_sum_equals_per_example_autograd(name):
+    model_fn, side = MODELS[name]
+    x, y = _data(side)
+    st = stacked.init_stacked(model_fn, 3, [0, 1, 2], torch.device("cpu"))
+    index, mask = philox.poisson_positions(philox.instance_keys(3, [0, 1, 2], "cpu"), 0,
+                                           len(y), 0.1)
+    assert not mask.all()  # batches of different sizes: padding is exercised
+    clip = 0.5
+    got = stacked.clipped_gradient_sum(st, x, y, index, mask, clip)
+    for k in range(3):
+        rows = index[k][mask[k]]
+        ref = _reference_sum(_instance(st, model_fn, k), x[rows], y[rows], clip)
+        for key, value in ref.items():
+            torch.testing.assert_close(got[key][k], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_example_moves_each_instance_sum_by_at_most_c(name):
+    model_fn, side = MODELS[name]
+    x, y = _data(side, n=40, seed=1)
+    st = stacked.init_stacked(model_fn, 0, [0, 1], torch.device("cpu"))
+    index = torch.arange(40).expand(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    clip = 0.3
+    a = stacked.clipped_gradient_sum(st, x, y, index, mask, clip)
+    x2, y2 = x.clone(), y.clone()
+    x2[5] = 50.0 * torch.randn(x2[5].shape)  # a wild replacement: its gradient is huge
+    y2[5] = (y2[5] + 3) % 10
+    b = stacked.clipped_gradient_sum(st, x2, y2, index, mask, clip)
+    for k in range(2):
+        diff = torch.sqrt(sum((a[n][k] - b[n][k]).pow(2).sum() for n in a))
+        assert 0 < float(diff) <= 2 * clip + 1e-5  # replace = remove (<= C) + add (<= C)
+    mask2 = mask.clone()
+    mask2[:, 5] = False  # removal of one example moves the sum by at most C
+    c = stacked.clipped_gradient_sum(st, x, y, index, mask2, clip)
+    for k in range(2):
+        diff = torch.sqrt(sum((a[n][k] - c[n][k]).pow(2).sum() for n in a))
+        assert 0 < float(diff) <= clip + 1e-5
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_an_instance_is_the_same_model_whatever_trains_beside_it(optimizer):
+    model_fn, side = MODELS["digits_cnn"]
+    x, y = _data(side, n=200)
+    cfg = stacked.DpSgd(0.05, 1.0, 15, 1.0, 0.05, optimizer)
+    together = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[0, 1, 2, 3])
+    pair = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[3, 1])
+    alone = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[1])
+    for name, p in together.params.items():
+        torch.testing.assert_close(p[1], alone.params[name][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p[3], pair.params[name][0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together.params["0.weight"][0], together.params["0.weight"][1])
+    s_all = stacked.predict_stacked(together, x[:50])
+    s_one = stacked.predict_stacked(alone, x[:50])
+    np.testing.assert_allclose(s_all[1], s_one[0], atol=1e-4)
+    assert np.array_equal(s_all[1].argmax(1), s_one[0].argmax(1))
+    other = stacked.train_stacked(cfg, model_fn, x, y, seed=5, instances=[1])
+    assert not torch.allclose(other.params["0.weight"][0], alone.params["0.weight"][0])
+
+
+def test_vmap_path_trains_like_the_ghost_path():
+    model_fn, side = MODELS["digits_cnn"]
+    x, y = _data(side, n=150)
+    cfg = stacked.DpSgd(0.1, 1.0, 5, 1.0, 0.05)
+    ghost_run = stacked.train_stacked(cfg, model_fn, x, y, seed=2, instances=[0, 1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stacked.ghost, "supports", lambda model: False)
+        vmap_run = stacked.train_stacked(cfg, model_fn, x, y, seed=2, instances=[0, 1])
+        scores = stacked.predict_stacked(vmap_run, x[:20])
+    for name, p in ghost_run.params.items():
+        torch.testing.assert_close(p, vmap_run.params[name], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores, stacked.predict_stacked(ghost_run, x[:20]), atol=1e-5)
+
+
+def test_subset_training_ignores_examples_outside_the_subset():
+    model_fn, side = MODELS["digits_cnn"]
+    x, y = _data(side, n=200)
+    cfg = stacked.DpSgd(0.1, 1.0, 8, 1.0, 0.05, subset_size=50)
+    rows = stacked._subset_rows(philox.instance_keys(6, [0], "cpu"), 200, 50)[0]
+    assert len(torch.unique(rows)) == 50
+    outside = np.setdiff1d(np.arange(200), rows.numpy())
+    x2, y2 = x.clone(), y.clone()
+    x2[outside] = -x2[outside]
+    y2[outside] = (y2[outside] + 1) % 10
+    a = stacked.train_stacked(cfg, model_fn, x, y, seed=6, instances=[0])
+    b = stacked.train_stacked(cfg, model_fn, x2, y2, seed=6, instances=[0])
+    for name, p in a.params.items():
+        torch.testing.assert_close(p, b.params[name])
+    x2[rows] = -x2[rows]  # the examples inside the subset do matter
+    c = stacked.train_stacked(cfg, model_fn, x2, y2, seed=6, instances=[0])
+    assert not torch.allclose(a.params["0.weight"], c.params["0.weight"])
+
+
+def test_learns_digits():
+    from dpcert.data import load_dataset
+
+    data = load_dataset("digits")
+    x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
+    cfg = stacked.DpSgd(0.05, 0.5, 150, 1.0, 0.01, "adam")
+    st = stacked.train_stacked(cfg, MODELS["digits_cnn"][0], x, y, seed=0, instances=[0, 1])
+    scores = stacked.predict_stacked(st, torch.tensor(data.x_test))
+    assert scores.shape == (2, len(data.y_test), 10)
+    np.testing.assert_allclose(scores.sum(2), 1.0, atol=1e-5)
+    assert (scores.argmax(2) == data.y_test).mean(1).min() > 0.7
