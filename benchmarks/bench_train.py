@@ -10,12 +10,23 @@ With ``--processes K`` every variant runs in K processes at once (one thread eac
 together at a barrier) and the K rates are added: the equal-cores comparison that matches how
 dpcert trains on CPUs (one instance per core).
 
+With ``--device cpu|cuda`` it measures instead what the paper's experiments cost: P = 1000
+LeNet-5 instances x T = 1000 steps at q = 0.001 on n = 60,000 MNIST-shaped examples. dpcert's
+stacked engine (K instances per computation, ``--chunks``) is timed over a few steps after a
+warm-up and extrapolated to P x T; in the same run, Opacus trains one instance at a time (the
+paper's public code's way; ``--opacus-steps`` steps, extrapolated) and dpcert's previous
+per-instance path (``train.train_instance``). Prints per-instance-step times, the extrapolated
+totals, their ratios, peak GPU memory, a per-step breakdown (noise, sampling, clipping) and
+the machine; ``--json`` also writes them to a file.
+
 Run: python benchmarks/bench_train.py [--threads N | --processes K]
+     python benchmarks/bench_train.py --device cuda [--chunks 250 1000] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -154,12 +165,191 @@ def in_processes(k: int) -> dict[str, float]:
     return {name: sum(part[name] for part in parts) for name in VARIANTS}
 
 
+# -- the paper-scale ensemble (--device) ---------------------------------------------------------
+
+PAPER_N, PAPER_Q, PAPER_T = 60_000, 0.001, 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device, fn, reps: int = 10) -> float:
+    """Seconds per call of fn (after one warm-up call)."""
+    fn()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def stacked_rate(x, y, k: int, steps: int, warm: int = 3) -> dict:
+    """Seconds per step of K stacked instances, and the peak device memory."""
+    from dpcert.stacked import DpSgd, train_stacked
+
+    device = x.device
+    cfg = DpSgd(PAPER_Q, 1.0, warm + steps, 1.0, 0.1)
+    marks = {}
+
+    def progress(done: int) -> None:
+        if done in (warm, warm + steps):
+            _sync(device)
+            marks[done] = time.perf_counter()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_stacked(cfg, lenet5, x, y, seed=0, instances=list(range(k)), progress=progress)
+    per_step = (marks[warm + steps] - marks[warm]) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"instances": k, "seconds_per_step": per_step,
+            "ms_per_instance_step": 1e3 * per_step / k, "peak_gib": peak}
+
+
+def step_breakdown(x, y, k: int) -> dict:
+    """Milliseconds per step of K instances for each part of a step."""
+    from dpcert import philox, stacked
+
+    device = x.device
+    st = stacked.init_stacked(lenet5, 0, list(range(k)), device)
+    keys = philox.instance_keys(0, list(range(k)), device)
+    size = sum(v[0].numel() for v in st.params.values())
+    index, mask = philox.poisson_positions(keys, 0, PAPER_N, PAPER_Q)
+    out = {"noise_ms": 1e3 * _clock(device, lambda: philox.normal(keys, 1, philox.NOISE, size)),
+           "sampling_ms": 1e3 * _clock(
+               device, lambda: philox.poisson_positions(keys, 1, PAPER_N, PAPER_Q)),
+           "clipped_sum_ms": 1e3 * _clock(
+               device, lambda: stacked.clipped_gradient_sum(st, x, y, index, mask, 1.0))}
+    return out
+
+
+def opacus_sequential_rate(x, y, steps: int) -> float:
+    """Seconds per step of one LeNet-5 trained by Opacus make_private (Poisson, q = 0.001)."""
+    from opacus import PrivacyEngine
+
+    device = x.device
+    model = lenet5().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                         batch_size=int(PAPER_Q * PAPER_N))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, loader = PrivacyEngine().make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=True)
+    it = iter(loader)
+
+    def step() -> None:
+        nonlocal it
+        try:
+            xb, yb = next(it)
+        except StopIteration:
+            it = iter(loader)
+            xb, yb = next(it)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+    return _clock(device, step, reps=steps)
+
+
+def previous_path_rate(x, y, steps: int) -> float:
+    """Seconds per step of dpcert's per-instance path (train.train_instance)."""
+    from dpcert.train import TrainConfig, train_instance
+
+    cfg = TrainConfig("lenet5", PAPER_Q, 1.0, steps, 1.0, 0.1)
+    _sync(x.device)
+    t = time.perf_counter()
+    train_instance(cfg, x, y, 10, seed=0, instance=0)
+    _sync(x.device)
+    return (time.perf_counter() - t) / steps
+
+
+def ensemble_main(args) -> None:
+    import json
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(PAPER_N, 1, 28, 28, generator=gen).to(device)
+    y = torch.randint(0, 10, (PAPER_N,), generator=gen).to(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
+    total = args.instances * PAPER_T
+    out = {"device": name, "torch": torch.__version__, "threads": args.threads,
+           "instances": args.instances, "steps": PAPER_T, "stacked": []}
+    print(f"device: {name}, torch {torch.__version__}, {args.threads} threads")
+    print(f"LeNet-5, n = {PAPER_N}, q = {PAPER_Q}; extrapolated to P = {args.instances} x "
+          f"T = {PAPER_T}")
+    from dpcert.stacked import DpSgd, instances_that_fit
+
+    auto = instances_that_fit(DpSgd(PAPER_Q, 1.0, PAPER_T, 1.0, 0.1), lenet5, x, y)
+    out["auto_instances"] = auto
+    print(f"  --batch-instances auto picks K = {auto}")
+    for k in args.chunks:
+        r = stacked_rate(x, y, k, args.stacked_steps)
+        chunks = -(-args.instances // k)
+        r["extrapolated_seconds"] = chunks * PAPER_T * r["seconds_per_step"]
+        out["stacked"].append(r)
+        peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.1f} GiB"
+        print(f"  dpcert stacked K = {k:5d}: {r['ms_per_instance_step']:8.4f} ms per "
+              f"instance-step -> {r['extrapolated_seconds']:8.1f} s{peak}")
+    if device.type == "cuda":  # the same with the compiled noise generator (an experiment)
+        os.environ["DPCERT_COMPILE_RNG"] = "1"
+        try:
+            r = stacked_rate(x, y, args.chunks[-1], args.stacked_steps, warm=5)
+            r["compiled_rng"] = True
+            out["stacked"].append(r)
+            print(f"  ... with DPCERT_COMPILE_RNG=1: {r['ms_per_instance_step']:8.4f} ms per "
+                  f"instance-step")
+        except Exception as err:  # noqa: BLE001 - a measurement only: report why it failed
+            print(f"  compiled noise failed: {type(err).__name__}: {str(err)[:200]}")
+        finally:
+            del os.environ["DPCERT_COMPILE_RNG"]
+    for r in out["stacked"]:
+        r["extrapolated_seconds"] = -(-args.instances // r["instances"]) * PAPER_T \
+            * r["seconds_per_step"]
+    best = min((r for r in out["stacked"] if not r.get("compiled_rng")),
+               key=lambda r: r["extrapolated_seconds"])
+    out["breakdown"] = step_breakdown(x, y, best["instances"])
+    print(f"  step of K = {best['instances']}: {out['breakdown']}")
+    prev = previous_path_rate(x, y, args.previous_steps)
+    out["previous_ms_per_step"] = 1e3 * prev
+    print(f"  dpcert train_instance (previous path): {1e3 * prev:8.3f} ms per step -> "
+          f"{total * prev:9.0f} s   ratio {total * prev / best['extrapolated_seconds']:.1f}x")
+    try:
+        op = opacus_sequential_rate(x, y, args.opacus_steps)
+        out["opacus_ms_per_step"] = 1e3 * op
+        out["ratio_vs_opacus"] = total * op / best["extrapolated_seconds"]
+        print(f"  Opacus, one instance at a time:       {1e3 * op:8.3f} ms per step -> "
+              f"{total * op:9.0f} s   ratio {out['ratio_vs_opacus']:.1f}x")
+    except ImportError as err:
+        print(f"  Opacus not measured: {err}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--processes", type=int, default=0,
                         help="run K single-thread processes at once and add their rates")
+    parser.add_argument("--device", help="paper-scale ensemble benchmark on cpu or cuda")
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--chunks", type=int, nargs="+", default=None,
+                        help="stacked instances per computation (default: 250 1000 on "
+                             "cuda, 1 on cpu)")
+    parser.add_argument("--stacked-steps", type=int, default=30)
+    parser.add_argument("--opacus-steps", type=int, default=200)
+    parser.add_argument("--previous-steps", type=int, default=20)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.device:
+        if args.chunks is None:
+            args.chunks = [250, 1000] if args.device == "cuda" else [1]
+        ensemble_main(args)
+        return
     if args.processes:
         results = in_processes(args.processes)
         layout = f"{args.processes} processes x 1 thread"

@@ -17,6 +17,7 @@ words, which is exact. Tested bit for bit against the Random123 known-answer vec
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.de
     return keys[:, :1], keys[:, 1:]
 
 
-def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int | torch.Tensor, purpose: int,
+            count: int,
             start: int = 0) -> tuple[torch.Tensor, ...]:
     """Output words of blocks start .. start+count-1 for every instance: (K, count) each."""
     k0, k1 = keys
@@ -83,7 +85,24 @@ def normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, cou
     """(K, count) standard normals by the Box-Muller transform of 53-bit uniforms.
 
     Computed in float64 (the radius sqrt(-2 ln u) reaches 8.6 standard deviations, against 5.7
-    for float32 uniforms), then rounded to ``dtype``."""
+    for float32 uniforms), then rounded to ``dtype``. With the environment variable
+    ``DPCERT_COMPILE_RNG=1`` on a CUDA device, the generator runs as one torch.compile'd
+    kernel instead of ~130 elementwise ones (an experiment: see docs/benchmarks.md)."""
+    if keys[0].device.type == "cuda" and os.environ.get("DPCERT_COMPILE_RNG") == "1":
+        global _compiled_normal
+        if _compiled_normal is None:
+            _compiled_normal = torch.compile(_normal, dynamic=False)
+        # the step as a tensor: a Python int would be compiled in as a constant, every step anew
+        return _compiled_normal(keys, torch.tensor(step, device=keys[0].device), purpose, count,
+                                dtype)
+    return _normal(keys, step, purpose, count, dtype)
+
+
+_compiled_normal = None
+
+
+def _normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+            dtype: torch.dtype) -> torch.Tensor:
     u = uniform(keys, step, purpose, (count + 1) // 2).view(-1, (count + 1) // 2, 2)
     radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
     angle = (2.0 * math.pi) * u[..., 1]

@@ -1,0 +1,63 @@
+"""Does the stacked engine compute the same numbers on a device as on the CPU?
+
+Run on a machine with a GPU (scripts/gpu_check.sh does): compares, between ``--device`` and
+the CPU, Philox words on a million counters (must be bit-equal: integer arithmetic), normals
+and Poisson batches, the stacked clipped gradient sums of LeNet-5, and a small training run
+(scores within 1e-4, votes equal). Prints one JSON object; exit status 1 if a check fails.
+
+    PYTHONPATH=src python scripts/device_check.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from dpcert import philox, stacked
+from dpcert.models import lenet5
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    dev = torch.device(parser.parse_args().device)
+    cpu = torch.device("cpu")
+    out: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    gen = torch.Generator().manual_seed(0)
+    words = [torch.randint(0, 2**32, (1_000_000,), generator=gen) for _ in range(6)]
+    a = philox.philox4x32(*words)
+    b = philox.philox4x32(*[w.to(dev) for w in words])
+    out["philox_words_equal"] = all(torch.equal(x, y.cpu()) for x, y in zip(a, b, strict=True))
+    kc, kd = philox.instance_keys(3, [0, 5, 9], cpu), philox.instance_keys(3, [0, 5, 9], dev)
+    za, zb = philox.normal(kc, 4, philox.NOISE, 61_706), philox.normal(kd, 4, philox.NOISE, 61_706)
+    out["normal_max_abs_diff"] = float((za - zb.cpu()).abs().max())
+    ia, ma = philox.poisson_positions(kc, 4, 60_000, 0.001)
+    ib, mb = philox.poisson_positions(kd, 4, 60_000, 0.001)
+    out["poisson_equal"] = bool(torch.equal(ia, ib.cpu()) and torch.equal(ma, mb.cpu()))
+    x = torch.rand(2000, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (2000,), generator=gen)
+    st_c = stacked.init_stacked(lenet5, 1, [0, 1, 2], cpu)
+    st_d = stacked.init_stacked(lenet5, 1, [0, 1, 2], dev)
+    ic, mc = philox.poisson_positions(kc, 0, 2000, 0.03)
+    sc = stacked.clipped_gradient_sum(st_c, x, y, ic, mc, 1.0)
+    sd = stacked.clipped_gradient_sum(st_d, x.to(dev), y.to(dev), ic.to(dev), mc.to(dev), 1.0)
+    out["clipped_sum_max_abs_diff"] = max(float((sc[k] - sd[k].cpu()).abs().max()) for k in sc)
+    cfg = stacked.DpSgd(0.03, 1.0, 40, 1.0, 0.1)
+    tc = stacked.train_stacked(cfg, lenet5, x, y, seed=2, instances=[0, 1])
+    td = stacked.train_stacked(cfg, lenet5, x.to(dev), y.to(dev), seed=2, instances=[0, 1])
+    pc = stacked.predict_stacked(tc, x[:500])
+    pd = stacked.predict_stacked(td, x[:500].to(dev))
+    out["train_scores_max_abs_diff"] = float(abs(pc - pd).max())
+    out["train_votes_equal"] = bool((pc.argmax(2) == pd.argmax(2)).all())
+    ok = (out["philox_words_equal"] and out["poisson_equal"] and out["normal_max_abs_diff"] < 1e-5
+          and out["clipped_sum_max_abs_diff"] < 1e-4 and out["train_scores_max_abs_diff"] < 1e-4)
+    out["ok"] = bool(ok)
+    print(json.dumps(out))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
