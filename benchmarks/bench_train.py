@@ -287,14 +287,25 @@ def ensemble_main(args) -> None:
     auto = instances_that_fit(DpSgd(PAPER_Q, 1.0, PAPER_T, 1.0, 0.1), lenet5, x, y)
     out["auto_instances"] = auto
     print(f"  --batch-instances auto picks K = {auto}")
-    for k in args.chunks:
-        r = stacked_rate(x, y, k, args.stacked_steps)
-        chunks = -(-args.instances // k)
-        r["extrapolated_seconds"] = chunks * PAPER_T * r["seconds_per_step"]
-        out["stacked"].append(r)
-        peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.1f} GiB"
-        print(f"  dpcert stacked K = {k:5d}: {r['ms_per_instance_step']:8.4f} ms per "
-              f"instance-step -> {r['extrapolated_seconds']:8.1f} s{peak}")
+    from dpcert import stacked
+
+    for impl in args.conv_impls:
+        stacked.CONV_IMPL = impl.split("+")[0]
+        torch.backends.cudnn.benchmark = impl.endswith("+benchmark")
+        for k in args.chunks:
+            r = stacked_rate(x, y, k, args.stacked_steps)
+            r["conv"] = impl
+            out["stacked"].append(r)
+            peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.1f} GiB"
+            print(f"  dpcert stacked K = {k:5d}, conv {impl:<18}: "
+                  f"{r['ms_per_instance_step']:8.4f} ms per instance-step -> "
+                  f"{-(-args.instances // k) * PAPER_T * r['seconds_per_step']:8.1f} s{peak}")
+    stacked.CONV_IMPL = "auto"
+    torch.backends.cudnn.benchmark = False
+    if args.only_stacked:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return
     if device.type == "cuda":  # the same with the compiled noise generator (an experiment)
         os.environ["DPCERT_COMPILE_RNG"] = "1"
         try:
@@ -310,7 +321,8 @@ def ensemble_main(args) -> None:
     for r in out["stacked"]:
         r["extrapolated_seconds"] = -(-args.instances // r["instances"]) * PAPER_T \
             * r["seconds_per_step"]
-    best = min((r for r in out["stacked"] if not r.get("compiled_rng")),
+    best = min((r for r in out["stacked"] if not r.get("compiled_rng")
+                and r.get("conv") == args.conv_impls[0]),
                key=lambda r: r["extrapolated_seconds"])
     out["breakdown"] = step_breakdown(x, y, best["instances"])
     print(f"  step of K = {best['instances']}: {out['breakdown']}")
@@ -343,6 +355,11 @@ def main() -> None:
     parser.add_argument("--stacked-steps", type=int, default=30)
     parser.add_argument("--opacus-steps", type=int, default=200)
     parser.add_argument("--previous-steps", type=int, default=20)
+    parser.add_argument("--conv-impls", nargs="+", default=["auto"],
+                        help="stacked.CONV_IMPL values to time (auto, grouped, im2col; "
+                             "'grouped+benchmark' turns on cudnn.benchmark)")
+    parser.add_argument("--only-stacked", action="store_true",
+                        help="time the stacked engine only")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.device:

@@ -106,7 +106,7 @@ def clipped_gradient_sum(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
             h = layer(h)
     loss = nn.functional.cross_entropy(h, y, reduction="sum")
     grads = torch.autograd.grad(loss, outputs)
-    sq = torch.zeros(len(y), dtype=x.dtype)
+    sq = torch.zeros(len(y), dtype=x.dtype, device=x.device)
     per_layer = []
     for (name, layer), a, g in zip(layers, inputs, grads, strict=True):
         if isinstance(layer, nn.Linear):

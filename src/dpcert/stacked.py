@@ -86,59 +86,95 @@ def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
 # -- stacked forward pass (ghost-compatible models) ---------------------------------------------
 
 
+#: How Conv2d layers of K instances run: "grouped" (one grouped convolution, groups = K; the
+#: fastest on CPU, where K is small), "im2col" (one batched matrix product over unfolded
+#: patches; cuDNN has no fast kernel for many small groups), or "auto": im2col on CUDA,
+#: grouped elsewhere. Both are exact and tested against each other.
+CONV_IMPL = "auto"
+
+
+def _conv_impl(device: torch.device) -> str:
+    if CONV_IMPL != "auto":
+        return CONV_IMPL
+    return "im2col" if device.type == "cuda" else "grouped"
+
+
+def _conv_grouped(layer: nn.Conv2d, w: torch.Tensor, bias: torch.Tensor | None,
+                  h: torch.Tensor) -> torch.Tensor:
+    """K convolutions on their own examples, h (B, K, C, H, W) -> (B, K, O, Ho, Wo), as one
+    convolution of (B, K C, H, W) with K groups."""
+    b, k = h.shape[:2]
+    out = nn.functional.conv2d(h.reshape(b, -1, *h.shape[3:]), w.reshape(-1, *w.shape[2:]),
+                               None if bias is None else bias.reshape(-1), layer.stride,
+                               layer.padding, groups=k)
+    return out.view(b, k, w.shape[1], *out.shape[2:])
+
+
+def _conv(layer: nn.Conv2d, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K convolutions on their own examples, h (B, K, C, H, W), as one batched matrix product
+    over unfolded patches (im2col). A grouped convolution with K groups took 1.3 ms per
+    instance-step on an H200 (cuDNN has no fast kernel for many small groups;
+    docs/benchmarks.md).
+
+    Returns the output (B, K, O, Ho, Wo), the product it is a view of, z (K, O, B * L), and
+    the patches (K, C kh kw, B, L), kept for the per-example weight gradients."""
+    b, k = h.shape[:2]
+    cols = nn.functional.unfold(h.reshape(b * k, *h.shape[2:]), layer.kernel_size,
+                                padding=layer.padding, stride=layer.stride)  # (B K, CKK, L)
+    ckk, length = cols.shape[1:]
+    cols = cols.view(b, k, ckk, length).permute(1, 2, 0, 3).contiguous()  # (K, CKK, B, L)
+    z = torch.bmm(w.reshape(k, -1, ckk), cols.view(k, ckk, b * length))
+    if bias is not None:
+        z = z + bias[:, :, None]
+    ho = (h.shape[3] + 2 * layer.padding[0] - layer.kernel_size[0]) // layer.stride[0] + 1
+    out = z.view(k, -1, b, ho, length // ho).permute(2, 0, 1, 3, 4)
+    return out, z, cols
+
+
 def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_bk: torch.Tensor,
              record: list | None = None) -> torch.Tensor:
     """Logits (K, B, L) of K instances on their own examples x_bk (B, K, *input shape).
 
-    Conv layers run on the (B, K * C, H, W) layout as one grouped convolution (groups = K);
-    Linear layers on (K, B, D) as batched matrix products. With ``record``, appends
-    (name, layer, input, output) for each layer with parameters: Conv2d tensors in
-    the (B, K, ...) layout, Linear ones in (K, B, ...)."""
-    h, layout = x_bk, "bk"
+    Conv layers run as batched matrix products over unfolded patches (:func:`_conv`), Linear
+    layers on (K, B, D) as batched matrix products. With ``record``, appends (name, layer,
+    input, output) for each layer with parameters: for Linear, input (K, B, D) and output
+    (K, B, O); for Conv2d, im2col: the patches (K, C kh kw, B, L) and the product z
+    (K, O, B * L); grouped: input (B, K, C, H, W) and output (B, K, O, Ho, Wo)."""
+    h = x_bk
     b, k = x_bk.shape[:2]
+    kb = False  # layout of h: (K, B, ...) or (B, K, ...)
     for name, layer in base.named_children():
+        w, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
         if isinstance(layer, nn.Conv2d):
-            if layout == "kb":
-                h, layout = h.transpose(0, 1).contiguous(), "bk"
-            w = params[f"{name}.weight"]
-            bias = params.get(f"{name}.bias")
-            out = nn.functional.conv2d(
-                h.reshape(b, k * h.shape[2], *h.shape[3:]), w.reshape(-1, *w.shape[2:]),
-                None if bias is None else bias.reshape(-1), layer.stride, layer.padding,
-                groups=k)
-            out = out.view(b, k, w.shape[1], *out.shape[2:])
+            if kb:
+                h, kb = h.transpose(0, 1), False
+            if _conv_impl(h.device) == "grouped":
+                h = h.contiguous()
+                out = _conv_grouped(layer, w, bias, h)
+                if record is not None:
+                    record.append((name, layer, h, out))
+                h = out
+            else:
+                h, z, cols = _conv(layer, w, bias, h)
+                if record is not None:
+                    record.append((name, layer, cols, z))
         elif isinstance(layer, nn.Linear):
-            if layout == "bk":
-                h, layout = h.transpose(0, 1).contiguous(), "kb"
-            w = params[f"{name}.weight"]
-            bias = params.get(f"{name}.bias")
+            if not kb:
+                h, kb = h.transpose(0, 1).reshape(k, b, -1), True
             out = torch.bmm(h, w.transpose(1, 2))
             if bias is not None:
                 out = out + bias[:, None, :]
+            if record is not None:
+                record.append((name, layer, h, out))
+            h = out
         else:
             shape = h.shape[:2]
             h = layer(h.reshape(-1, *h.shape[2:]))
             h = h.view(*shape, *h.shape[1:])
-            continue
-        if record is not None:
-            record.append((name, layer, h, out))
-        h = out
-    if layout == "bk":
+    if not kb:
         h = h.transpose(0, 1)
     return h.reshape(k, b, -1)
-
-
-def _conv_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example weight gradients (N, O, C, kh, kw) of a Conv2d from inputs and output grads.
-
-    On CUDA: unfold + batched matmul (cuBLAS); on CPU the measured choice of :mod:`ghost`."""
-    if a.device.type != "cuda":
-        return ghost._conv_weight_grads(layer, a, g)
-    n, o = g.shape[:2]
-    cols = nn.functional.unfold(a, layer.kernel_size, padding=layer.padding,
-                                stride=layer.stride)  # (N, C kh kw, L)
-    out = torch.bmm(g.reshape(n, o, -1), cols.transpose(1, 2))
-    return out.view(n, o, *layer.weight.shape[1:])
 
 
 def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
@@ -151,34 +187,37 @@ def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: t
     logits = _forward(st.base, params, x_bk, record)
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
     grads = torch.autograd.grad(loss, [r[3] for r in record])
+    k, b = mask.shape
     sq = torch.zeros_like(mask, dtype=logits.dtype)
     parts = []
     for (name, layer, a, _), g in zip(record, grads, strict=True):
         a = a.detach()
-        if isinstance(layer, nn.Linear):  # layout (K, B, ...)
+        if isinstance(layer, nn.Linear):  # a (K, B, D), g (K, B, O)
             sq = sq + g.pow(2).sum(2) * a.pow(2).sum(2)
-            gb = g
-            parts.append((name, layer, a, g, None, gb))
-        else:  # layout (B, K, ...)
-            gw = _conv_grads(layer, a.flatten(0, 1), g.flatten(0, 1)).view(
-                *g.shape[:2], *layer.weight.shape)
-            gb = g.sum(dim=(3, 4))
-            sq = sq + gw.pow(2).flatten(2).sum(2).T
-            parts.append((name, layer, a, g, gw, gb))
+            gw, gb = None, g
+        elif a.dim() == 4:  # im2col: patches a (K, CKK, B, L), g (K, O, B * L)
+            g = g.view(k, g.shape[1], b, -1)
+            gw = torch.einsum("kobl,kcbl->kboc", g, a)  # per-example dW (K, B, O, CKK)
+            gb = g.sum(3).transpose(1, 2)
+            sq = sq + gw.pow(2).sum((2, 3))
+        else:  # grouped: input a (B, K, C, H, W), g (B, K, O, Ho, Wo)
+            gw = ghost._conv_weight_grads(layer, a.flatten(0, 1), g.flatten(0, 1))
+            gw = gw.reshape(b, k, gw.shape[1], -1).transpose(0, 1)  # (K, B, O, CKK)
+            gb = g.sum(dim=(3, 4)).transpose(0, 1)
+            sq = sq + gw.pow(2).sum((2, 3))
         if layer.bias is not None:
-            sq = sq + (gb.pow(2).sum(2) if isinstance(layer, nn.Linear) else gb.pow(2).sum(2).T)
+            sq = sq + gb.pow(2).sum(2)
+        parts.append((name, layer, a, g, gw, gb))
     factor = torch.clamp(clip / sq.sqrt().clamp_min(1e-12), max=1.0) * mask
     out = {}
     for name, layer, a, g, gw, gb in parts:
         if gw is None:
-            gc = g * factor[..., None]
-            out[f"{name}.weight"] = torch.bmm(gc.transpose(1, 2), a)
-            if layer.bias is not None:
-                out[f"{name}.bias"] = gc.sum(1)
+            out[f"{name}.weight"] = torch.bmm((g * factor[..., None]).transpose(1, 2), a)
         else:
-            out[f"{name}.weight"] = torch.einsum("bk,bk...->k...", factor.T, gw)
-            if layer.bias is not None:
-                out[f"{name}.bias"] = torch.einsum("bk,bko->ko", factor.T, gb)
+            out[f"{name}.weight"] = torch.einsum("kb,kboc->koc", factor, gw).reshape(
+                k, *layer.weight.shape)
+        if layer.bias is not None:
+            out[f"{name}.bias"] = torch.einsum("kb,kbo->ko", factor, gb)
     return out
 
 
