@@ -46,8 +46,10 @@ def _instance(st: stacked.Stacked, model_fn, k: int) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("impl", ["grouped", "patches"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_clipped_sum_equals_per_example_autograd(name):
+def test_clipped_sum_equals_per_example_autograd(name, impl, monkeypatch):
+    monkeypatch.setattr(stacked, "CONV_IMPL", impl)
     model_fn, side = MODELS[name]
     x, y = _data(side)
     st = stacked.init_stacked(model_fn, 3, [0, 1, 2], torch.device("cpu"))
@@ -63,8 +65,10 @@ def test_clipped_sum_equals_per_example_autograd(name):
             torch.testing.assert_close(got[key][k], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["grouped", "patches"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_one_example_moves_each_instance_sum_by_at_most_c(name):
+def test_one_example_moves_each_instance_sum_by_at_most_c(name, impl, monkeypatch):
+    monkeypatch.setattr(stacked, "CONV_IMPL", impl)
     model_fn, side = MODELS[name]
     x, y = _data(side, n=40, seed=1)
     st = stacked.init_stacked(model_fn, 0, [0, 1], torch.device("cpu"))
@@ -105,6 +109,20 @@ def test_an_instance_is_the_same_model_whatever_trains_beside_it(optimizer):
     assert np.array_equal(s_all[1].argmax(1), s_one[0].argmax(1))
     other = stacked.train_stacked(cfg, model_fn, x, y, seed=5, instances=[1])
     assert not torch.allclose(other.params["0.weight"][0], alone.params["0.weight"][0])
+
+
+def test_both_convolution_layouts_train_the_same_instances(monkeypatch):
+    model_fn, side = MODELS["lenet5"]
+    x, y = _data(side, n=150)
+    cfg = stacked.DpSgd(0.1, 1.0, 4, 1.0, 0.05)
+    runs = {}
+    for impl in ("grouped", "patches"):
+        monkeypatch.setattr(stacked, "CONV_IMPL", impl)
+        runs[impl] = stacked.train_stacked(cfg, model_fn, x, y, seed=2, instances=[0, 1])
+    for name, p in runs["grouped"].params.items():
+        torch.testing.assert_close(p, runs["patches"].params[name], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stacked.predict_stacked(runs["patches"], x[:20]),
+                               stacked.predict_stacked(runs["grouped"], x[:20]), atol=1e-5)
 
 
 def test_vmap_path_trains_like_the_ghost_path():

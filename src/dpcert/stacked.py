@@ -87,60 +87,68 @@ def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
 
 
 #: How Conv2d layers of K instances run: "grouped" (one grouped convolution, groups = K; the
-#: fastest on CPU, where K is small), "im2col" (one batched matrix product over unfolded
-#: patches; cuDNN has no fast kernel for many small groups), or "auto": im2col on CUDA,
-#: grouped elsewhere. Both are exact and tested against each other.
+#: fastest on CPU, where K is small) or "patches" (each example's patches as a strided view,
+#: ``Tensor.unfold``, contracted with its instance's kernels in one batched matrix product; no
+#: per-sample loops or many-group kernels, which made ``F.unfold`` and a grouped convolution
+#: with B K groups 0.7-1.3 ms per instance-step on an H200); "auto": patches on CUDA, grouped
+#: elsewhere. Both are exact and tested against each other.
 CONV_IMPL = "auto"
 
 
 def _conv_impl(device: torch.device) -> str:
     if CONV_IMPL != "auto":
         return CONV_IMPL
-    return "im2col" if device.type == "cuda" else "grouped"
+    return "patches" if device.type == "cuda" else "grouped"
 
 
-def _conv_grouped(layer: nn.Conv2d, w: torch.Tensor, bias: torch.Tensor | None,
-                  h: torch.Tensor) -> torch.Tensor:
-    """K convolutions on their own examples, h (B, K, C, H, W) -> (B, K, O, Ho, Wo), as one
-    convolution of (B, K C, H, W) with K groups."""
-    b, k = h.shape[:2]
-    out = nn.functional.conv2d(h.reshape(b, -1, *h.shape[3:]), w.reshape(-1, *w.shape[2:]),
-                               None if bias is None else bias.reshape(-1), layer.stride,
-                               layer.padding, groups=k)
-    return out.view(b, k, w.shape[1], *out.shape[2:])
+def _patches(layer: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """Every example's receptive fields, h (B, K, C, H, W) -> view (B, K, C, Ho, Wo, kh, kw)."""
+    ph, pw = layer.padding
+    hp = nn.functional.pad(h, (pw, pw, ph, ph)) if ph or pw else h
+    return hp.unfold(3, layer.kernel_size[0], layer.stride[0]).unfold(
+        4, layer.kernel_size[1], layer.stride[1])
 
 
 def _conv(layer: nn.Conv2d, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K convolutions on their own examples, h (B, K, C, H, W), as one batched matrix product
-    over unfolded patches (im2col). A grouped convolution with K groups took 1.3 ms per
-    instance-step on an H200 (cuDNN has no fast kernel for many small groups;
-    docs/benchmarks.md).
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K convolutions, each on its own examples: h (B, K, C, H, W) -> (B, K, O, Ho, Wo).
 
-    Returns the output (B, K, O, Ho, Wo), the product it is a view of, z (K, O, B * L), and
-    the patches (K, C kh kw, B, L), kept for the per-example weight gradients."""
+    Also returns what the per-example weight gradients need: the input h (grouped) or its
+    patches (patches)."""
     b, k = h.shape[:2]
-    cols = nn.functional.unfold(h.reshape(b * k, *h.shape[2:]), layer.kernel_size,
-                                padding=layer.padding, stride=layer.stride)  # (B K, CKK, L)
-    ckk, length = cols.shape[1:]
-    cols = cols.view(b, k, ckk, length).permute(1, 2, 0, 3).contiguous()  # (K, CKK, B, L)
-    z = torch.bmm(w.reshape(k, -1, ckk), cols.view(k, ckk, b * length))
+    if _conv_impl(h.device) == "grouped":
+        h = h.contiguous()
+        out = nn.functional.conv2d(h.reshape(b, -1, *h.shape[3:]), w.reshape(-1, *w.shape[2:]),
+                                   None if bias is None else bias.reshape(-1), layer.stride,
+                                   layer.padding, groups=k)
+        return out.view(b, k, w.shape[1], *out.shape[2:]), h
+    patches = _patches(layer, h)
+    out = torch.einsum("bkchwuv,kocuv->bkohw", patches, w)
     if bias is not None:
-        z = z + bias[:, :, None]
-    ho = (h.shape[3] + 2 * layer.padding[0] - layer.kernel_size[0]) // layer.stride[0] + 1
-    out = z.view(k, -1, b, ho, length // ho).permute(2, 0, 1, 3, 4)
-    return out, z, cols
+        out = out + bias[None, :, :, None, None]
+    return out, patches
+
+
+def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients (K, B, O, C kh kw) from what :func:`_conv` kept and the
+    output gradient g (B, K, O, Ho, Wo)."""
+    b, k = g.shape[:2]
+    if a.dim() == 7:  # patches (B, K, C, Ho, Wo, kh, kw)
+        return torch.einsum("bkohw,bkchwuv->kbocuv", g, a).reshape(k, b, g.shape[2], -1)
+    flat = a.flatten(0, 1)
+    gw = (ghost._conv_weight_grads(layer, flat, g.flatten(0, 1)) if a.device.type == "cpu"
+          else ghost.conv_weight_grads_patches(layer, flat, g.flatten(0, 1)))
+    return gw.reshape(b, k, g.shape[2], -1).transpose(0, 1)
 
 
 def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_bk: torch.Tensor,
              record: list | None = None) -> torch.Tensor:
     """Logits (K, B, L) of K instances on their own examples x_bk (B, K, *input shape).
 
-    Conv layers run as batched matrix products over unfolded patches (:func:`_conv`), Linear
-    layers on (K, B, D) as batched matrix products. With ``record``, appends (name, layer,
-    input, output) for each layer with parameters: for Linear, input (K, B, D) and output
-    (K, B, O); for Conv2d, im2col: the patches (K, C kh kw, B, L) and the product z
-    (K, O, B * L); grouped: input (B, K, C, H, W) and output (B, K, O, Ho, Wo)."""
+    Conv layers run by :func:`_conv` on the (B, K, ...) layout, Linear layers on (K, B, D)
+    as batched matrix products. With ``record``, appends (name, layer, kept, output) for each
+    layer with parameters: for Linear, the input (K, B, D) and output (K, B, O); for Conv2d,
+    what :func:`_conv` kept and the output (B, K, O, Ho, Wo)."""
     h = x_bk
     b, k = x_bk.shape[:2]
     kb = False  # layout of h: (K, B, ...) or (B, K, ...)
@@ -149,16 +157,10 @@ def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_bk: torch.T
         if isinstance(layer, nn.Conv2d):
             if kb:
                 h, kb = h.transpose(0, 1), False
-            if _conv_impl(h.device) == "grouped":
-                h = h.contiguous()
-                out = _conv_grouped(layer, w, bias, h)
-                if record is not None:
-                    record.append((name, layer, h, out))
-                h = out
-            else:
-                h, z, cols = _conv(layer, w, bias, h)
-                if record is not None:
-                    record.append((name, layer, cols, z))
+            out, kept = _conv(layer, w, bias, h)
+            if record is not None:
+                record.append((name, layer, kept, out))
+            h = out
         elif isinstance(layer, nn.Linear):
             if not kb:
                 h, kb = h.transpose(0, 1).reshape(k, b, -1), True
@@ -195,14 +197,8 @@ def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: t
         if isinstance(layer, nn.Linear):  # a (K, B, D), g (K, B, O)
             sq = sq + g.pow(2).sum(2) * a.pow(2).sum(2)
             gw, gb = None, g
-        elif a.dim() == 4:  # im2col: patches a (K, CKK, B, L), g (K, O, B * L)
-            g = g.view(k, g.shape[1], b, -1)
-            gw = torch.einsum("kobl,kcbl->kboc", g, a)  # per-example dW (K, B, O, CKK)
-            gb = g.sum(3).transpose(1, 2)
-            sq = sq + gw.pow(2).sum((2, 3))
-        else:  # grouped: input a (B, K, C, H, W), g (B, K, O, Ho, Wo)
-            gw = ghost._conv_weight_grads(layer, a.flatten(0, 1), g.flatten(0, 1))
-            gw = gw.reshape(b, k, gw.shape[1], -1).transpose(0, 1)  # (K, B, O, CKK)
+        else:  # g (B, K, O, Ho, Wo); per-example dW (K, B, O, C kh kw)
+            gw = _conv_weight_grads(layer, a, g)
             gb = g.sum(dim=(3, 4)).transpose(0, 1)
             sq = sq + gw.pow(2).sum((2, 3))
         if layer.bias is not None:
