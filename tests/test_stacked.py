@@ -169,3 +169,37 @@ def test_learns_digits():
     assert scores.shape == (2, len(data.y_test), 10)
     np.testing.assert_allclose(scores.sum(2), 1.0, atol=1e-5)
     assert (scores.argmax(2) == data.y_test).mean(1).min() > 0.7
+
+
+def test_library_entry_point_trains_any_model_and_records_the_mechanism():
+    def model_fn() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    x, y = _data(8, n=300)
+    scores, record = stacked.train_ensemble(
+        model_fn, x.numpy(), y.numpy(), x[:40].numpy(), instances=5, sample_rate=0.05,
+        noise_multiplier=1.5, steps=12, clip_norm=1.0, seed=3, batch_instances=2)
+    assert scores.shape == (5, 40, 10) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores.sum(2), 1.0, atol=1e-5)
+    assert (record.sample_rate, record.noise_multiplier, record.steps, record.clip_norm,
+            record.dataset_size, record.sampling) == (0.05, 1.5, 12, 1.0, 300, "poisson")
+    alone = stacked.train_stacked(stacked.DpSgd(0.05, 1.5, 12, 1.0, 0.1), model_fn, x, y,
+                                  seed=3, instances=[4])
+    np.testing.assert_allclose(scores[4], stacked.predict_stacked(alone, x[:40])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(instances=0), dict(optimizer="rmsprop"), dict(batch_instances=0),
+    dict(y=np.zeros(299, np.int64)), dict(y=np.full(300, 0.5)), dict(sample_rate=2.0),
+    dict(x_eval=np.zeros((4, 1, 9, 9), np.float32)),
+])
+def test_library_entry_point_rejects_bad_input(bad):
+    from dpcert.errors import UserError
+
+    x, y = _data(8, n=300)
+    args = dict(x=x.numpy(), y=y.numpy(), x_eval=x[:4].numpy(), instances=2, sample_rate=0.05,
+                noise_multiplier=1.0, steps=2, clip_norm=1.0)
+    args.update(bad)
+    with pytest.raises(UserError):
+        stacked.train_ensemble(MODELS["digits_cnn"][0], args.pop("x"), args.pop("y"),
+                               args.pop("x_eval"), **args)

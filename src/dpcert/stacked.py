@@ -34,6 +34,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpcert import ghost, philox
+from dpcert.errors import UserError
+from dpcert.mechanism import MechanismRecord
 
 ModelFn = Callable[[], nn.Module]
 
@@ -333,3 +335,59 @@ def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.
     del st, summed, noise
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(cap, share * free // per)))
+
+
+def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_rate: float,
+                   noise_multiplier: float, steps: int, clip_norm: float, lr: float = 0.1,
+                   optimizer: str = "sgd", seed: int = 0, subset_size: int | None = None,
+                   batch_instances: int | str = "auto", device: str = "cpu",
+                   progress: bool = False) -> tuple[np.ndarray, MechanismRecord]:
+    """Train P DP-SGD instances of your own model and score ``x_eval`` with every one.
+
+    The library entry point for your own PyTorch model and tensors (in the spirit of Opacus'
+    ``make_private``): ``model_fn()`` builds one freshly initialised instance (an
+    ``nn.Sequential`` of Linear / Conv2d / parameter-free layers takes the fast path, any
+    other module the ``vmap`` path; no BatchNorm — it mixes examples). x (n, ...) float
+    inputs, y (n,) int labels, x_eval (N, ...). Returns softmax scores (P, N, L) and the
+    :class:`~dpcert.mechanism.MechanismRecord` of what ran, which :func:`dpcert.certify`
+    consumes (votes: ``dpcert.run.tally_votes(scores)``). Instance i depends on (seed, i)
+    only, whatever ``batch_instances`` and ``device``.
+    """
+    if not (isinstance(instances, int) and instances >= 1):
+        raise UserError(f"instances must be a positive integer, got {instances!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise UserError(f"optimizer must be sgd or adam, got {optimizer!r}")
+    if not (batch_instances == "auto" or (isinstance(batch_instances, int)
+                                          and batch_instances >= 1)):
+        raise UserError(f"batch_instances must be a positive integer or 'auto', got "
+                        f"{batch_instances!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
+    dev = torch.device(device)
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32), device=dev)
+    yt = torch.as_tensor(np.asarray(y), device=dev)
+    xe = torch.as_tensor(np.asarray(x_eval, dtype=np.float32), device=dev)
+    if (yt.ndim != 1 or len(yt) != len(xt) or xe.shape[1:] != xt.shape[1:]
+            or yt.dtype.is_floating_point or len(yt) == 0 or int(yt.min()) < 0):
+        raise UserError(f"need inputs x (n, ...), int labels y (n,) >= 0 and x_eval (N, ...) "
+                        f"shaped like x; got {tuple(xt.shape)}, {tuple(yt.shape)} "
+                        f"{yt.dtype}, {tuple(xe.shape)}")
+    yt = yt.long()
+    record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
+                             steps=steps, clip_norm=clip_norm, dataset_size=len(yt),
+                             sampling="poisson", subset_size=subset_size)
+    cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size)
+    k = (instances_that_fit(cfg, model_fn, xt, yt) if batch_instances == "auto"
+         else batch_instances)
+    from tqdm import tqdm
+
+    out = []
+    with tqdm(total=instances * steps, desc="DP-SGD instance-steps", unit="step",
+              disable=not progress) as bar:
+        for start in range(0, instances, k):
+            group = list(range(start, min(start + k, instances)))
+            size = len(group)
+            st = train_stacked(cfg, model_fn, xt, yt, seed=seed, instances=group,
+                               progress=lambda _: bar.update(size))  # noqa: B023 - used now
+            out.append(predict_stacked(st, xe))
+    return np.concatenate(out), record
