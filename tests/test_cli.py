@@ -241,3 +241,19 @@ def test_certify_roe_from_per_model_scores(tmp_path):
     np.save(s, np.zeros((9, 5)))  # votes, not per-model scores
     res = run(s, "--method", "roe", "--output", out)
     assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("args", [
+    ["run", "--device", "cuda", "--instances", "2"],
+    ["compare", "configs/compare_digits.yaml", "--device", "cuda"],
+    ["attack-check", "no-such-run", "--radius", "1", "--device", "cuda"],
+])
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, args):
+    res = subprocess.run([sys.executable, "-m", "dpcert.cli", *args, *(
+        ["--output", str(tmp_path / "o")] if args[0] != "attack-check" else [])],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == ("dpcert: error: --device cuda asked for, but no CUDA "
+                                  "device is available")
+    assert not (tmp_path / "o").exists()

@@ -143,10 +143,11 @@ def choose_targets(radius_of: np.ndarray, prediction: np.ndarray, labels: np.nda
 
 def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int | None = None,
                  attacks: tuple[str, ...] = ATTACKS, seed: int = 0, workers: int = 0,
-                 progress: bool = True) -> tuple[str, list[Outcome]]:
+                 device: str | None = None, progress: bool = True
+                 ) -> tuple[str, list[Outcome]]:
     """Attack up to ``targets`` certified and ``controls`` (default: ``targets``) control
     points; returns the report (markdown) and every outcome. Writes
-    ``RUN_DIR/attack_check_r{radius}/``."""
+    ``RUN_DIR/attack_check_r{radius}/``. ``device`` overrides the run's (retraining only)."""
     from tqdm import tqdm
 
     if not (isinstance(radius, int) and radius >= 1):
@@ -155,6 +156,8 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     if bad or not attacks:
         raise UserError(f"unknown attacks {bad} (choose from {', '.join(ATTACKS)})")
     cfg, votes, scores, labels, certs = _load_run(run_dir)
+    if device is not None:
+        cfg = replace(cfg, device=device)
     data = load_run_data(cfg)
     if len(data.y_test) != len(labels) or not np.array_equal(data.y_test, labels):
         raise UserError(f"the dataset no longer matches the run in {run_dir}")
@@ -163,6 +166,8 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     out = run_dir / f"attack_check_r{radius}"
     out.mkdir(exist_ok=True)
     workers = workers or max(1, min(os.cpu_count() or 1, cfg.instances))
+    if cfg.device == "cuda":
+        workers = 1  # one process drives the GPU
     jobs, outcomes = [], []
     for group, idx in chosen.items():
         for index in idx.tolist():

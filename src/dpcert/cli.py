@@ -364,11 +364,7 @@ def run_cmd(config, output, quiet, **options) -> None:
         values = load_config_file(config) if config is not None else {}
         values.update({k: v for k, v in options.items() if v is not None})
         cfg = RunConfig.from_mapping(values)
-        if cfg.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda asked for, but no CUDA device is available")
+        check_device(cfg.device)
         run_dir = output or Path("runs") / cfg.dataset
         text = run(cfg, run_dir, progress=not quiet)
         click.echo(text)
@@ -378,18 +374,35 @@ def run_cmd(config, output, quiet, **options) -> None:
     _run_user(action)
 
 
+def check_device(device: str | None) -> None:
+    """A one-line error for --device cuda on a machine without a CUDA device."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but no CUDA device is available")
+
+
 @main.command("compare")
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(path_type=Path), help="Comparison directory.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]),
+              help="Train every model (DP instances and baselines) here [default: the "
+                   "config's dp.device, else cpu].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compare_cmd(config, output, quiet) -> None:
+def compare_cmd(config, output, device, quiet) -> None:
     """Train and certify DP instances, DPA and Bagging on the same data; one report."""
 
     def action() -> None:
         from dpcert.compare import CompareConfig, compare
         from dpcert.run import load_config_file
 
-        cfg = CompareConfig.from_mapping(load_config_file(config))
+        check_device(device)
+        values = load_config_file(config)
+        if device is not None:
+            dp = values.get("dp", {})
+            values["dp"] = {**(dp if isinstance(dp, dict) else {}), "device": device}
+        cfg = CompareConfig.from_mapping(values)
         out = output or Path("runs") / f"compare-{Path(config).stem}"
         click.echo(compare(cfg, out, progress=not quiet))
         click.echo(f"comparison directory: {out} (compare.md, compare.png)")
@@ -410,17 +423,20 @@ def compare_cmd(config, output, quiet) -> None:
                    "the point, wrong label).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Choice of targets.")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Training processes.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]),
+              help="Retrain here [default: the run's device].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
+def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers, device,
                      quiet) -> None:
     """Poison the training set of RUN_DIR aimed at chosen test points, retrain, count flips."""
 
     def action() -> None:
         from dpcert.attack import attack_check
 
+        check_device(device)
         text, _ = attack_check(run_dir, radius, targets=targets, controls=controls,
                                attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
-                               seed=seed, workers=workers, progress=not quiet)
+                               seed=seed, workers=workers, device=device, progress=not quiet)
         click.echo(text)
         click.echo(f"details: {run_dir / f'attack_check_r{radius}'}")
 

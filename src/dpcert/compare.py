@@ -182,11 +182,13 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0
     else:
-        x, y = torch.tensor(data.x_train[idx]), torch.tensor(data.y_train[idx])
+        device = torch.device(cfg.device)
+        x = torch.tensor(data.x_train[idx], device=device)
+        y = torch.tensor(data.y_train[idx], device=device)
         model = train_plain(cfg.model, x, y, data.num_classes, epochs=setting.epochs,
                             batch_size=setting.batch_size, lr=setting.lr,
                             optimizer=setting.optimizer, gen=gen)
-        scores = predict_scores(model, torch.tensor(data.x_test))
+        scores = predict_scores(model, torch.tensor(data.x_test, device=device))
     write_unit(Path(out), scores)
     return i
 
@@ -222,6 +224,8 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     if todo:
         indices = training_indices(kind, bc, x_train)
         workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
+        if run_cfg.device == "cuda":
+            workers = 1  # one process drives the GPU
         bar = tqdm(total=m, initial=m - len(todo), desc=f"training {bc.name(kind)}",
                    unit="model", disable=not progress)
         jobs = [(asdict(run_cfg), asdict(bc), kind, i,

@@ -126,7 +126,7 @@ def predict_scores(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> np.n
     """Softmax scores on x, shape (N, L), float32."""
     model.eval()
     out = [torch.softmax(model(x[i: i + batch]), dim=1) for i in range(0, len(x), batch)]
-    return torch.cat(out).numpy().astype(np.float32)
+    return torch.cat(out).cpu().numpy().astype(np.float32)
 
 
 def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
@@ -196,11 +196,12 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
                 epochs: int, batch_size: int, lr: float, optimizer: str,
                 gen: torch.Generator) -> nn.Module:
     """Ordinary (non-private) minibatch training, for the aggregation baselines (DPA, Bagging,
-    Finite Aggregation), with all randomness drawn from ``gen``."""
-    model = _seeded_model(model_name, x.shape[1], num_classes, gen)
+    Finite Aggregation), with all randomness drawn from ``gen`` (on the host; the model
+    trains on x's device)."""
+    model = _seeded_model(model_name, x.shape[1], num_classes, gen).to(x.device)
     opt = _optimizer(optimizer, model.parameters(), lr)
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
+        order = torch.randperm(len(y), generator=gen).to(x.device)
         for i in range(0, len(y), batch_size):
             idx = order[i: i + batch_size]
             opt.zero_grad()
