@@ -292,7 +292,7 @@ def ensemble_main(args) -> None:
     for impl in args.conv_impls:
         stacked.CONV_IMPL = impl.split("+")[0]
         torch.backends.cudnn.benchmark = impl.endswith("+benchmark")
-        for k in args.chunks:
+        for k in args.chunks if impl == args.conv_impls[0] else args.chunks[:1]:
             r = stacked_rate(x, y, k, args.stacked_steps)
             r["conv"] = impl
             out["stacked"].append(r)
@@ -356,8 +356,9 @@ def main() -> None:
     parser.add_argument("--opacus-steps", type=int, default=200)
     parser.add_argument("--previous-steps", type=int, default=20)
     parser.add_argument("--conv-impls", nargs="+", default=["auto"],
-                        help="stacked.CONV_IMPL values to time (auto, grouped, im2col; "
-                             "'grouped+benchmark' turns on cudnn.benchmark)")
+                        help="stacked.CONV_IMPL values to time (auto, grouped, patches; "
+                             "'grouped+benchmark' turns on cudnn.benchmark); all chunk sizes "
+                             "for the first, the first chunk size for the others")
     parser.add_argument("--only-stacked", action="store_true",
                         help="time the stacked engine only")
     parser.add_argument("--json", help="also write the figures to this JSON file")

@@ -65,7 +65,8 @@ echo "mnist run: exit $status, ${mnist_seconds} s"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     nproc
     timeout "$(left 150)" "$python" benchmarks/bench_train.py --device "$device" --threads "$(nproc)" \
-        --instances "$instances" --json "$out/bench_train.json" 2>&1
+        --instances "$instances" --conv-impls auto grouped grouped+benchmark \
+        --json "$out/bench_train.json" 2>&1
     echo "bench exit $?"
 } > "$out/bench_train.txt"
 tail -n 12 "$out/bench_train.txt"
