@@ -201,7 +201,7 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
 
 
 def _load_run(run_dir: Path):
-    from dpcert.cli import load_array
+    from dpcert.store import load_array
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "certificates.csv").is_file():

@@ -221,3 +221,14 @@ def radius_summary(cert: Certificates, labels: np.ndarray) -> dict[str, float]:
         "median_radius": float(np.median(good)),
         "max_radius": int(good.max()) if good.size else ABSTAIN,
     }
+
+
+def certificates_csv(cert: Certificates, labels: np.ndarray | None) -> str:
+    """The CSV dpcert writes: index, prediction, radius (-1 = abstain) [, label]."""
+    rows = ["index,prediction,radius" + (",label" if labels is not None else "")]
+    for i in range(len(cert)):
+        row = f"{i},{cert.prediction[i]},{cert.radius[i]}"
+        if labels is not None:
+            row += f",{labels[i]}"
+        rows.append(row)
+    return "\n".join(rows) + "\n"

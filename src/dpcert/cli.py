@@ -13,11 +13,18 @@ import click
 import numpy as np
 
 from dpcert.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
-from dpcert.certify import INFERENCES, Certificates, certified_accuracy, certify, radius_summary
+from dpcert.certify import (
+    INFERENCES,
+    Certificates,
+    certificates_csv,
+    certified_accuracy,
+    certify,
+    radius_summary,
+)
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
 from dpcert.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
-from dpcert.store import atomic_write_text
+from dpcert.store import atomic_write_text, load_array
 
 #: Radii at which certified accuracy is reported.
 REPORT_RADII = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -40,22 +47,6 @@ class BatchInstances(click.ParamType):
         if number < 1:
             self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
         return number
-
-
-def load_array(path: Path, what: str) -> np.ndarray:
-    """np.load without pickles; every failure becomes a one-line UserError."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} path is a directory, expected a .npy file: {path}") from None
-    except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"cannot read {what} file {path} as a .npy array: {err}") from None
-    if isinstance(arr, np.lib.npyio.NpzFile):
-        arr.close()
-        raise UserError(f"{what} file {path} is an .npz archive; pass a single .npy array")
-    return arr
 
 
 def validate_outputs(arr: np.ndarray, inference: str) -> np.ndarray:
@@ -111,16 +102,6 @@ def resolve_mechanism(mechanism: Path | None, sample_rate: float | None,
         opts = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise UserError(f"missing {opts} (or pass --mechanism mechanism.json)")
     return MechanismRecord(**given)
-
-
-def certificates_csv(cert: Certificates, labels: np.ndarray | None) -> str:
-    rows = ["index,prediction,radius" + (",label" if labels is not None else "")]
-    for i in range(len(cert)):
-        row = f"{i},{cert.prediction[i]},{cert.radius[i]}"
-        if labels is not None:
-            row += f",{labels[i]}"
-        rows.append(row)
-    return "\n".join(rows) + "\n"
 
 
 def accuracy_report(cert: Certificates, labels: np.ndarray, radii=REPORT_RADII) -> str:

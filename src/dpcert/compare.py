@@ -264,7 +264,7 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
-    from dpcert.cli import certificates_csv
+    from dpcert.certify import certificates_csv
 
     run_cfg = RunConfig.from_mapping(cfg.dp)
     data = load_run_data(run_cfg)  # run() reuses it

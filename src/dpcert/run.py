@@ -443,7 +443,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
 def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: np.ndarray,
                 scores: np.ndarray, labels: np.ndarray, methods=METHODS
                 ) -> dict[str, Certificates]:
-    from dpcert.cli import certificates_csv
+    from dpcert.certify import certificates_csv
 
     results = {}
     for name, acc, group, inference, bound in methods:

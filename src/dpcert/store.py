@@ -12,6 +12,8 @@ from typing import IO
 
 import numpy as np
 
+from dpcert.errors import UserError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` by calling ``write`` on a temp file in the same folder, then renaming it."""
@@ -87,3 +89,19 @@ def _write_half_then_die(handle: IO[bytes], arrays: dict) -> None:
     handle.flush()
     os.fsync(handle.fileno())
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    """np.load without pickles; every failure becomes a one-line UserError."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} path is a directory, expected a .npy file: {path}") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"cannot read {what} file {path} as a .npy array: {err}") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+        raise UserError(f"{what} file {path} is an .npz archive; pass a single .npy array")
+    return arr
