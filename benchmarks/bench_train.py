@@ -302,9 +302,9 @@ def ensemble_main(args) -> None:
                   f"{-(-args.instances // k) * PAPER_T * r['seconds_per_step']:8.1f} s{peak}")
     stacked.CONV_IMPL = "auto"
     torch.backends.cudnn.benchmark = False
+    if args.json:  # written now too, so a time limit hit later keeps these figures
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.only_stacked:
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return
     if device.type == "cuda":  # the same with the compiled noise generator (an experiment)
         os.environ["DPCERT_COMPILE_RNG"] = "1"

@@ -46,7 +46,7 @@ def _instance(st: stacked.Stacked, model_fn, k: int) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("impl", ["grouped", "patches"])
+@pytest.mark.parametrize("impl", ["grouped", "patches", "vmap"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_clipped_sum_equals_per_example_autograd(name, impl, monkeypatch):
     monkeypatch.setattr(stacked, "CONV_IMPL", impl)
@@ -111,18 +111,24 @@ def test_an_instance_is_the_same_model_whatever_trains_beside_it(optimizer):
     assert not torch.allclose(other.params["0.weight"][0], alone.params["0.weight"][0])
 
 
-def test_both_convolution_layouts_train_the_same_instances(monkeypatch):
+def test_every_convolution_layout_trains_the_same_instances(monkeypatch):
     model_fn, side = MODELS["lenet5"]
     x, y = _data(side, n=150)
     cfg = stacked.DpSgd(0.1, 1.0, 4, 1.0, 0.05)
     runs = {}
-    for impl in ("grouped", "patches"):
+    for impl in ("grouped", "patches", "vmap"):
         monkeypatch.setattr(stacked, "CONV_IMPL", impl)
         runs[impl] = stacked.train_stacked(cfg, model_fn, x, y, seed=2, instances=[0, 1])
-    for name, p in runs["grouped"].params.items():
-        torch.testing.assert_close(p, runs["patches"].params[name], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(stacked.predict_stacked(runs["patches"], x[:20]),
-                               stacked.predict_stacked(runs["grouped"], x[:20]), atol=1e-5)
+    for other in ("patches", "vmap"):
+        for name, p in runs["grouped"].params.items():
+            torch.testing.assert_close(p, runs[other].params[name], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stacked.predict_stacked(runs[other], x[:20]),
+                                   stacked.predict_stacked(runs["grouped"], x[:20]), atol=1e-5)
+    monkeypatch.setattr(stacked, "CONV_IMPL", "fast")
+    from dpcert.errors import UserError
+
+    with pytest.raises(UserError, match="DPCERT_CONV_IMPL"):
+        stacked.train_stacked(cfg, model_fn, x, y, seed=2, instances=[0])
 
 
 def test_vmap_path_trains_like_the_ghost_path():

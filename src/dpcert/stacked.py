@@ -25,6 +25,7 @@ every coordinate of the sum, division by the expected batch size q n.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,14 +94,25 @@ def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
 #: ``Tensor.unfold``, contracted with its instance's kernels in one batched matrix product; no
 #: per-sample loops or many-group kernels, which made ``F.unfold`` and a grouped convolution
 #: with B K groups 0.7-1.3 ms per instance-step on an H200); "auto": patches on CUDA, grouped
-#: elsewhere. Both are exact and tested against each other.
-CONV_IMPL = "auto"
+#: elsewhere; "vmap": no stacked forward at all, every model by materialised per-example
+#: gradients (nested ``vmap``). All are exact and tested against each other; the environment
+#: variable DPCERT_CONV_IMPL sets it (benchmarks and GPU checks compare them).
+CONV_IMPL = os.environ.get("DPCERT_CONV_IMPL", "auto")
+CONV_IMPLS = ("auto", "grouped", "patches", "vmap")
 
 
 def _conv_impl(device: torch.device) -> str:
+    if CONV_IMPL not in CONV_IMPLS:
+        raise UserError(f"DPCERT_CONV_IMPL must be one of {', '.join(CONV_IMPLS)}, got "
+                        f"{CONV_IMPL!r}")
     if CONV_IMPL != "auto":
         return CONV_IMPL
     return "patches" if device.type == "cuda" else "grouped"
+
+
+def _stacked_forward_ok(model: nn.Module, device: torch.device) -> bool:
+    """Whether the stacked forward (and ghost norms) serve this model."""
+    return ghost.supports(model) and _conv_impl(device) != "vmap"
 
 
 def _patches(layer: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
@@ -239,7 +251,7 @@ def clipped_gradient_sum(st: Stacked, x: torch.Tensor, y: torch.Tensor, index: t
     ``mask`` (K, W) marks real examples (padding contributes nothing)."""
     maskf = mask.to(x.dtype)
     yb = y[index]
-    if ghost.supports(st.base):
+    if _stacked_forward_ok(st.base, x.device):
         return _ghost_clipped_sum(st, x[index.T], yb, maskf, clip)
     return _vmap_clipped_sum(st, x[index], yb, maskf, clip)
 
@@ -296,7 +308,7 @@ def predict_stacked(st: Stacked, x: torch.Tensor, batch: int = 512) -> np.ndarra
     out = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        if ghost.supports(st.base):
+        if _stacked_forward_ok(st.base, x.device):
             logits = _forward(st.base, st.params, xb[:, None].expand(-1, k, *xb.shape[1:])
                               .contiguous())
         else:
