@@ -1,4 +1,4 @@
-"""Peak memory per DP-SGD instance: one LeNet-5 instance alone vs K instances batched.
+"""Peak memory per DP-SGD instance: K LeNet-5 instances stacked by ``dpcert.stacked``.
 
 Each measurement runs in a fresh subprocess on MNIST-shaped random data (60,000 examples,
 q = 0.001 as in the paper, plus q = 0.01 for larger batches). On CPU (Linux): one warm-up
@@ -26,21 +26,19 @@ STEPS = 20
 
 
 def measure(k: int, q: float, device: str) -> float:
-    """Peak MB of training k instances (alone when k == 1, else batched) for STEPS steps."""
+    """Peak MB of training k instances stacked (``dpcert.stacked``) for STEPS steps."""
     import torch
 
-    from dpcert.train import TrainConfig, train_instance, train_instances_batched
+    from dpcert.models import lenet5
+    from dpcert.stacked import DpSgd, train_stacked
 
     torch.manual_seed(0)
     dev = torch.device(device)
     x = torch.rand(60_000, 1, 28, 28, device=dev)
     y = torch.randint(0, 10, (60_000,), device=dev)
+
     def train(steps: int) -> None:
-        cfg = TrainConfig("lenet5", q, 1.0, steps, 1.0)
-        if k == 1:
-            train_instance(cfg, x, y, 10, seed=0, instance=0)
-        else:
-            train_instances_batched(cfg, x, y, 10, seed=0, instances=list(range(k)))
+        train_stacked(DpSgd(q, 1.0, steps, 1.0), lenet5, x, y, seed=0, instances=list(range(k)))
 
     train(1)
     if device == "cuda":
@@ -83,8 +81,7 @@ def main() -> None:
                                   json.dumps([k, q])], capture_output=True, text=True,
                                  check=True)
             mb = json.loads(out.stdout.strip().splitlines()[-1])
-            mode = "alone" if k == 1 else "batched"
-            print(f"  q = {q:<6} K = {k:>3} ({mode:<7})  peak +{mb:8.1f} MB   "
+            print(f"  q = {q:<6} K = {k:>3}  peak +{mb:8.1f} MB   "
                   f"{mb / k:7.1f} MB per instance")
 
 

@@ -141,19 +141,3 @@ def test_conv_per_example_weight_grads(stride, padding, size):
 def test_ghost_declines_unsupported_models():
     assert not ghost.supports(build_model("resnet18_gn", 3, 10))
     assert not ghost.supports(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)))
-
-
-@pytest.mark.parametrize("optimizer,subset", [("adam", None), ("sgd", 70)])
-def test_batched_instances_equal_instances_trained_alone(optimizer, subset):
-    from dpcert.train import train_instances_batched
-
-    torch.manual_seed(0)
-    x = torch.randn(120, 1, 8, 8)
-    y = torch.randint(0, 10, (120,))
-    cfg = TrainConfig("digits_cnn", 0.08, 1.0, 12, 1.0, lr=0.05, optimizer=optimizer,
-                      subset_size=subset)
-    batched = train_instances_batched(cfg, x, y, 10, seed=5, instances=[0, 3, 4])
-    for inst, model in zip([0, 3, 4], batched, strict=True):
-        alone = train_instance(cfg, x, y, 10, seed=5, instance=inst)
-        for pa, pb in zip(alone.parameters(), model.parameters(), strict=True):
-            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,7 @@
-"""DP-SGD exactly as the accounting describes it: the Sampled Gaussian Mechanism.
+"""The per-instance DP-SGD reference path, and non-private training for the baselines.
+
+Runs train with :mod:`dpcert.stacked`; this one-instance-at-a-time implementation (torch
+generators per instance) stays as the reference the engine is benchmarked against.
 
 Each step includes every training example independently with probability q (Poisson sampling:
 batch sizes vary and may be 0), clips each per-example gradient to L2 norm C over all
@@ -127,69 +130,6 @@ def predict_scores(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> np.n
     model.eval()
     out = [torch.softmax(model(x[i: i + batch]), dim=1) for i in range(0, len(x), batch)]
     return torch.cat(out).cpu().numpy().astype(np.float32)
-
-
-def train_instances_batched(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
-                            num_classes: int, *, seed: int, instances: list[int]
-                            ) -> list[nn.Module]:
-    """Train several instances as one batched computation (``vmap`` over stacked parameters).
-
-    This is the lever on GPUs, where one small model leaves the device idle; on CPUs it is
-    slower than one process per core (see docs/benchmarks.md). Every instance consumes its own
-    generator exactly as :func:`train_instance` does — initial weights, subset, Poisson
-    batches (padded to the largest batch and masked), noise in parameter order — so each
-    returned model equals the one trained alone, up to float rounding.
-    """
-    from torch.func import stack_module_state
-
-    gens = [instance_generator(seed, i) for i in instances]
-    device = x.device
-    models = [_seeded_model(cfg.model, x.shape[1], num_classes, gen).to(device) for gen in gens]
-    data = [_subset(cfg, x, y, gen) for gen in gens]
-    n = len(data[0][1])
-    params, _ = stack_module_state(models)
-    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    names = [k for k, _ in models[0].named_parameters()]
-    opt = _optimizer(cfg.optimizer, params.values(), cfg.lr)
-    base = models[0]
-
-    def loss(p, xi, yi):
-        out = functional_call(base, p, (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
-
-    per_example = vmap(vmap(grad(loss), in_dims=(None, 0, 0)), in_dims=(0, 0, 0))
-    expected = cfg.sample_rate * n
-    std = cfg.noise_multiplier * cfg.clip_norm
-    for _ in range(cfg.steps):
-        idx = [poisson_batch(n, cfg.sample_rate, g) for g in gens]
-        width = max(1, max(len(i) for i in idx))
-        mask = torch.zeros(len(gens), width, device=device)
-        xb = torch.zeros(len(gens), width, *x.shape[1:], device=device)
-        yb = torch.zeros(len(gens), width, dtype=torch.long, device=device)
-        for k, (i, (xk, yk)) in enumerate(zip(idx, data, strict=True)):
-            mask[k, : len(i)] = 1.0
-            xb[k, : len(i)], yb[k, : len(i)] = xk[i], yk[i]
-        detached = {k: v.detach() for k, v in params.items()}
-        g = per_example(detached, xb, yb)  # each (K, width, *shape)
-        sq = sum(v.reshape(*v.shape[:2], -1).pow(2).sum(-1) for v in g.values())
-        factor = torch.clamp(cfg.clip_norm / (sq.sqrt() + 1e-12), max=1.0) * mask
-        # drawn in train_instance's order: instance by instance, parameter by parameter
-        noise: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for gen in gens:
-            for name in names:
-                noise[name].append(torch.randn(params[name].shape[1:], generator=gen) * std)
-        for name in names:
-            summed = torch.einsum("kb,kb...->k...", factor, g[name])
-            params[name].grad = (summed + torch.stack(noise[name]).to(device)) / expected
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    out = []
-    for k, model in enumerate(models):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(params[name][k])
-        out.append(model)
-    return out
 
 
 def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
