@@ -209,3 +209,21 @@ def test_library_entry_point_rejects_bad_input(bad):
     with pytest.raises(UserError):
         stacked.train_ensemble(MODELS["digits_cnn"][0], args.pop("x"), args.pop("y"),
                                args.pop("x_eval"), **args)
+
+
+def test_device_check_script_runs():
+    """The GPU check's comparison script stays runnable (on a CPU it compares the CPU with
+    itself, so this guards the script, not a device)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    out = subprocess.run([sys.executable, str(root / "scripts" / "device_check.py"), "--device",
+                          "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] and result["philox_words_equal"] and result["train_votes_equal"]
