@@ -92,12 +92,14 @@ def ours(x, y, method):
     return timed(step)
 
 
-def opacus_run(x, y, mode="hooks"):
+def opacus_step(x, y, batch: int, mode: str = "hooks"):
+    """One Opacus make_private training step of LeNet-5 (Poisson sampling at batch / n) on
+    x's device, as a function returning the batch size."""
     from opacus import PrivacyEngine
 
-    model = lenet5()
+    model = lenet5().to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
     engine = PrivacyEngine()
     criterion = torch.nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -125,7 +127,11 @@ def opacus_run(x, y, mode="hooks"):
         opt.step()
         return len(yb)
 
-    return timed(step)
+    return step
+
+
+def opacus_run(x, y, mode="hooks"):
+    return timed(opacus_step(x, y, BATCH, mode))
 
 
 VARIANTS = {"plain (non-DP)": lambda x, y: plain(x, y),
@@ -227,32 +233,7 @@ def step_breakdown(x, y, k: int) -> dict:
 
 def opacus_sequential_rate(x, y, steps: int) -> float:
     """Seconds per step of one LeNet-5 trained by Opacus make_private (Poisson, q = 0.001)."""
-    from opacus import PrivacyEngine
-
-    device = x.device
-    model = lenet5().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
-                                         batch_size=int(PAPER_Q * PAPER_N))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, opt, loader = PrivacyEngine().make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=True)
-    it = iter(loader)
-
-    def step() -> None:
-        nonlocal it
-        try:
-            xb, yb = next(it)
-        except StopIteration:
-            it = iter(loader)
-            xb, yb = next(it)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-
-    return _clock(device, step, reps=steps)
+    return _clock(x.device, opacus_step(x, y, int(PAPER_Q * PAPER_N)), reps=steps)
 
 
 def previous_path_rate(x, y, steps: int) -> float:
