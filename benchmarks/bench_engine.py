@@ -50,7 +50,7 @@ def main() -> None:
     y = torch.randint(0, CLASSES, (N,), generator=gen)
     dev = torch.device(args.device)
 
-    cfg = TrainConfig("linear", Q, SIGMA, args.steps, 1.0, lr=0.25, optimizer="sgd")
+    cfg = TrainConfig(Q, SIGMA, args.steps, 1.0, lr=0.25, optimizer="sgd", model="linear")
     t = time.perf_counter()
     for i in range(args.reference_instances):
         train_instance(cfg, x, y, CLASSES, seed=0, instance=i)

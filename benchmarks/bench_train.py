@@ -240,7 +240,7 @@ def previous_path_rate(x, y, steps: int) -> float:
     """Seconds per step of dpcert's per-instance path (train.train_instance)."""
     from dpcert.train import TrainConfig, train_instance
 
-    cfg = TrainConfig("lenet5", PAPER_Q, 1.0, steps, 1.0, 0.1)
+    cfg = TrainConfig(PAPER_Q, 1.0, steps, 1.0, 0.1, model="lenet5")
     _sync(x.device)
     t = time.perf_counter()
     train_instance(cfg, x, y, 10, seed=0, instance=0)

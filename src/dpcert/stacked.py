@@ -302,9 +302,14 @@ def train_stacked(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tenso
 
 
 @torch.no_grad()
-def predict_stacked(st: Stacked, x: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """Softmax scores (K, N, L), float32 on the host, of every instance on x (N, ...)."""
+def predict_stacked(st: Stacked, x: torch.Tensor, batch: int | None = None) -> np.ndarray:
+    """Softmax scores (K, N, L), float32 on the host, of every instance on x (N, ...).
+
+    ``batch`` inputs at a time (default: 2^16 / K, at most 512: K instances x batch examples
+    is what one training step of the paper's batches holds, so prediction needs no more
+    memory than training)."""
     k = st.instances
+    batch = batch or max(1, min(512, 2**16 // k))
     out = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]

@@ -23,28 +23,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpcert import ghost
-from dpcert.mechanism import MechanismRecord
 from dpcert.models import build_model
+from dpcert.stacked import DpSgd
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """What one instance's DP-SGD run does (the privacy part is the mechanism record)."""
+class TrainConfig(DpSgd):
+    """One instance's DP-SGD run (:class:`dpcert.stacked.DpSgd`) of a built-in model."""
 
-    model: str
-    sample_rate: float
-    noise_multiplier: float
-    steps: int
-    clip_norm: float
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    subset_size: int | None = None
-
-    def mechanism(self, dataset_size: int) -> MechanismRecord:
-        return MechanismRecord(sample_rate=self.sample_rate,
-                               noise_multiplier=self.noise_multiplier, steps=self.steps,
-                               clip_norm=self.clip_norm, dataset_size=dataset_size,
-                               sampling="poisson", subset_size=self.subset_size)
+    model: str = "lenet5"
 
 
 def instance_generator(seed: int, instance: int) -> torch.Generator:
