@@ -89,3 +89,11 @@ def test_poisson_positions_do_not_depend_on_the_chunk_of_gaps_drawn_at_once():
     assert torch.equal(mask, small_mask) and torch.equal(index, small)
     alone, m1 = philox.poisson_positions(philox.instance_keys(2, [7], "cpu"), 3, 400, 0.3)
     assert torch.equal(alone[0][m1[0]], index[7][mask[7]])
+
+
+def test_precomputed_block_counters_give_the_same_numbers():
+    # the compiled GPU path passes the counters in; it must draw what the eager path draws
+    keys = philox.instance_keys(4, [1, 2], "cpu")
+    blocks = torch.arange(51, dtype=torch.int64)[None, :]
+    assert torch.equal(philox._normal(keys, 9, philox.NOISE, 101, torch.float32, blocks),
+                       philox.normal(keys, 9, philox.NOISE, 101))

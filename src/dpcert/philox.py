@@ -57,11 +57,13 @@ def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.de
 
 
 def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int | torch.Tensor, purpose: int,
-            count: int,
-            start: int = 0) -> tuple[torch.Tensor, ...]:
-    """Output words of blocks start .. start+count-1 for every instance: (K, count) each."""
+            count: int, start: int = 0, blocks: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, ...]:
+    """Output words of blocks start .. start+count-1 for every instance: (K, count) each
+    (``blocks``: those block numbers as a (1, count) int64 tensor, if already made)."""
     k0, k1 = keys
-    c0 = torch.arange(start, start + count, device=k0.device, dtype=torch.int64)[None, :]
+    c0 = blocks if blocks is not None else torch.arange(
+        start, start + count, device=k0.device, dtype=torch.int64)[None, :]
     zero = torch.zeros((), device=k0.device, dtype=torch.int64)
     return philox4x32(c0, zero, zero + (step & _MASK), zero + purpose, k0, k1)
 
@@ -73,10 +75,10 @@ def _unit(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
-            start: int = 0) -> torch.Tensor:
+            start: int = 0, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """(K, 2 * count) float64 uniforms on (0, 1): two per Philox block, index 2j and 2j + 1
     from block start + j."""
-    w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start)
+    w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start, blocks)
     return torch.stack([_unit(w0, w1), _unit(w2, w3)], dim=2).flatten(1)
 
 
@@ -92,9 +94,14 @@ def normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, cou
         global _compiled_normal
         if _compiled_normal is None:
             _compiled_normal = torch.compile(_normal, dynamic=False)
-        # the step as a tensor: a Python int would be compiled in as a constant, every step anew
-        return _compiled_normal(keys, torch.tensor(step, device=keys[0].device), purpose, count,
-                                dtype)
+        # the step as a tensor: a Python int would be compiled in as a constant, every step
+        # anew; the block counters as a loaded int64 tensor: an arange inside the compiled
+        # function became an int32 index, which Triton refused to multiply by a multiplier
+        # above 2^31 (H200, torch 2.11)
+        device = keys[0].device
+        blocks = torch.arange((count + 1) // 2, device=device, dtype=torch.int64)[None, :]
+        return _compiled_normal(keys, torch.tensor(step, device=device), purpose, count, dtype,
+                                blocks)
     return _normal(keys, step, purpose, count, dtype)
 
 
@@ -102,8 +109,9 @@ _compiled_normal = None
 
 
 def _normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
-            dtype: torch.dtype) -> torch.Tensor:
-    u = uniform(keys, step, purpose, (count + 1) // 2).view(-1, (count + 1) // 2, 2)
+            dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    u = uniform(keys, step, purpose, (count + 1) // 2, blocks=blocks).view(
+        -1, (count + 1) // 2, 2)
     radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
     angle = (2.0 * math.pi) * u[..., 1]
     z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)
