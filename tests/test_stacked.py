@@ -198,6 +198,8 @@ def test_library_entry_point_trains_any_model_and_records_the_mechanism():
     dict(instances=0), dict(optimizer="rmsprop"), dict(batch_instances=0),
     dict(y=np.zeros(299, np.int64)), dict(y=np.full(300, 0.5)), dict(sample_rate=2.0),
     dict(x_eval=np.zeros((4, 1, 9, 9), np.float32)),
+    dict(model_fn=lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                                        nn.Linear(4 * 6 * 6, 10))),
 ])
 def test_library_entry_point_rejects_bad_input(bad):
     from dpcert.errors import UserError
@@ -206,9 +208,10 @@ def test_library_entry_point_rejects_bad_input(bad):
     args = dict(x=x.numpy(), y=y.numpy(), x_eval=x[:4].numpy(), instances=2, sample_rate=0.05,
                 noise_multiplier=1.0, steps=2, clip_norm=1.0)
     args.update(bad)
+    model_fn = args.pop("model_fn", MODELS["digits_cnn"][0])
     with pytest.raises(UserError):
-        stacked.train_ensemble(MODELS["digits_cnn"][0], args.pop("x"), args.pop("y"),
-                               args.pop("x_eval"), **args)
+        stacked.train_ensemble(model_fn, args.pop("x"), args.pop("y"), args.pop("x_eval"),
+                               **args)
 
 
 def test_device_check_script_runs():

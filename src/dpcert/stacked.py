@@ -364,7 +364,8 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     The library entry point for your own PyTorch model and tensors (in the spirit of Opacus'
     ``make_private``): ``model_fn()`` builds one freshly initialised instance (an
     ``nn.Sequential`` of Linear / Conv2d / parameter-free layers takes the fast path, any
-    other module the ``vmap`` path; no BatchNorm — it mixes examples). x (n, ...) float
+    other module the ``vmap`` path; no BatchNorm — it mixes examples; layers run in eval mode,
+    so Dropout is off). x (n, ...) float
     inputs, y (n,) int labels, x_eval (N, ...). Returns softmax scores (P, N, L) and the
     :class:`~dpcert.mechanism.MechanismRecord` of what ran, which :func:`dpcert.certify`
     consumes (votes: ``dpcert.run.tally_votes(scores)``). Instance i depends on (seed, i)
@@ -378,6 +379,9 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                                           and batch_instances >= 1)):
         raise UserError(f"batch_instances must be a positive integer or 'auto', got "
                         f"{batch_instances!r}")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model_fn().modules()):
+        raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "
+                        "does not bound one example's effect: use GroupNorm or none")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for, but no CUDA device is available")
     dev = torch.device(device)
