@@ -127,7 +127,7 @@ def poisson_positions(keys: tuple[torch.Tensor, torch.Tensor], step: int, n: int
     included positions (a prefix of each row). W is the largest batch (at least 1); padding
     holds index 0 with mask False. Gaps are drawn ``chunk`` at a time (default: the expected
     batch plus six standard deviations) until every row passes n; the positions do not depend
-    on the chunk (an even chunk reads the same uniforms)."""
+    on the chunk (each round reads the next uniforms of the same sequence)."""
     k = keys[0].shape[0]
     device = keys[0].device
     if q >= 1.0:
