@@ -231,6 +231,26 @@ def step_breakdown(x, y, k: int) -> dict:
     return out
 
 
+def profile_step(x, y, k: int) -> str:
+    """torch.profiler's table of three clipped-sum steps of K instances (first layout)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dpcert import philox, stacked
+
+    st = stacked.init_stacked(lenet5, 0, list(range(k)), x.device)
+    keys = philox.instance_keys(0, list(range(k)), x.device)
+    index, mask = philox.poisson_positions(keys, 0, PAPER_N, PAPER_Q)
+    stacked.clipped_gradient_sum(st, x, y, index, mask, 1.0)
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            stacked.clipped_gradient_sum(st, x, y, index, mask, 1.0)
+        _sync(x.device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+
+
 def opacus_sequential_rate(x, y, steps: int) -> float:
     """Seconds per step of one LeNet-5 trained by Opacus make_private (Poisson, q = 0.001)."""
     return _clock(x.device, opacus_step(x, y, int(PAPER_Q * PAPER_N)), reps=steps)
@@ -319,6 +339,11 @@ def ensemble_main(args) -> None:
               f"{total * op:9.0f} s   ratio {out['ratio_vs_opacus']:.1f}x")
     except ImportError as err:
         print(f"  Opacus not measured: {err}")
+    if args.profile:
+        try:
+            print(profile_step(x, y, args.chunks[0]))
+        except Exception as err:  # noqa: BLE001 - a diagnostic only: report why it failed
+            print(f"  profile failed: {type(err).__name__}: {str(err)[:200]}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -342,6 +367,8 @@ def main() -> None:
                              "for the first, the first chunk size for the others")
     parser.add_argument("--only-stacked", action="store_true",
                         help="time the stacked engine only")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler table of a clipped-sum step")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.device:

@@ -58,7 +58,7 @@ echo "device check: exit $? $(cat "$out/device_check.json")"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     nproc
     timeout "$(left 140)" "$python" benchmarks/bench_train.py --device "$device" --threads "$(nproc)" \
-        --instances "$instances" --conv-impls patches vmap grouped grouped+benchmark \
+        --instances "$instances" --conv-impls patches vmap grouped grouped+benchmark --profile \
         --json "$out/bench_train.json" 2>&1
     echo "bench exit $?"
 } > "$out/bench_train.txt"
