@@ -24,6 +24,14 @@ def test_certification_core_imports_without_torch():
     assert set(loaded) <= {f"dpcert.{m}" for m in CORE} | {"dpcert.errors"}
 
 
+def test_run_options_validate_without_torch():
+    code = ("import sys\nfrom dpcert.runconfig import RunConfig\nRunConfig(instances=4)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):

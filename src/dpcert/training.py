@@ -1,0 +1,190 @@
+"""Training the instances of a run: on which device, in which groups, by which backend.
+
+The middle of the workflow layer: :func:`train_all` trains every instance whose unit file is
+missing or damaged — in local processes (one per core on CPU, one driving the GPU) or as Ray
+tasks — each group of instances as one stacked computation (:mod:`dpcert.stacked`, the
+linear model :mod:`dpcert.engine`), and writes each unit as it finishes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from dpcert.errors import UserError
+from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
+from dpcert.store import remove_stale_temp_files
+
+
+def train_group(cfg: RunConfig, instances: list[int], data,
+                on_step: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Test scores (N, L) of the given instances, trained as one stacked computation on the
+    run's device (:mod:`dpcert.stacked`; the linear model: :mod:`dpcert.engine`).
+
+    Pure: no files. ``data`` is a :class:`dpcert.data.Dataset`; ``on_step(t)`` reports
+    progress (image models)."""
+    import torch
+
+    device = torch.device(cfg.device)
+    x = torch.tensor(data.x_train, device=device)
+    y = torch.tensor(data.y_train, device=device)
+    if cfg.model == "linear":
+        from dpcert.engine import LinearDpSgd, predict_linear, train_linear
+
+        lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
+                           cfg.lr, cfg.subset_size, cfg.averaging)
+        weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
+                                    instances=instances)
+        return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
+    from dpcert.models import build_model
+    from dpcert.stacked import DpSgd, predict_stacked, train_stacked
+
+    dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
+                 cfg.optimizer, cfg.subset_size)
+    in_channels = data.x_train.shape[1]
+    st = train_stacked(dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes),
+                       x, y, seed=cfg.seed, instances=instances, progress=on_step)
+    return list(predict_stacked(st, torch.tensor(data.x_test, device=device)))
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned training processes with one torch thread each: on CPUs one worker process per
+    core beats intra-op threads (docs/benchmarks.md). Shared by run, compare, attack-check."""
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                               initializer=_one_thread)
+
+
+def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
+                 on_step: Callable[[int], None] | None = None) -> list[int]:
+    """Local backend: train a group of instances and write each unit file as it is ready."""
+    cfg = RunConfig(**cfg_dict)
+    data = load_run_data(cfg)
+    for scores, out in zip(train_group(cfg, instances, data, on_step), outs, strict=True):
+        write_unit(Path(out), scores)
+    return instances
+
+
+def _ray_group(cfg_dict: dict, instances: list[int], data) -> list[np.ndarray]:
+    """Ray task body: one worker thread (like a local worker process), scores returned."""
+    _one_thread()
+    return train_group(RunConfig(**cfg_dict), instances, data)
+
+
+def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
+    """Ray backend: one task per group, the dataset shipped once through the object store.
+
+    The driver writes each unit atomically as its task returns, so workers need no shared
+    filesystem; a crashed driver loses only the tasks in flight (rerun resumes), and Ray
+    retries tasks whose worker died (``max_retries``)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs Ray: pip install 'dpcert[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        try:
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, logging_level="WARNING")
+            else:  # a private local cluster, reachable on loopback only
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                         logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot start or reach the Ray cluster: {err}") from None
+    try:
+        gpus = cfg.gpu_fraction if cfg.device == "cuda" else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_ray_group)
+        data_ref = ray.put(load_run_data(cfg))
+        cfg_dict = asdict(cfg)
+        pending = {task.remote(cfg_dict, g, data_ref): g for g in groups}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            group = pending.pop(done[0])
+            for scores, out in zip(ray.get(done[0]), outs(group), strict=True):
+                write_unit(Path(out), scores)
+            bar.update(len(group))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
+    """``batch_instances``, with ``auto`` resolved: the linear model 100 (measured on CPU,
+    docs/benchmarks.md), image models :func:`dpcert.stacked.instances_that_fit` on the run's
+    device (1 on CPU, where one process per core is faster)."""
+    if cfg.batch_instances != "auto":
+        return cfg.batch_instances
+    if cfg.model == "linear":
+        return min(todo, 100)
+    if cfg.device != "cuda":
+        return 1
+    import torch
+
+    from dpcert.models import build_model
+    from dpcert.stacked import DpSgd, instances_that_fit
+
+    data = load_run_data(cfg)
+    device = torch.device(cfg.device)
+    dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
+                 cfg.optimizer, cfg.subset_size)
+    fit = instances_that_fit(
+        dcfg, lambda: build_model(cfg.model, data.x_train.shape[1], data.num_classes),
+        torch.tensor(data.x_train, device=device), torch.tensor(data.y_train, device=device))
+    return min(todo, fit)
+
+
+def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
+    """Train every instance whose unit file is missing or damaged; others are kept."""
+    units = run_dir / "instances"
+    units.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(units)
+    todo = []
+    for i in range(cfg.instances):
+        path = units / f"inst_{i:06d}.npz"
+        if read_unit(path) is None:
+            path.unlink(missing_ok=True)
+            todo.append(i)
+    if not todo:
+        return
+    workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
+    if cfg.device == "cuda":
+        workers = 1  # one process drives the GPU; batch_instances fills it
+    k = resolve_batch_instances(cfg, len(todo))
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.instances, initial=cfg.instances - len(todo), desc="training instances",
+               unit="inst", disable=not progress)
+    cfg_dict = asdict(cfg)
+    groups = [todo[i: i + k] for i in range(0, len(todo), k)]
+
+    def outs(group: list[int]) -> list[str]:
+        return [str(units / f"inst_{i:06d}.npz") for i in group]
+
+    if cfg.backend == "ray":
+        _train_ray(cfg, groups, outs, bar)
+    elif workers == 1:
+        for group in groups:
+            with tqdm(total=cfg.steps, desc=f"DP-SGD steps of {len(group)} instances",
+                      unit="step", leave=False, disable=not progress) as steps:
+                _train_units(cfg_dict, group, outs(group), lambda _: steps.update())
+            bar.update(len(group))
+    else:
+        with worker_pool(workers) as pool:
+            futures = [pool.submit(_train_units, cfg_dict, g, outs(g)) for g in groups]
+            for fut in as_completed(futures):
+                bar.update(len(fut.result()))
+    bar.close()
+
+
