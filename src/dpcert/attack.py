@@ -29,15 +29,10 @@ import numpy as np
 
 from dpcert.data import Dataset
 from dpcert.errors import UserError
-from dpcert.run import (
-    RunConfig,
-    load_run_data,
-    read_unit,
-    stored_config,
-    worker_pool,
-    write_unit,
-)
+from dpcert.run import stored_config
+from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
 from dpcert.store import atomic_write_text
+from dpcert.training import worker_pool
 
 ATTACKS = ("flip", "insert")
 
@@ -102,7 +97,7 @@ def _instance_on_target(cfg_dict: dict, job: Job, instance: int) -> np.ndarray:
 
     Runs in a worker that holds the clean dataset; the poisoned copy of the last job is kept,
     since a worker trains several instances of the same job in a row."""
-    from dpcert.run import train_group
+    from dpcert.training import train_group
 
     cfg = RunConfig(**cfg_dict)
     if _POISONED.get("job") != job:

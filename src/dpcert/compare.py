@@ -34,17 +34,10 @@ import numpy as np
 from dpcert import baselines
 from dpcert.certify import Certificates
 from dpcert.errors import UserError
-from dpcert.run import (
-    RunConfig,
-    load_run_data,
-    read_unit,
-    run,
-    stored_config,
-    tally_votes,
-    worker_pool,
-    write_unit,
-)
+from dpcert.run import run, stored_config, tally_votes
+from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
 from dpcert.store import atomic_write_text
+from dpcert.training import worker_pool
 
 BASELINES = ("dpa", "fa", "bagging", "roe")
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
