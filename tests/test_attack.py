@@ -83,3 +83,18 @@ def test_attack_check_errors(tmp_path, small_run):
         attack_check(out, 2, attacks=("magic",), progress=False)
     res = CliRunner().invoke(main, ["attack-check", str(tmp_path), "--radius", "2"])
     assert res.exit_code == 2 and "not a finished dpcert run" in res.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_attack_check_of_a_gpu_run_on_a_cpu_machine_says_what_to_do(tmp_path, small_run):
+    import json
+    import shutil
+
+    out, _ = small_run
+    copy = tmp_path / "gpu-run"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "device": "cuda"}))
+    with pytest.raises(UserError, match="--device cpu"):
+        attack_check(copy, 2, progress=False)
+    assert not (copy / "attack_check_r2").exists()

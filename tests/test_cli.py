@@ -257,3 +257,18 @@ def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, args):
     assert res.stderr.strip() == ("dpcert: error: --device cuda asked for, but no CUDA "
                                   "device is available")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_compare_config_asking_for_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load(open("configs/compare_digits.yaml"))
+    cfg["dp"] = {**cfg.get("dp", {}), "device": "cuda"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "dpcert.cli", "compare", str(path), "--output",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no CUDA device" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

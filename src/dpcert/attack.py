@@ -153,6 +153,12 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     cfg, votes, scores, labels, certs = _load_run(run_dir)
     if device is not None:
         cfg = replace(cfg, device=device)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{run_dir} was trained on cuda and this machine has no CUDA "
+                            "device: pass --device cpu to retrain on the CPU")
     data = load_run_data(cfg)
     if len(data.y_test) != len(labels) or not np.array_equal(data.y_test, labels):
         raise UserError(f"the dataset no longer matches the run in {run_dir}")

@@ -384,6 +384,7 @@ def compare_cmd(config, output, device, quiet) -> None:
             dp = values.get("dp", {})
             values["dp"] = {**(dp if isinstance(dp, dict) else {}), "device": device}
         cfg = CompareConfig.from_mapping(values)
+        check_device(cfg.dp.get("device") if isinstance(cfg.dp, dict) else None)
         out = output or Path("runs") / f"compare-{Path(config).stem}"
         click.echo(compare(cfg, out, progress=not quiet))
         click.echo(f"comparison directory: {out} (compare.md, compare.png)")
