@@ -92,7 +92,7 @@ def test_attack_check_of_a_gpu_run_on_a_cpu_machine_says_what_to_do(tmp_path, sm
 
     out, _ = small_run
     copy = tmp_path / "gpu-run"
-    shutil.copytree(out, copy)
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("attack_check_*"))
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, "device": "cuda"}))
     with pytest.raises(UserError, match="--device cpu"):
