@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.data import Dataset
-from dpcert.errors import UserError
+from dpcert.errors import UserError, check_device
 from dpcert.run import stored_config
 from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
 from dpcert.store import atomic_write_text
@@ -153,12 +153,8 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     cfg, votes, scores, labels, certs = _load_run(run_dir)
     if device is not None:
         cfg = replace(cfg, device=device)
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"{run_dir} was trained on cuda and this machine has no CUDA "
-                            "device: pass --device cpu to retrain on the CPU")
+    check_device(cfg.device, asked=f"{run_dir} was trained on cuda",
+                 advice=": pass --device cpu to retrain on the CPU")
     data = load_run_data(cfg)
     if len(data.y_test) != len(labels) or not np.array_equal(data.y_test, labels):
         raise UserError(f"the dataset no longer matches the run in {run_dir}")

@@ -21,7 +21,7 @@ from dpcert.certify import (
     certify,
     radius_summary,
 )
-from dpcert.errors import UserError
+from dpcert.errors import UserError, check_device
 from dpcert.mechanism import MechanismRecord
 from dpcert.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
 from dpcert.store import atomic_write_text, load_array
@@ -353,15 +353,6 @@ def run_cmd(config, output, quiet, **options) -> None:
                    "certified_accuracy.png)")
 
     _run_user(action)
-
-
-def check_device(device: str | None) -> None:
-    """A one-line error for --device cuda on a machine without a CUDA device."""
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but no CUDA device is available")
 
 
 @main.command("compare")

@@ -7,3 +7,14 @@ class UserError(ValueError):
 
     def __init__(self, message: object) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def check_device(device: str | None, *, asked: str = "--device cuda asked for",
+                 advice: str = "") -> None:
+    """A UserError when a CUDA device is asked for and this machine has none (torch is
+    imported only then)."""
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{asked}, but no CUDA device is available{advice}")

@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpcert import ghost, philox
-from dpcert.errors import UserError
+from dpcert.errors import UserError, check_device
 from dpcert.mechanism import MechanismRecord
 
 ModelFn = Callable[[], nn.Module]
@@ -382,8 +382,7 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model_fn().modules()):
         raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "
                         "does not bound one example's effect: use GroupNorm or none")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
+    check_device(device, asked=f"device {device!r} asked for")
     dev = torch.device(device)
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32), device=dev)
     yt = torch.as_tensor(np.asarray(y), device=dev)

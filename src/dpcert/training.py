@@ -41,15 +41,23 @@ def train_group(cfg: RunConfig, instances: list[int], data,
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances)
         return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
+    from dpcert.stacked import predict_stacked, train_stacked
+
+    dcfg, model_fn = _image_training(cfg, data)
+    st = train_stacked(dcfg, model_fn, x, y, seed=cfg.seed, instances=instances,
+                       progress=on_step)
+    return list(predict_stacked(st, torch.tensor(data.x_test, device=device)))
+
+
+def _image_training(cfg: RunConfig, data):
+    """The stacked engine's DP-SGD record and model builder for a run of an image model."""
     from dpcert.models import build_model
-    from dpcert.stacked import DpSgd, predict_stacked, train_stacked
+    from dpcert.stacked import DpSgd
 
     dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
                  cfg.optimizer, cfg.subset_size)
     in_channels = data.x_train.shape[1]
-    st = train_stacked(dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes),
-                       x, y, seed=cfg.seed, instances=instances, progress=on_step)
-    return list(predict_stacked(st, torch.tensor(data.x_test, device=device)))
+    return dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes)
 
 
 def _one_thread() -> None:
@@ -132,16 +140,13 @@ def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
         return 1
     import torch
 
-    from dpcert.models import build_model
-    from dpcert.stacked import DpSgd, instances_that_fit
+    from dpcert.stacked import instances_that_fit
 
     data = load_run_data(cfg)
     device = torch.device(cfg.device)
-    dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
-                 cfg.optimizer, cfg.subset_size)
-    fit = instances_that_fit(
-        dcfg, lambda: build_model(cfg.model, data.x_train.shape[1], data.num_classes),
-        torch.tensor(data.x_train, device=device), torch.tensor(data.y_train, device=device))
+    fit = instances_that_fit(*_image_training(cfg, data),
+                             torch.tensor(data.x_train, device=device),
+                             torch.tensor(data.y_train, device=device))
     return min(todo, fit)
 
 
