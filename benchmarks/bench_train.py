@@ -224,10 +224,18 @@ def step_breakdown(x, y, k: int) -> dict:
     size = sum(v[0].numel() for v in st.params.values())
     index, mask = philox.poisson_positions(keys, 0, PAPER_N, PAPER_Q)
     out = {"noise_ms": 1e3 * _clock(device, lambda: philox.normal(keys, 1, philox.NOISE, size)),
+           "fused_philox": device.type == "cuda" and philox._fused_ok(device),
            "sampling_ms": 1e3 * _clock(
                device, lambda: philox.poisson_positions(keys, 1, PAPER_N, PAPER_Q)),
            "clipped_sum_ms": 1e3 * _clock(
                device, lambda: stacked.clipped_gradient_sum(st, x, y, index, mask, 1.0))}
+    if out["fused_philox"]:  # the same noise by the eager rounds, for the ratio
+        os.environ["DPCERT_FUSED_RNG"] = "0"
+        try:
+            out["noise_eager_ms"] = 1e3 * _clock(
+                device, lambda: philox.normal(keys, 1, philox.NOISE, size))
+        finally:
+            del os.environ["DPCERT_FUSED_RNG"]
     return out
 
 
@@ -310,8 +318,7 @@ def ensemble_main(args) -> None:
     for r in out["stacked"]:
         r["extrapolated_seconds"] = -(-args.instances // r["instances"]) * PAPER_T \
             * r["seconds_per_step"]
-    best = min((r for r in out["stacked"] if not r.get("compiled_rng")
-                and r.get("conv") == args.conv_impls[0]),
+    best = min((r for r in out["stacked"] if r.get("conv") == args.conv_impls[0]),
                key=lambda r: r["extrapolated_seconds"])
     out["breakdown"] = step_breakdown(x, y, best["instances"])
     print(f"  step of K = {best['instances']}: {out['breakdown']}")
@@ -332,20 +339,6 @@ def ensemble_main(args) -> None:
             print(profile_step(x, y, args.chunks[0]))
         except Exception as err:  # noqa: BLE001 - a diagnostic only: report why it failed
             print(f"  profile failed: {type(err).__name__}: {str(err)[:200]}")
-    if device.type == "cuda":  # last: the compiled noise generator (an experiment; compiles)
-        os.environ["DPCERT_COMPILE_RNG"] = "1"
-        try:
-            r = stacked_rate(x, y, args.chunks[-1], args.stacked_steps, warm=5)
-            r["compiled_rng"] = True
-            r["extrapolated_seconds"] = -(-args.instances // r["instances"]) * PAPER_T \
-                * r["seconds_per_step"]
-            out["stacked"].append(r)
-            print(f"  ... with DPCERT_COMPILE_RNG=1: {r['ms_per_instance_step']:8.4f} ms per "
-                  f"instance-step")
-        except Exception as err:  # noqa: BLE001 - a measurement only: report why it failed
-            print(f"  compiled noise failed: {type(err).__name__}: {str(err)[:200]}")
-        finally:
-            del os.environ["DPCERT_COMPILE_RNG"]
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

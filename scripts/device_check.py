@@ -30,6 +30,7 @@ def main() -> int:
     words = [torch.randint(0, 2**32, (1_000_000,), generator=gen) for _ in range(6)]
     a = philox.philox4x32(*words)
     b = philox.philox4x32(*[w.to(dev) for w in words])
+    out["fused_philox"] = dev.type == "cuda" and philox._fused_ok(dev)
     out["philox_words_equal"] = all(torch.equal(x, y.cpu()) for x, y in zip(a, b, strict=True))
     kc, kd = philox.instance_keys(3, [0, 5, 9], cpu), philox.instance_keys(3, [0, 5, 9], dev)
     za, zb = philox.normal(kc, 4, philox.NOISE, 61_706), philox.normal(kd, 4, philox.NOISE, 61_706)

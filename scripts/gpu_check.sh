@@ -9,14 +9,16 @@
 # 2. benchmarks/bench_train.py --device cuda: P = 1000 x T = 1000 LeNet-5 at q = 0.001,
 #    extrapolated from a few steps, for each way to run the convolutions (DPCERT_CONV_IMPL),
 #    beside Opacus one instance at a time and dpcert's previous path, in the same run; peak
-#    GPU memory; a per-step breakdown. The fastest way is used for the runs below.
+#    GPU memory; a per-step breakdown.
+#    The fastest (way, instances per computation) trains the runs below.
 # 3. The paper's MNIST sigma = 2 setting end to end (configs/mnist_sigma2.yaml: P = 1000
 #    LeNet-5 instances, train, every certificate, report) on the GPU, timed.
-# 4. Fashion-MNIST sigma = 3 (configs/fashion-mnist_sigma3.yaml) trained only: its votes come
-#    back and are certified on a CPU.
+# 4. The other paper settings of configs/ (Fashion-MNIST sigma 3, MNIST sigma 3, Fashion
+#    sigma 2 and 1, MNIST sigma 1) trained only, as many as the time left covers by the
+#    bench's estimate: their votes come back (votes.npz) and are certified on a CPU.
 # Parts run in this order, each under its own time limit inside a total of $BUDGET seconds
-# (default 560), so one slow part leaves the others' results. At most 8
-# files land in the folder (the device tool returns no more).
+# (default 560), so one slow part leaves the others' results. At most 8 files land in the
+# folder (the device tool returns no more).
 #
 # Needs data/mnist and data/fashion-mnist (IDX files, .gz is fine) — or the same under .gpu/,
 # which is copied to data/ — and the wheels the machine lacks in .gpu/whl (dp-accounting
@@ -37,9 +39,6 @@ for d in mnist fashion-mnist; do
 done
 export PYTHONPATH="src:.site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DPCERT_CACHE="$out/cache"
-# instances per stacked computation in the runs: 250 trained as fast per instance as 1000 on
-# the H200, and a run stopped by its limit keeps every finished group of 250 (resumable)
-chunk=${CHUNK:-250}
 extra=()
 [ -n "$steps" ] && extra=(--steps "$steps")
 now() { date +%s; }
@@ -57,68 +56,76 @@ echo "device check: exit $? $(cat "$out/device_check.json")"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     nproc
-    timeout "$(left 140)" "$python" benchmarks/bench_train.py --device "$device" --threads "$(nproc)" \
-        --instances "$instances" --conv-impls patches vmap grouped grouped+benchmark --profile \
+    timeout "$(left 130)" "$python" benchmarks/bench_train.py --device "$device" --threads "$(nproc)" \
+        --instances "$instances" --conv-impls patches vmap grouped+benchmark --profile \
         --json "$out/bench_train.json" 2>&1
     echo "bench exit $?"
 } > "$out/bench_train.txt"
-tail -n 12 "$out/bench_train.txt"
-# the fastest way to run convolutions at K = 250 trains the runs below (results agree to float
-# rounding whichever it is: tests/test_stacked.py)
-DPCERT_CONV_IMPL=$("$python" - "$out/bench_train.json" <<'EOF'
+tail -n 14 "$out/bench_train.txt"
+# the fastest (way to run convolutions, instances per computation) of the bench trains the runs
+# below (the ways agree to float rounding: tests/test_stacked.py), and its extrapolated P x T
+# time says how many settings fit in what is left
+read -r DPCERT_CONV_IMPL best_k est <<<"$("$python" - "$out/bench_train.json" "$instances" \
+    "${steps:-1000}" <<'EOF'
 import json, sys
 try:
     rows = json.load(open(sys.argv[1]))["stacked"]
-    rows = [r for r in rows if r["conv"] in ("patches", "vmap", "grouped")]
-    print(min(rows, key=lambda r: r["ms_per_instance_step"])["conv"])
+    # "grouped+benchmark" (cudnn.benchmark) is a measurement only: runs do not turn it on
+    best = min((r for r in rows if "+" not in r["conv"]), key=lambda r: r["ms_per_instance_step"])
+    seconds = best["ms_per_instance_step"] * int(sys.argv[2]) * int(sys.argv[3]) / 1000
+    print(best["conv"].split("+")[0], min(best["instances"], int(sys.argv[2])), int(seconds) + 1)
 except Exception:
-    print("auto")
+    print("auto 250 600")
 EOF
-)
+)"
 export DPCERT_CONV_IMPL
-echo "convolutions for the runs: $DPCERT_CONV_IMPL"
+chunk=${CHUNK:-$best_k}
+echo "runs: convolutions $DPCERT_CONV_IMPL, $chunk instances per computation, ~${est} s for P x T"
 
 start=$(now)
-timeout "$(left 270)" "$python" -m dpcert.cli run configs/mnist_sigma2.yaml --instances "$instances" \
-    "${extra[@]}" --device "$device" --batch-instances "$chunk" --output "$out/mnist" --quiet \
-    > "$out/mnist_report.txt" 2>&1
+timeout "$(left 240)" "$python" -m dpcert.cli run configs/mnist_sigma2.yaml --instances "$instances" \
+    "${extra[@]}" --device "$device" --batch-instances "$chunk" --output "$out/mnist_sigma2" \
+    --quiet > "$out/mnist_report.txt" 2>&1
 status=$?
 mnist_seconds=$(( $(now) - start ))
-mnist_train=$(( $(stat -c %Y "$out/mnist/votes.npy" 2>/dev/null || echo "$start") - start ))
-mnist_done=$(find "$out/mnist/instances" -name 'inst_*.npz' 2>/dev/null | wc -l)
-cp "$out/mnist/votes.npy" "$out/mnist_votes.npy" 2>/dev/null
-cp "$out/mnist/certificates.csv" "$out/mnist_certificates.csv" 2>/dev/null
-echo "mnist run: exit $status, ${mnist_seconds} s, $mnist_done instances trained"
+mnist_train=$(( $(stat -c %Y "$out/mnist_sigma2/votes.npy" 2>/dev/null || echo "$start") - start ))
+mnist_done=$(find "$out/mnist_sigma2/instances" -name 'inst_*.npz' 2>/dev/null | wc -l)
+cp "$out/mnist_sigma2/certificates.csv" "$out/mnist_certificates.csv" 2>/dev/null
+cat "$out/mnist_sigma2/report.md" >> "$out/mnist_report.txt" 2>/dev/null
+echo "mnist sigma 2 run: exit $status, ${mnist_seconds} s, $mnist_done instances trained"
 
-
-
-start=$(now)
-timeout "$(left 300)" "$python" - "$out/fashion" "$device" "$instances" "$steps" "$chunk" <<'EOF' > "$out/fashion.txt" 2>&1
-import sys, time
+# the other paper settings, trained only (certified on a CPU from the votes), while the time
+# left covers the bench's estimate with room for loading and prediction
+runs='"mnist_sigma2": '"$mnist_seconds"
+for name in fashion-mnist_sigma3 mnist_sigma3 fashion-mnist_sigma2 fashion-mnist_sigma1 mnist_sigma1; do
+    need=$(( est * 3 / 2 + 30 ))
+    if (( deadline - $(now) < need )); then
+        echo "$name: skipped, ${need} s needed, $(( deadline - $(now) )) s left" | tee -a "$out/runs.txt"
+        continue
+    fi
+    start=$(now)
+    timeout "$(left 300)" "$python" scripts/train_votes.py "configs/$name.yaml" "$out/$name" \
+        device="$device" batch_instances="$chunk" instances="$instances" ${steps:+steps=$steps} \
+        >> "$out/runs.txt" 2>&1
+    echo "$name: exit $?, $(( $(now) - start )) s" | tee -a "$out/runs.txt"
+    runs="$runs, \"$name\": $(( $(now) - start ))"
+done
+"$python" - "$out" <<'EOF'
+import sys
 from pathlib import Path
-from dpcert.run import RunConfig, aggregate, load_config_file, prepare_run_dir, train_all
-run_dir, device, instances, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-values = load_config_file(Path("configs/fashion-mnist_sigma3.yaml"))
-values.update(device=device, batch_instances=int(sys.argv[5]), instances=instances, workers=1)
-if steps:
-    values["steps"] = int(steps)
-cfg = RunConfig.from_mapping(values)
-prepare_run_dir(cfg, run_dir)
-t = time.perf_counter()
-train_all(cfg, run_dir, progress=False)
-print(f"fashion training: {time.perf_counter() - t:.1f} s")
-aggregate(cfg, run_dir)
+import numpy as np
+out = Path(sys.argv[1])
+votes = {d.name: np.load(d / "votes.npy") for d in sorted(out.iterdir())
+         if (d / "votes.npy").is_file()}
+np.savez_compressed(out / "votes.npz", **votes)
+print("votes back:", sorted(votes))
 EOF
-status=$?
-fashion_seconds=$(( $(now) - start ))
-cp "$out/fashion/votes.npy" "$out/fashion_votes.npy" 2>/dev/null
-echo "fashion training: exit $status, ${fashion_seconds} s"
 
-printf '{"device": "%s", "conv": "%s", "instances": %s, "mnist_instances_done": %s, "mnist_run_seconds": %s, %s %s, %s %s}\n' \
-    "$device" "$DPCERT_CONV_IMPL" "$instances" "$mnist_done" "$mnist_seconds" \
-    '"mnist_train_and_tally_seconds":' "$mnist_train" '"fashion_seconds":' "$fashion_seconds" \
+printf '{"device": "%s", "conv": "%s", "chunk": %s, "instances": %s, "mnist_instances_done": %s, "mnist_train_and_tally_seconds": %s, "seconds": {%s}}\n' \
+    "$device" "$DPCERT_CONV_IMPL" "$chunk" "$instances" "$mnist_done" "$mnist_train" "$runs" \
     > "$out/timings.json"
-{ cat "$out/device_check.err"; cat "$out/fashion.txt"; } >> "$out/mnist_report.txt"
-rm -rf "$out/mnist" "$out/fashion" "$DPCERT_CACHE" "$out/device_check.err" "$out/fashion.txt"
+{ echo "== device check stderr"; cat "$out/device_check.err"; echo "== runs"; cat "$out/runs.txt"; } \
+    >> "$out/mnist_report.txt" 2>/dev/null
+rm -rf "$out"/*/ "$out/device_check.err" "$out/runs.txt"
 ls "$out"
 echo "gpu check done: $out"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -91,9 +94,49 @@ def test_poisson_positions_do_not_depend_on_the_chunk_of_gaps_drawn_at_once():
     assert torch.equal(alone[0][m1[0]], index[7][mask[7]])
 
 
-def test_precomputed_block_counters_give_the_same_numbers():
-    # the compiled GPU path passes the counters in; it must draw what the eager path draws
-    keys = philox.instance_keys(4, [1, 2], "cpu")
-    blocks = torch.arange(51, dtype=torch.int64)[None, :]
-    assert torch.equal(philox._normal(keys, 9, philox.NOISE, 101, torch.float32, blocks),
-                       philox.normal(keys, 9, philox.NOISE, 101))
+_HOST_MAIN = r"""
+#include <cstdint>
+#include <cstdio>
+static unsigned int __umulhi(unsigned int a, unsigned int b) {
+  return (unsigned int)(((unsigned long long)a * b) >> 32);
+}
+%s
+int main() {
+  long long w[6];
+  while (scanf("%%lld %%lld %%lld %%lld %%lld %%lld",
+               &w[0], &w[1], &w[2], &w[3], &w[4], &w[5]) == 6) {
+    int64_t o[4];
+    dpcert_philox4x32_10<int64_t>(w[0], w[1], w[2], w[3], w[4], w[5], o[0], o[1], o[2], o[3]);
+    printf("%%lld %%lld %%lld %%lld\n", (long long)o[0], (long long)o[1], (long long)o[2],
+           (long long)o[3]);
+  }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_fused_cuda_kernel_source_computes_the_same_words(tmp_path):
+    # The CUDA kernel (jiterator) can only run on a GPU; its source is plain C++ but for the
+    # __umulhi intrinsic, so compiled for the host it must give the eager words and the KATs.
+    src = tmp_path / "philox.cpp"
+    src.write_text(_HOST_MAIN % philox._FUSED_SOURCE)
+    subprocess.run(["g++", "-O1", "-o", str(tmp_path / "philox"), str(src)], check=True)
+    gen = torch.Generator().manual_seed(1)
+    words = [torch.randint(0, 2**32, (3000,), generator=gen) for _ in range(6)]
+    words = [torch.cat([torch.tensor([2**32 - 1]), w]) for w in words]  # a KAT vector first
+    lines = "\n".join(" ".join(str(int(w[i])) for w in words) for i in range(len(words[0])))
+    out = subprocess.run([str(tmp_path / "philox")], input=lines, capture_output=True,
+                         text=True, check=True).stdout.split()
+    got = torch.tensor([int(v) for v in out]).view(-1, 4)
+    want = torch.stack(philox._philox_eager(*words), dim=1)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert tuple(int(v) for v in got[0]) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+
+
+def test_fused_kernel_is_off_the_cpu_and_the_env_switch_keeps_eager(monkeypatch):
+    x = philox.instance_keys(1, [0, 1], "cpu")
+    assert not philox._FUSED_CHECKED  # never consulted for CPU tensors
+    philox.normal(x, 0, philox.NOISE, 10)
+    assert not philox._FUSED_CHECKED
+    monkeypatch.setenv("DPCERT_FUSED_RNG", "0")
+    assert not philox._fused_ok(torch.device("cuda", 0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -35,7 +36,14 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
     """Philox4x32 of counter words (c0..c3) under key words (k0, k1).
 
     All inputs are int64 tensors holding values in [0, 2^32) that broadcast together; returns
-    the four output words, same convention."""
+    the four output words, same convention. On a CUDA device the ten rounds run as one fused
+    kernel (:func:`_fused`) when it compiled and matched this function bit for bit."""
+    if rounds == 10 and c0.device.type == "cuda" and _fused_ok(c0.device):
+        return _FUSED(c0, c1, c2, c3, k0, k1)
+    return _philox_eager(c0, c1, c2, c3, k0, k1, rounds)
+
+
+def _philox_eager(c0, c1, c2, c3, k0, k1, rounds: int = 10):
     for r in range(rounds):
         if r:
             k0 = (k0 + _W0) & _MASK
@@ -47,6 +55,63 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
     return c0, c1, c2, c3
 
 
+# The same ten rounds as one elementwise CUDA kernel (torch's jiterator compiles it with NVRTC
+# at first use). Eager int64 arithmetic launches ~130 kernels per call, each streaming the whole
+# (K, blocks) state through memory: 21 us per instance-step of noise on an H200, a quarter of
+# the 90 s target for P x T. Written by hand because torch exposes no Philox with a chosen
+# counter (its own is keyed by a seed and an offset), and torch.compile of the eager version
+# failed under Triton (docs/benchmarks.md).
+_FUSED_SOURCE = """
+template <typename T> void dpcert_philox4x32_10(T c0, T c1, T c2, T c3, T k0, T k1,
+                                                T& o0, T& o1, T& o2, T& o3) {
+  unsigned int x0 = c0, x1 = c1, x2 = c2, x3 = c3, y0 = k0, y1 = k1;
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) { y0 += 0x9E3779B9u; y1 += 0xBB67AE85u; }
+    unsigned int h0 = __umulhi(0xD2511F53u, x0), l0 = 0xD2511F53u * x0;
+    unsigned int h1 = __umulhi(0xCD9E8D57u, x2), l1 = 0xCD9E8D57u * x2;
+    x0 = h1 ^ x1 ^ y0;
+    x1 = l1;
+    x2 = h0 ^ x3 ^ y1;
+    x3 = l0;
+  }
+  o0 = x0; o1 = x1; o2 = x2; o3 = x3;
+}
+"""
+_FUSED = None
+#: per CUDA device index: did the fused kernel compile and agree with the eager rounds?
+_FUSED_CHECKED: dict[int, bool] = {}
+
+
+def _fused_ok(device: torch.device) -> bool:
+    """Whether the fused kernel serves ``device``: compiled, and bit-equal to the eager rounds
+    (computed on the host) on 4096 random counters and keys, checked once per process and
+    device. Off with the environment variable DPCERT_FUSED_RNG=0; any failure falls back to the
+    eager rounds with a warning, so the numbers never depend on which ran."""
+    global _FUSED
+    if os.environ.get("DPCERT_FUSED_RNG", "1") == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FUSED_CHECKED:
+        try:
+            if _FUSED is None:
+                from torch.cuda import jiterator
+
+                _FUSED = jiterator._create_multi_output_jit_fn(_FUSED_SOURCE, num_outputs=4)
+            gen = torch.Generator().manual_seed(12345)
+            words = [torch.randint(0, 2**32, (4096,), generator=gen) for _ in range(6)]
+            want = _philox_eager(*words)
+            got = _FUSED(*[w.to(device) for w in words])
+            ok = all(torch.equal(a, b.cpu()) for a, b in zip(want, got, strict=True))
+            reason = "its words differ from the eager rounds"
+        except Exception as err:  # noqa: BLE001 - any failure: the exact eager path serves
+            ok, reason = False, f"{type(err).__name__}: {str(err)[:200]}"
+        if not ok:
+            warnings.warn(f"fused Philox kernel not used ({reason}); eager rounds instead",
+                          RuntimeWarning, stacklevel=3)
+        _FUSED_CHECKED[index] = ok
+    return _FUSED_CHECKED[index]
+
+
 def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.device | str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The key words (K, 1) of each instance: 64 bits of SeedSequence([seed, instance])."""
@@ -56,14 +121,11 @@ def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.de
     return keys[:, :1], keys[:, 1:]
 
 
-def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int | torch.Tensor, purpose: int,
-            count: int, start: int = 0, blocks: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, ...]:
-    """Output words of blocks start .. start+count-1 for every instance: (K, count) each
-    (``blocks``: those block numbers as a (1, count) int64 tensor, if already made)."""
+def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+            start: int = 0) -> tuple[torch.Tensor, ...]:
+    """Output words of blocks start .. start+count-1 for every instance: (K, count) each."""
     k0, k1 = keys
-    c0 = blocks if blocks is not None else torch.arange(
-        start, start + count, device=k0.device, dtype=torch.int64)[None, :]
+    c0 = torch.arange(start, start + count, device=k0.device, dtype=torch.int64)[None, :]
     zero = torch.zeros((), device=k0.device, dtype=torch.int64)
     return philox4x32(c0, zero, zero + (step & _MASK), zero + purpose, k0, k1)
 
@@ -75,10 +137,10 @@ def _unit(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
-            start: int = 0, blocks: torch.Tensor | None = None) -> torch.Tensor:
+            start: int = 0) -> torch.Tensor:
     """(K, 2 * count) float64 uniforms on (0, 1): two per Philox block, index 2j and 2j + 1
     from block start + j."""
-    w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start, blocks)
+    w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start)
     return torch.stack([_unit(w0, w1), _unit(w2, w3)], dim=2).flatten(1)
 
 
@@ -87,31 +149,8 @@ def normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, cou
     """(K, count) standard normals by the Box-Muller transform of 53-bit uniforms.
 
     Computed in float64 (the radius sqrt(-2 ln u) reaches 8.6 standard deviations, against 5.7
-    for float32 uniforms), then rounded to ``dtype``. With the environment variable
-    ``DPCERT_COMPILE_RNG=1`` on a CUDA device, the generator runs as one torch.compile'd
-    kernel instead of ~130 elementwise ones (an experiment: see docs/benchmarks.md)."""
-    if keys[0].device.type == "cuda" and os.environ.get("DPCERT_COMPILE_RNG") == "1":
-        global _compiled_normal
-        if _compiled_normal is None:
-            _compiled_normal = torch.compile(_normal, dynamic=False)
-        # the step as a tensor: a Python int would be compiled in as a constant, every step
-        # anew; the block counters as a loaded int64 tensor: an arange inside the compiled
-        # function became an int32 index, which Triton refused to multiply by a multiplier
-        # above 2^31 (H200, torch 2.11)
-        device = keys[0].device
-        blocks = torch.arange((count + 1) // 2, device=device, dtype=torch.int64)[None, :]
-        return _compiled_normal(keys, torch.tensor(step, device=device), purpose, count, dtype,
-                                blocks)
-    return _normal(keys, step, purpose, count, dtype)
-
-
-_compiled_normal = None
-
-
-def _normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
-            dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor:
-    u = uniform(keys, step, purpose, (count + 1) // 2, blocks=blocks).view(
-        -1, (count + 1) // 2, 2)
+    for float32 uniforms), then rounded to ``dtype``."""
+    u = uniform(keys, step, purpose, (count + 1) // 2).view(-1, (count + 1) // 2, 2)
     radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
     angle = (2.0 * math.pi) * u[..., 1]
     z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)

@@ -90,13 +90,14 @@ def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
 
 
 #: How Conv2d layers of K instances run: "grouped" (one grouped convolution, groups = K; the
-#: fastest on CPU, where K is small) or "patches" (each example's patches as a strided view,
-#: ``Tensor.unfold``, contracted with its instance's kernels in one batched matrix product; no
-#: per-sample loops or many-group kernels, which made ``F.unfold`` and a grouped convolution
-#: with B K groups 0.7-1.3 ms per instance-step on an H200); "auto": patches on CUDA, grouped
-#: elsewhere; "vmap": no stacked forward at all, every model by materialised per-example
-#: gradients (nested ``vmap``). All are exact and tested against each other; the environment
-#: variable DPCERT_CONV_IMPL sets it (benchmarks and GPU checks compare them).
+#: fastest on CPU, where K is small) or "patches" (im2col: each instance's patches gathered
+#: once into a (K, B Ho Wo, C kh kw) matrix that serves both the forward product and the
+#: per-example weight gradients, all as batched matrix products; no per-sample loops or
+#: many-group kernels, which made ``F.unfold`` and a grouped convolution with B K groups
+#: 0.7-1.3 ms per instance-step on an H200); "auto": patches on CUDA, grouped elsewhere;
+#: "vmap": no stacked forward at all, every model by materialised per-example gradients
+#: (nested ``vmap``). All are exact and tested against each other; the environment variable
+#: DPCERT_CONV_IMPL sets it (benchmarks and GPU checks compare them).
 CONV_IMPL = os.environ.get("DPCERT_CONV_IMPL", "auto")
 CONV_IMPLS = ("auto", "grouped", "patches", "vmap")
 
@@ -115,92 +116,88 @@ def _stacked_forward_ok(model: nn.Module, device: torch.device) -> bool:
     return ghost.supports(model) and _conv_impl(device) != "vmap"
 
 
-def _patches(layer: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-    """Every example's receptive fields, h (B, K, C, H, W) -> view (B, K, C, Ho, Wo, kh, kw)."""
+def _columns(layer: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """im2col of K instances' examples: h (K, B, C, H, W) -> (K, B, Ho, Wo, C kh kw).
+
+    The receptive fields as a strided view (``Tensor.unfold``; its backward has its own
+    kernel), copied once into the order that both products below read without another copy."""
     ph, pw = layer.padding
     hp = nn.functional.pad(h, (pw, pw, ph, ph)) if ph or pw else h
-    return hp.unfold(3, layer.kernel_size[0], layer.stride[0]).unfold(
-        4, layer.kernel_size[1], layer.stride[1])
+    view = hp.unfold(3, layer.kernel_size[0], layer.stride[0]).unfold(
+        4, layer.kernel_size[1], layer.stride[1])  # (K, B, C, Ho, Wo, kh, kw)
+    return view.permute(0, 1, 3, 4, 2, 5, 6).flatten(4)
 
 
 def _conv(layer: nn.Conv2d, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K convolutions, each on its own examples: h (B, K, C, H, W) -> (B, K, O, Ho, Wo).
+    """K convolutions, each on its own examples: h (K, B, C, H, W) -> (K, B, O, Ho, Wo).
 
     Also returns what the per-example weight gradients need: the input h (grouped) or its
-    patches (patches)."""
-    b, k = h.shape[:2]
+    columns (patches, :func:`_columns`)."""
+    k, b = h.shape[:2]
+    o = w.shape[1]
     if _conv_impl(h.device) == "grouped":
-        h = h.contiguous()
-        out = nn.functional.conv2d(h.reshape(b, -1, *h.shape[3:]), w.reshape(-1, *w.shape[2:]),
+        hb = h.transpose(0, 1).reshape(b, -1, *h.shape[3:])
+        out = nn.functional.conv2d(hb, w.reshape(-1, *w.shape[2:]),
                                    None if bias is None else bias.reshape(-1), layer.stride,
                                    layer.padding, groups=k)
-        return out.view(b, k, w.shape[1], *out.shape[2:]), h
-    patches = _patches(layer, h)
-    out = torch.einsum("bkchwuv,kocuv->bkohw", patches, w)
-    if bias is not None:
-        out = out + bias[None, :, :, None, None]
-    return out, patches
+        return out.view(b, k, o, *out.shape[2:]).transpose(0, 1), h
+    cols = _columns(layer, h)
+    ho, wo = cols.shape[2:4]
+    flat = cols.reshape(k, b * ho * wo, -1)
+    out = (torch.bmm(flat, w.reshape(k, o, -1).transpose(1, 2)) if bias is None else
+           torch.baddbmm(bias[:, None, :], flat, w.reshape(k, o, -1).transpose(1, 2)))
+    # channels last in memory: (K, B, Ho, Wo, O) seen as (K, B, O, Ho, Wo), no copy
+    return out.view(k, b, ho, wo, o).permute(0, 1, 4, 2, 3), cols
 
 
 def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients (K, B, O, C kh kw) from what :func:`_conv` kept and the
-    output gradient g (B, K, O, Ho, Wo)."""
-    b, k = g.shape[:2]
-    if a.dim() == 7:  # patches (B, K, C, Ho, Wo, kh, kw)
-        return torch.einsum("bkohw,bkchwuv->kbocuv", g, a).reshape(k, b, g.shape[2], -1)
-    flat = a.flatten(0, 1)
-    gw = (ghost._conv_weight_grads(layer, flat, g.flatten(0, 1)) if a.device.type == "cpu"
-          else ghost.conv_weight_grads_patches(layer, flat, g.flatten(0, 1)))
-    return gw.reshape(b, k, g.shape[2], -1).transpose(0, 1)
+    output gradient g (K, B, O, Ho, Wo): dW_kb = g_kb (O x Ho Wo) times cols_kb (Ho Wo x C kh
+    kw), one batched product over the K B examples."""
+    k, b, o = g.shape[:3]
+    if _conv_impl(g.device) == "patches":  # a: columns (K, B, Ho, Wo, C kh kw)
+        gt = g.permute(0, 1, 3, 4, 2).reshape(k * b, -1, o)  # (K B, Ho Wo, O)
+        return torch.bmm(gt.transpose(1, 2), a.reshape(k * b, gt.shape[1], -1)).view(k, b, o, -1)
+    gw = ghost._conv_weight_grads(layer, a.flatten(0, 1), g.flatten(0, 1))
+    return gw.reshape(k, b, o, -1)
 
 
-def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_bk: torch.Tensor,
+def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_kb: torch.Tensor,
              record: list | None = None) -> torch.Tensor:
-    """Logits (K, B, L) of K instances on their own examples x_bk (B, K, *input shape).
+    """Logits (K, B, L) of K instances on their own examples x_kb (K, B, *input shape).
 
-    Conv layers run by :func:`_conv` on the (B, K, ...) layout, Linear layers on (K, B, D)
-    as batched matrix products. With ``record``, appends (name, layer, kept, output) for each
-    layer with parameters: for Linear, the input (K, B, D) and output (K, B, O); for Conv2d,
-    what :func:`_conv` kept and the output (B, K, O, Ho, Wo)."""
-    h = x_bk
-    b, k = x_bk.shape[:2]
-    kb = False  # layout of h: (K, B, ...) or (B, K, ...)
+    Conv layers run by :func:`_conv`, Linear layers as batched matrix products, the rest on
+    the K B examples flattened into one batch. With ``record``, appends (name, layer, kept,
+    output) for each layer with parameters: for Linear, the input (K, B, D) and the output
+    (K, B, O); for Conv2d, what :func:`_conv` kept and the output (K, B, O, Ho, Wo)."""
+    h = x_kb
+    k, b = x_kb.shape[:2]
     for name, layer in base.named_children():
         w, bias = params.get(f"{name}.weight"), params.get(f"{name}.bias")
         if isinstance(layer, nn.Conv2d):
-            if kb:
-                h, kb = h.transpose(0, 1), False
             out, kept = _conv(layer, w, bias, h)
-            if record is not None:
-                record.append((name, layer, kept, out))
-            h = out
         elif isinstance(layer, nn.Linear):
-            if not kb:
-                h, kb = h.transpose(0, 1).reshape(k, b, -1), True
-            out = torch.bmm(h, w.transpose(1, 2))
-            if bias is not None:
-                out = out + bias[:, None, :]
-            if record is not None:
-                record.append((name, layer, h, out))
-            h = out
+            kept = h.reshape(k, b, -1)
+            out = (torch.bmm(kept, w.transpose(1, 2)) if bias is None else
+                   torch.baddbmm(bias[:, None, :], kept, w.transpose(1, 2)))
         else:
-            shape = h.shape[:2]
-            h = layer(h.reshape(-1, *h.shape[2:]))
-            h = h.view(*shape, *h.shape[1:])
-    if not kb:
-        h = h.transpose(0, 1)
+            h = layer(h.flatten(0, 1)).unflatten(0, (k, b))
+            continue
+        if record is not None:
+            record.append((name, layer, kept, out))
+        h = out
     return h.reshape(k, b, -1)
 
 
-def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+def _ghost_clipped_sum(st: Stacked, x_kb: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                        clip: float) -> dict[str, torch.Tensor]:
     """sum_i min(1, C / ||g_i||) g_i per instance: {name: (K, *param shape)}.
 
-    x_bk (B, K, ...), y and mask (K, B)."""
+    x_kb (K, B, ...), y and mask (K, B)."""
     params = {k: v.detach().requires_grad_(True) for k, v in st.params.items()}
     record: list = []
-    logits = _forward(st.base, params, x_bk, record)
+    logits = _forward(st.base, params, x_kb, record)
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
     grads = torch.autograd.grad(loss, [r[3] for r in record])
     k, b = mask.shape
@@ -211,9 +208,9 @@ def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: t
         if isinstance(layer, nn.Linear):  # a (K, B, D), g (K, B, O)
             sq = sq + g.pow(2).sum(2) * a.pow(2).sum(2)
             gw, gb = None, g
-        else:  # g (B, K, O, Ho, Wo); per-example dW (K, B, O, C kh kw)
+        else:  # g (K, B, O, Ho, Wo); per-example dW (K, B, O, C kh kw)
             gw = _conv_weight_grads(layer, a, g)
-            gb = g.sum(dim=(3, 4)).transpose(0, 1)
+            gb = g.sum(dim=(3, 4))
             sq = sq + gw.pow(2).sum((2, 3))
         if layer.bias is not None:
             sq = sq + gb.pow(2).sum(2)
@@ -224,10 +221,10 @@ def _ghost_clipped_sum(st: Stacked, x_bk: torch.Tensor, y: torch.Tensor, mask: t
         if gw is None:
             out[f"{name}.weight"] = torch.bmm((g * factor[..., None]).transpose(1, 2), a)
         else:
-            out[f"{name}.weight"] = torch.einsum("kb,kboc->koc", factor, gw).reshape(
+            out[f"{name}.weight"] = torch.bmm(factor[:, None, :], gw.flatten(2)).view(
                 k, *layer.weight.shape)
         if layer.bias is not None:
-            out[f"{name}.bias"] = torch.einsum("kb,kbo->ko", factor, gb)
+            out[f"{name}.bias"] = torch.bmm(factor[:, None, :], gb).squeeze(1)
     return out
 
 
@@ -252,7 +249,7 @@ def clipped_gradient_sum(st: Stacked, x: torch.Tensor, y: torch.Tensor, index: t
     maskf = mask.to(x.dtype)
     yb = y[index]
     if _stacked_forward_ok(st.base, x.device):
-        return _ghost_clipped_sum(st, x[index.T], yb, maskf, clip)
+        return _ghost_clipped_sum(st, x[index], yb, maskf, clip)
     return _vmap_clipped_sum(st, x[index], yb, maskf, clip)
 
 
@@ -314,8 +311,7 @@ def predict_stacked(st: Stacked, x: torch.Tensor, batch: int | None = None) -> n
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
         if _stacked_forward_ok(st.base, x.device):
-            logits = _forward(st.base, st.params, xb[:, None].expand(-1, k, *xb.shape[1:])
-                              .contiguous())
+            logits = _forward(st.base, st.params, xb[None].expand(k, *xb.shape))
         else:
             logits = vmap(lambda p, xx: functional_call(st.base, p, (xx,)),
                           in_dims=(0, None))(st.params, xb)
