@@ -1,5 +1,6 @@
 """The run store and the end-to-end job on digits."""
 
+import json
 import subprocess
 import sys
 
@@ -68,8 +69,31 @@ def test_changed_training_parameter_is_refused(tmp_path):
     run(RunConfig(**SMALL), tmp_path, progress=False)
     with pytest.raises(UserError, match="steps"):
         run(RunConfig(**{**SMALL, "steps": 16}), tmp_path, progress=False)
+    with pytest.raises(UserError, match="augment_copies"):
+        run(RunConfig(**{**SMALL, "augment_shift": 1, "augment_copies": 2}), tmp_path,
+            progress=False)
     # certification-only settings may change
     run(RunConfig(**{**SMALL, "eta": 0.01}), tmp_path, progress=False)
+    # a run stored before a training field existed had that field's default: it resumes
+    import json
+
+    stored = json.loads((tmp_path / "config.json").read_text())
+    del stored["augment_shift"], stored["augment_copies"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    run(RunConfig(**{**SMALL, "eta": 0.02}), tmp_path, progress=False)
+
+
+def test_augmented_run_trains_and_certifies(tmp_path):
+    cfg = RunConfig(**{**SMALL, "augment_shift": 1, "augment_copies": 2})
+    text = run(cfg, tmp_path / "aug", progress=False)
+    assert "translations by up to 1 px (2 per example" in text
+    aug_votes = np.load(tmp_path / "aug" / "votes.npy")
+    run(RunConfig(**SMALL), tmp_path / "plain", progress=False)
+    assert aug_votes.sum() == np.load(tmp_path / "plain" / "votes.npy").sum()
+    # the mechanism (what certification reads) is the same; the instances are not
+    assert (json.loads((tmp_path / "aug" / "mechanism.json").read_text())
+            == json.loads((tmp_path / "plain" / "mechanism.json").read_text()))
+    assert not np.array_equal(aug_votes, np.load(tmp_path / "plain" / "votes.npy"))
 
 
 def test_run_layout_and_certify_reproduces_csv(tmp_path):
@@ -141,6 +165,11 @@ def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_pa
     {"model": "linear", "features": "pixels", "optimizer": "sgd"},
     {"averaging": "tail"},  # averaging is for the linear model
     {"model": "linear", "features": "scatter", "optimizer": "sgd", "averaging": "ema"},
+    {"augment_copies": 4},  # copies of nothing: no shift
+    {"augment_shift": -1},
+    {"augment_shift": 2, "augment_copies": 0},
+    {"augment_shift": 1.5},
+    {"model": "linear", "features": "scatter", "optimizer": "sgd", "augment_shift": 2},
 ])
 def test_learner_options_are_validated(bad):
     with pytest.raises(UserError):

@@ -91,6 +91,110 @@ def test_one_example_moves_each_instance_sum_by_at_most_c(name, impl, monkeypatc
         assert 0 < float(diff) <= clip + 1e-5
 
 
+def _reference_mean_of_copies_sum(model: nn.Module, copies: torch.Tensor, y, clip: float
+                                  ) -> dict[str, torch.Tensor]:
+    """The definition with augmentation multiplicity: example i's gradient is the mean of
+    one autograd gradient per copy (copies (B, M, ...)), clipped, summed."""
+    out = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for xs, yi in zip(copies, y, strict=True):
+        per = [torch.autograd.grad(nn.functional.cross_entropy(model(xc[None]), yi[None]),
+                                   list(model.parameters())) for xc in xs]
+        mean = [sum(gs) / len(per) for gs in zip(*per, strict=True)]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in mean))
+        for (k, _), g in zip(model.named_parameters(), mean, strict=True):
+            out[k] += g * min(1.0, clip / float(norm))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["grouped", "patches", "vmap"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_augmented_clipped_sum_clips_the_mean_of_each_examples_copies(name, impl, monkeypatch):
+    monkeypatch.setattr(stacked, "CONV_IMPL", impl)
+    model_fn, side = MODELS[name]
+    x, y = _data(side, n=60)
+    keys = philox.instance_keys(3, [0, 1], "cpu")
+    st = stacked.init_stacked(model_fn, 3, [0, 1], torch.device("cpu"))
+    index, mask = philox.poisson_positions(keys, 2, len(y), 0.1)
+    aug = stacked.Augmentation(shift=2, copies=3)
+    clip = 0.5
+    got = stacked.clipped_gradient_sum(st, x, y, index, mask, clip, aug, keys, step=2)
+    copies = stacked.shifted_copies(x[index], keys, 2, aug)  # (K, W M, ...)
+    for k in range(2):
+        per_slot = copies[k].view(index.shape[1], 3, *x.shape[1:])[mask[k]]
+        ref = _reference_mean_of_copies_sum(_instance(st, model_fn, k), per_slot,
+                                            y[index[k][mask[k]]], clip)
+        for key, value in ref.items():
+            torch.testing.assert_close(got[key][k], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "patches", "vmap"])
+def test_augmented_example_moves_the_sum_by_at_most_c(impl, monkeypatch):
+    # all M copies of an example are one example's contribution: removing it (its slot
+    # masked; the other slots keep their copies) moves the sum by <= C, replacing it by 2C
+    monkeypatch.setattr(stacked, "CONV_IMPL", impl)
+    model_fn, side = MODELS["lenet5"]
+    x, y = _data(side, n=30, seed=1)
+    keys = philox.instance_keys(0, [0, 1], "cpu")
+    st = stacked.init_stacked(model_fn, 0, [0, 1], torch.device("cpu"))
+    index = torch.arange(30).expand(2, 30)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    aug, clip = stacked.Augmentation(shift=3, copies=4), 0.3
+    a = stacked.clipped_gradient_sum(st, x, y, index, mask, clip, aug, keys, 7)
+    x2, y2 = x.clone(), y.clone()
+    x2[5] = 50.0 * torch.randn(x2[5].shape)
+    y2[5] = (y2[5] + 3) % 10
+    b = stacked.clipped_gradient_sum(st, x2, y2, index, mask, clip, aug, keys, 7)
+    mask2 = mask.clone()
+    mask2[:, 5] = False
+    c = stacked.clipped_gradient_sum(st, x, y, index, mask2, clip, aug, keys, 7)
+    for k in range(2):
+        replace = torch.sqrt(sum((a[n][k] - b[n][k]).pow(2).sum() for n in a))
+        remove = torch.sqrt(sum((a[n][k] - c[n][k]).pow(2).sum() for n in a))
+        assert 0 < float(replace) <= 2 * clip + 1e-5
+        assert 0 < float(remove) <= clip + 1e-5
+    # a wild example's mean gradient is far above C: its removal moves the sum by C itself
+    d = stacked.clipped_gradient_sum(st, x2, y2, index, mask2, clip, aug, keys, 7)
+    assert abs(float(torch.sqrt(sum((b[n][0] - d[n][0]).pow(2).sum() for n in b))) - clip) < 1e-4
+
+
+def test_shifted_copies_are_translations_uniform_over_offsets():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 50, 1, 9, 9, generator=gen) + 1.0  # > 0 everywhere: zero fill is visible
+    keys = philox.instance_keys(1, [0, 1], "cpu")
+    aug = stacked.Augmentation(shift=2, copies=8)
+    out = stacked.shifted_copies(x, keys, 3, aug).view(2, 50, 8, 1, 9, 9)
+    counts = {}
+    padded = nn.functional.pad(x, (2, 2, 2, 2))
+    for k in range(2):
+        for j in range(50):
+            for m in range(8):
+                hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                        if torch.equal(out[k, j, m], padded[k, j, :, dy:dy + 9, dx:dx + 9])]
+                assert len(hits) == 1  # exactly one translation of its own slot's example
+                counts[hits[0]] = counts.get(hits[0], 0) + 1
+    assert len(counts) == 25  # all (2 s + 1)^2 offsets occur, about equally often
+    from scipy import stats
+
+    assert stats.chisquare(list(counts.values())).pvalue > 1e-3
+    # a slot's copies do not depend on the batch width (companions) or on the other slots
+    wide = stacked.shifted_copies(torch.cat([x, x], dim=1), keys, 3, aug).view(2, 100, 8, 1, 9, 9)
+    assert torch.equal(wide[:, :50], out)
+    assert not torch.equal(stacked.shifted_copies(x, keys, 4, aug).view(out.shape), out)
+
+
+def test_augmented_instance_is_the_same_model_whatever_trains_beside_it():
+    model_fn, side = MODELS["digits_cnn"]
+    x, y = _data(side, n=200)
+    cfg = stacked.DpSgd(0.05, 1.0, 10, 1.0, 0.05, augment_shift=1, augment_copies=2)
+    together = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[0, 1, 2])
+    alone = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[2])
+    plain = stacked.train_stacked(stacked.DpSgd(0.05, 1.0, 10, 1.0, 0.05), model_fn, x, y,
+                                  seed=4, instances=[2])
+    for name, p in together.params.items():
+        torch.testing.assert_close(p[2], alone.params[name][0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain.params["0.weight"][0], alone.params["0.weight"][0])
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_an_instance_is_the_same_model_whatever_trains_beside_it(optimizer):
     model_fn, side = MODELS["digits_cnn"]

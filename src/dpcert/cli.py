@@ -321,6 +321,11 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
               help="Fixed feature map applied to every image (with --model linear).")
 @click.option("--averaging", type=click.Choice(AVERAGING_NAMES),
               help="tail: average the iterates of the second half (linear model; free).")
+@click.option("--augment-shift", type=int,
+              help="Image models: train on random translations by up to this many pixels.")
+@click.option("--augment-copies", type=int,
+              help="Translations per example, their gradients averaged before clipping "
+                   "(one example's contribution: the certificate is unchanged).")
 @click.option("--seed", type=int, help="Master seed (default 0: reruns are identical).")
 @click.option("--eta", type=float)
 @click.option("--max-radius", type=int)

@@ -27,7 +27,7 @@ _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _MASK = 0xFFFFFFFF
 #: counter word 3: what a number is for, so the streams of one instance never overlap
-SAMPLING, NOISE, SUBSET = 1, 2, 3
+SAMPLING, NOISE, SUBSET, AUGMENT = 1, 2, 3, 4
 
 
 def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,

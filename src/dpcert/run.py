@@ -109,7 +109,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         old = stored_config(run_dir)
-        changed = {k: (old.get(k), v) for k, v in cfg.training().items() if old.get(k) != v}
+        # a key an older run did not store had its default then (fields are only ever added)
+        default = RunConfig()
+        changed = {k: (old.get(k, getattr(default, k)), v) for k, v in cfg.training().items()
+                   if old.get(k, getattr(default, k)) != v}
         if changed:
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise UserError(f"{run_dir} holds a run with other training settings ({desc}); "
@@ -151,7 +154,11 @@ def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
     """Markdown table of CA_r, median and max radius per method; writes report.md and PNG."""
     from dpcert.report import ca_table, plot_curves
 
-    lines = [f"# dpcert run: {cfg.dataset}, {cfg.instances} instances of {cfg.model}",
+    learner = f"{cfg.instances} instances of {cfg.model}"
+    if cfg.augment_shift:
+        learner += (f", trained on random translations by up to {cfg.augment_shift} px "
+                    f"({cfg.augment_copies} per example, gradients averaged before clipping)")
+    lines = [f"# dpcert run: {cfg.dataset}, {learner}",
              "",
              f"DP-SGD q = {cfg.sample_rate}, sigma = {cfg.noise_multiplier}, T = {cfg.steps}, "
              f"C = {cfg.clip_norm}; eta = {cfg.eta}. Radius = inserted + deleted training "

@@ -53,6 +53,8 @@ class RunConfig:
     subset_size: int | None = None
     features: str | None = None  # a fixed feature map applied to every image first
     averaging: str | None = None  # "tail": Polyak average of the second half (linear model)
+    augment_shift: int = 0  # image models: random translations by up to this many pixels
+    augment_copies: int = 1  # ... this many per example, averaged before clipping
     seed: int = 0
     # certification and execution (do not change trained instances)
     eta: float = 1e-3
@@ -67,7 +69,7 @@ class RunConfig:
     #: fields that change what the instances are; a run directory refuses other values
     TRAINING_FIELDS = ("dataset", "model", "instances", "sample_rate", "noise_multiplier",
                        "steps", "clip_norm", "lr", "optimizer", "subset_size", "features",
-                       "averaging", "seed")
+                       "averaging", "augment_shift", "augment_copies", "seed")
 
     def __post_init__(self) -> None:
         for name, choices in (("dataset", DATASETS), ("model", MODEL_NAMES),
@@ -76,7 +78,8 @@ class RunConfig:
             if getattr(self, name) not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)}, got "
                                 f"{getattr(self, name)!r}")
-        checks = [("instances", 2), ("seed", 0), ("max_radius", 1), ("workers", 0)]
+        checks = [("instances", 2), ("seed", 0), ("max_radius", 1), ("workers", 0),
+                  ("augment_shift", 0), ("augment_copies", 1)]
         if self.batch_instances != "auto":
             checks.append(("batch_instances", 1))
         for name, low in checks:
@@ -99,6 +102,11 @@ class RunConfig:
             raise UserError("the linear model trains with optimizer: sgd")
         if self.averaging is not None and self.model != "linear":
             raise UserError("averaging is available for the linear model only")
+        if self.augment_copies > 1 and self.augment_shift == 0:
+            raise UserError("augment_copies > 1 needs augment_shift > 0 (copies of what?)")
+        if self.augment_shift > 0 and self.model == "linear":
+            raise UserError("augmentation is for image models; the linear model trains on "
+                            "fixed features")
         if not (_is_real(self.lr) and self.lr > 0):
             raise UserError(f"learning rate must be a number > 0, got {self.lr!r}")
         if not (_is_real(self.eta) and 0 < self.eta < 1):

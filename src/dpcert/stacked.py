@@ -52,6 +52,47 @@ class DpSgd:
     lr: float = 0.1
     optimizer: str = "sgd"
     subset_size: int | None = None
+    augment_shift: int = 0
+    augment_copies: int = 1
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Augmentation multiplicity (De et al., "Unlocking high-accuracy differentially private
+    image classification through scale", 2022): each sampled example is seen as ``copies``
+    random translations by up to ``shift`` pixels (zero fill), and its gradient is the mean
+    over its copies *before* clipping — still one example's contribution, bounded by C, so
+    the mechanism (q, sigma, T, C) and its certificate are unchanged. The translations come
+    from the counter-based generator (purpose AUGMENT), keyed by (seed, instance, step, slot
+    of the example in the instance's batch, copy): independent of the data and of whatever
+    else trains beside the instance."""
+
+    shift: int
+    copies: int = 1
+
+    @classmethod
+    def of(cls, cfg: DpSgd) -> Augmentation | None:
+        return cls(cfg.augment_shift, cfg.augment_copies) if cfg.augment_shift > 0 else None
+
+
+def shifted_copies(x_kb: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], step: int,
+                   aug: Augmentation) -> torch.Tensor:
+    """M = aug.copies random translations of every example: x_kb (K, W, C, H, Wd) ->
+    (K, W M, C, H, Wd), copy m of slot j at position j M + m, translated by (dy, dx), each
+    uniform on [-shift, shift], from Philox block j M + m of (instance, step, AUGMENT)."""
+    k, w, c, h, wd = x_kb.shape
+    s, m = aug.shift, aug.copies
+    u = philox.uniform(keys, step, philox.AUGMENT, w * m).view(k, w * m, 2)
+    off = torch.floor(u * (2 * s + 1)).to(torch.int64)  # (K, W M, 2) in [0, 2s]
+    padded = nn.functional.pad(x_kb, (s, s, s, s))
+    dev = x_kb.device
+    rows = off[..., 0, None] + torch.arange(h, device=dev)  # (K, W M, H)
+    cols = off[..., 1, None] + torch.arange(wd, device=dev)  # (K, W M, Wd)
+    slot = torch.arange(w * m, device=dev) // m
+    return padded[torch.arange(k, device=dev)[:, None, None, None, None],
+                  slot[None, :, None, None, None], torch.arange(c, device=dev)[None, None, :,
+                                                                                   None, None],
+                  rows[:, :, None, :, None], cols[:, :, None, None, :]]
 
 
 @dataclass
@@ -191,35 +232,47 @@ def _forward(base: nn.Sequential, params: dict[str, torch.Tensor], x_kb: torch.T
 
 
 def _ghost_clipped_sum(st: Stacked, x_kb: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                       clip: float) -> dict[str, torch.Tensor]:
+                       clip: float, copies: int = 1) -> dict[str, torch.Tensor]:
     """sum_i min(1, C / ||g_i||) g_i per instance: {name: (K, *param shape)}.
 
-    x_kb (K, B, ...), y and mask (K, B)."""
+    x_kb (K, B M, ...) and y (K, B M): each example's M copies side by side; mask (K, B).
+    g_i is the mean of example i's M copies' gradients. For a Linear layer that mean is
+    (1/M) sum_m g_m a_m^T, whose squared norm is (1/M^2) sum_{m,m'} (g_m . g_m')(a_m . a_m')
+    — two M x M Gram matrices per example, so still no per-example gradient is formed."""
     params = {k: v.detach().requires_grad_(True) for k, v in st.params.items()}
     record: list = []
     logits = _forward(st.base, params, x_kb, record)
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
     grads = torch.autograd.grad(loss, [r[3] for r in record])
     k, b = mask.shape
+    m = copies
     sq = torch.zeros_like(mask, dtype=logits.dtype)
     parts = []
     for (name, layer, a, _), g in zip(record, grads, strict=True):
         a = a.detach()
-        if isinstance(layer, nn.Linear):  # a (K, B, D), g (K, B, O)
-            sq = sq + g.pow(2).sum(2) * a.pow(2).sum(2)
-            gw, gb = None, g
-        else:  # g (K, B, O, Ho, Wo); per-example dW (K, B, O, C kh kw)
+        if isinstance(layer, nn.Linear):  # a (K, B M, D), g (K, B M, O)
+            if m == 1:
+                sq = sq + g.pow(2).sum(2) * a.pow(2).sum(2)
+            else:
+                gm, am = g.view(k, b, m, -1), a.view(k, b, m, -1)
+                gram = (gm @ gm.transpose(2, 3)) * (am @ am.transpose(2, 3))
+                sq = sq + gram.sum((2, 3)) / m**2
+            gw, gb = None, g.view(k, b, m, -1).mean(2)
+        else:  # g (K, B M, O, Ho, Wo); per-example dW (K, B, O, C kh kw), mean over copies
             gw = _conv_weight_grads(layer, a, g)
-            gb = g.sum(dim=(3, 4))
+            if m > 1:
+                gw = gw.view(k, b, m, *gw.shape[2:]).mean(2)
+            gb = g.sum(dim=(3, 4)).view(k, b, m, -1).mean(2)
             sq = sq + gw.pow(2).sum((2, 3))
         if layer.bias is not None:
             sq = sq + gb.pow(2).sum(2)
         parts.append((name, layer, a, g, gw, gb))
     factor = torch.clamp(clip / sq.sqrt().clamp_min(1e-12), max=1.0) * mask
+    per_copy = factor.repeat_interleave(m, dim=1) / m if m > 1 else factor
     out = {}
     for name, layer, a, g, gw, gb in parts:
         if gw is None:
-            out[f"{name}.weight"] = torch.bmm((g * factor[..., None]).transpose(1, 2), a)
+            out[f"{name}.weight"] = torch.bmm((g * per_copy[..., None]).transpose(1, 2), a)
         else:
             out[f"{name}.weight"] = torch.bmm(factor[:, None, :], gw.flatten(2)).view(
                 k, *layer.weight.shape)
@@ -229,28 +282,38 @@ def _ghost_clipped_sum(st: Stacked, x_kb: torch.Tensor, y: torch.Tensor, mask: t
 
 
 def _vmap_clipped_sum(st: Stacked, x_kb: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                      clip: float) -> dict[str, torch.Tensor]:
-    """The same sum for any model, by materialised per-example gradients (nested vmap)."""
+                      clip: float, copies: int = 1) -> dict[str, torch.Tensor]:
+    """The same sum for any model, by materialised per-example gradients (nested vmap): each
+    example's gradient is that of the mean loss over its M copies."""
 
-    def loss(p, xi, yi):
-        out = functional_call(st.base, p, (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+    def loss(p, xi, yi):  # one example's copies: xi (M, ...), yi (M,)
+        return nn.functional.cross_entropy(functional_call(st.base, p, (xi,)), yi)
 
-    per = vmap(vmap(grad(loss), in_dims=(None, 0, 0)))(st.params, x_kb, y)
+    k, b = mask.shape
+    xg = x_kb.view(k, b, copies, *x_kb.shape[2:])
+    per = vmap(vmap(grad(loss), in_dims=(None, 0, 0)))(st.params, xg, y.view(k, b, copies))
     sq = sum(v.flatten(2).pow(2).sum(2) for v in per.values())
     factor = torch.clamp(clip / sq.sqrt().clamp_min(1e-12), max=1.0) * mask
     return {k: torch.einsum("kb,kb...->k...", factor, v) for k, v in per.items()}
 
 
 def clipped_gradient_sum(st: Stacked, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                         mask: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
+                         mask: torch.Tensor, clip: float, aug: Augmentation | None = None,
+                         keys: tuple[torch.Tensor, torch.Tensor] | None = None, step: int = 0
+                         ) -> dict[str, torch.Tensor]:
     """Clipped per-example gradient sums of K instances on rows ``index`` (K, W) of (x, y);
-    ``mask`` (K, W) marks real examples (padding contributes nothing)."""
+    ``mask`` (K, W) marks real examples (padding contributes nothing). With ``aug``, each
+    example's gradient is the mean over its augmented copies (:func:`shifted_copies`, drawn
+    from the instances' ``keys`` at ``step``) before clipping."""
     maskf = mask.to(x.dtype)
-    yb = y[index]
+    xb, yb, m = x[index], y[index], 1
+    if aug is not None:
+        m = aug.copies
+        xb = shifted_copies(xb, keys, step, aug)
+        yb = yb.repeat_interleave(m, dim=1)
     if _stacked_forward_ok(st.base, x.device):
-        return _ghost_clipped_sum(st, x[index], yb, maskf, clip)
-    return _vmap_clipped_sum(st, x[index], yb, maskf, clip)
+        return _ghost_clipped_sum(st, xb, yb, maskf, clip, m)
+    return _vmap_clipped_sum(st, xb, yb, maskf, clip, m)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -283,11 +346,12 @@ def train_stacked(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tenso
     sizes = [v[0].numel() for v in st.params.values()]
     expected = cfg.sample_rate * n
     std = cfg.noise_multiplier * cfg.clip_norm
+    aug = Augmentation.of(cfg)
     for step in range(cfg.steps):
         index, mask = philox.poisson_positions(keys, step, n, cfg.sample_rate)
         if rows is not None:
             index = torch.gather(rows, 1, index)
-        summed = clipped_gradient_sum(st, x, y, index, mask, cfg.clip_norm)
+        summed = clipped_gradient_sum(st, x, y, index, mask, cfg.clip_norm, aug, keys, step)
         noise = philox.normal(keys, step, philox.NOISE, sum(sizes), dtype=x.dtype) * std
         for (name, p), chunk in zip(st.params.items(), noise.split(sizes, dim=1), strict=True):
             p.grad = (summed[name] + chunk.view_as(p)) / expected
@@ -338,8 +402,9 @@ def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.
     st = init_stacked(model_fn, 0, list(range(probe)), device)
     index = torch.arange(width, device=device).expand(probe, width)
     mask = torch.ones(probe, width, dtype=torch.bool, device=device)
-    summed = clipped_gradient_sum(st, x, y, index, mask, cfg.clip_norm)
     keys = philox.instance_keys(0, list(range(probe)), device)
+    summed = clipped_gradient_sum(st, x, y, index, mask, cfg.clip_norm, Augmentation.of(cfg),
+                                  keys)
     noise = philox.normal(keys, 0, philox.NOISE, sum(v[0].numel() for v in st.params.values()))
     # optimizer state (Adam: two moments) and gradients: up to three more copies of the params
     extra = 3 * sum(v.numel() * v.element_size() for v in st.params.values())
@@ -353,6 +418,7 @@ def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.
 def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_rate: float,
                    noise_multiplier: float, steps: int, clip_norm: float, lr: float = 0.1,
                    optimizer: str = "sgd", seed: int = 0, subset_size: int | None = None,
+                   augment_shift: int = 0, augment_copies: int = 1,
                    batch_instances: int | str = "auto", device: str = "cpu",
                    progress: bool = False) -> tuple[np.ndarray, MechanismRecord]:
     """Train P DP-SGD instances of your own model and score ``x_eval`` with every one.
@@ -365,7 +431,9 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     inputs, y (n,) int labels, x_eval (N, ...). Returns softmax scores (P, N, L) and the
     :class:`~dpcert.mechanism.MechanismRecord` of what ran, which :func:`dpcert.certify`
     consumes (votes: ``dpcert.run.tally_votes(scores)``). Instance i depends on (seed, i)
-    only, whatever ``batch_instances`` and ``device``.
+    only, whatever ``batch_instances`` and ``device``. ``augment_shift`` > 0 trains on random
+    translations of image inputs (N, C, H, W), ``augment_copies`` of them per example averaged
+    before clipping (:class:`Augmentation`; the mechanism record is unchanged).
     """
     if not (isinstance(instances, int) and instances >= 1):
         raise UserError(f"instances must be a positive integer, got {instances!r}")
@@ -375,6 +443,12 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                                           and batch_instances >= 1)):
         raise UserError(f"batch_instances must be a positive integer or 'auto', got "
                         f"{batch_instances!r}")
+    if not (isinstance(augment_shift, int) and augment_shift >= 0 and isinstance(
+            augment_copies, int) and augment_copies >= 1):
+        raise UserError(f"augment_shift must be an integer >= 0 and augment_copies >= 1, got "
+                        f"{augment_shift!r}, {augment_copies!r}")
+    if augment_copies > 1 and augment_shift == 0:
+        raise UserError("augment_copies > 1 needs augment_shift > 0")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model_fn().modules()):
         raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "
                         "does not bound one example's effect: use GroupNorm or none")
@@ -389,10 +463,13 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                         f"shaped like x; got {tuple(xt.shape)}, {tuple(yt.shape)} "
                         f"{yt.dtype}, {tuple(xe.shape)}")
     yt = yt.long()
+    if augment_shift and xt.ndim != 4:
+        raise UserError(f"augmentation translates images (n, C, H, W); x is {tuple(xt.shape)}")
     record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
                              steps=steps, clip_norm=clip_norm, dataset_size=len(yt),
                              sampling="poisson", subset_size=subset_size)
-    cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size)
+    cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
+                augment_shift, augment_copies)
     k = (instances_that_fit(cfg, model_fn, xt, yt) if batch_instances == "auto"
          else batch_instances)
     from tqdm import tqdm

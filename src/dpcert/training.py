@@ -55,7 +55,7 @@ def _image_training(cfg: RunConfig, data):
     from dpcert.stacked import DpSgd
 
     dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
-                 cfg.optimizer, cfg.subset_size)
+                 cfg.optimizer, cfg.subset_size, cfg.augment_shift, cfg.augment_copies)
     in_channels = data.x_train.shape[1]
     return dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes)
 
