@@ -28,6 +28,7 @@ from dpcert.certify import certified_accuracy, certify
 from dpcert.data import load_dataset_cached
 from dpcert.mechanism import MechanismRecord
 from dpcert.models import build_model
+from dpcert.run import tally_votes
 
 RADII = [0, 40, 80, 100, 150]
 
@@ -86,8 +87,7 @@ def main() -> None:
             ms = 1e3 * (time.perf_counter() - t) / (k * args.steps)
             scores = stacked.predict_stacked(st, x_va)
             pred = scores.argmax(2)
-            votes = np.zeros((len(y_va), data.num_classes), dtype=np.int64)
-            np.add.at(votes, (np.tile(np.arange(len(y_va)), k), pred.ravel()), 1)
+            votes = tally_votes(scores)
             ca = certified_accuracy(certify(votes * (1000 // k), mech), y_va, RADII)
             print(f"| {lr} | {shift}x{copies} | {np.mean(votes.argmax(1) == y_va):.3f} | "
                   f"{np.mean(pred == y_va[None]):.3f} | {np.mean(votes.max(1) / k):.3f} | "

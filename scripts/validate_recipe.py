@@ -24,6 +24,7 @@ from dpcert import engine
 from dpcert.certify import certified_accuracy, certify
 from dpcert.data import load_dataset_cached
 from dpcert.mechanism import MechanismRecord
+from dpcert.run import tally_votes
 
 RADII = [0, 40, 80, 100, 150]
 
@@ -62,8 +63,7 @@ def main() -> None:
                                        instances=list(range(k)))
             seconds = time.perf_counter() - t
             scores = engine.predict_linear(w, b, x_va)
-            votes = np.zeros((len(y_va), data.num_classes), dtype=np.int64)
-            np.add.at(votes, (np.tile(np.arange(len(y_va)), k), scores.argmax(2).ravel()), 1)
+            votes = tally_votes(scores)
             cert = certify(votes * (1000 // k), mech)
             ca = certified_accuracy(cert, y_va, RADII)
             print(f"| {lr} | {avg} | {np.mean(votes.argmax(1) == y_va):.3f} | "
