@@ -79,7 +79,8 @@ except Exception:
 EOF
 )"
 export DPCERT_CONV_IMPL
-chunk=${CHUNK:-$best_k}
+# at most 500 per computation: a run stopped by its time limit keeps its finished groups
+chunk=${CHUNK:-$(( best_k < 500 ? best_k : 500 ))}
 echo "runs: convolutions $DPCERT_CONV_IMPL, $chunk instances per computation, ~${est} s for P x T"
 
 start=$(now)
