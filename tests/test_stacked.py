@@ -16,8 +16,15 @@ def _gn_model() -> nn.Module:  # not ghost-compatible (GroupNorm): takes the vma
                          nn.Linear(4 * 6 * 6, 10))
 
 
+def _strided_model() -> nn.Module:  # strides, asymmetric kernels and padding, no biases
+    return nn.Sequential(nn.Conv2d(1, 3, (3, 2), stride=(2, 1), padding=(1, 0), bias=False),
+                         nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 1 * 3, 10, bias=False))
+
+
 MODELS = {"lenet5": (lambda: build_model("lenet5", 1, 10), 28),
           "digits_cnn": (lambda: build_model("digits_cnn", 1, 10), 8),
+          "strided": (_strided_model, 8),
           "groupnorm": (_gn_model, 8)}
 
 
