@@ -37,7 +37,7 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
 
     All inputs are int64 tensors holding values in [0, 2^32) that broadcast together; returns
     the four output words, same convention. On a CUDA device the ten rounds run as one fused
-    kernel (:func:`_fused`) when it compiled and matched this function bit for bit."""
+    kernel (:func:`_fused_ok`) when it compiled and matched the eager rounds bit for bit."""
     if rounds == 10 and c0.device.type == "cuda" and _fused_ok(c0.device):
         return _FUSED(c0, c1, c2, c3, k0, k1)
     return _philox_eager(c0, c1, c2, c3, k0, k1, rounds)

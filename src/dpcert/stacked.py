@@ -21,6 +21,8 @@ every coordinate of the sum, division by the expected batch size q n.
   model falls back to ``vmap(vmap(grad))`` over instances and examples.
 * The optimizer (SGD or Adam) is applied to the stacked tensors: both act element by element,
   so each instance's update is exactly its own.
+* Optional augmentation multiplicity (:class:`Augmentation`): each example's gradient is the
+  mean over M random translations of it, taken before clipping.
 """
 
 from __future__ import annotations
@@ -88,11 +90,10 @@ def shifted_copies(x_kb: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], 
     dev = x_kb.device
     rows = off[..., 0, None] + torch.arange(h, device=dev)  # (K, W M, H)
     cols = off[..., 1, None] + torch.arange(wd, device=dev)  # (K, W M, Wd)
-    slot = torch.arange(w * m, device=dev) // m
-    return padded[torch.arange(k, device=dev)[:, None, None, None, None],
-                  slot[None, :, None, None, None], torch.arange(c, device=dev)[None, None, :,
-                                                                                   None, None],
-                  rows[:, :, None, :, None], cols[:, :, None, None, :]]
+    slot = (torch.arange(w * m, device=dev) // m)[None, :, None, None, None]
+    kk = torch.arange(k, device=dev)[:, None, None, None, None]
+    cc = torch.arange(c, device=dev)[None, None, :, None, None]
+    return padded[kk, slot, cc, rows[:, :, None, :, None], cols[:, :, None, None, :]]
 
 
 @dataclass
