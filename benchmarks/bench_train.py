@@ -19,8 +19,13 @@ per-instance path (``train.train_instance``). Prints per-instance-step times, th
 totals, their ratios, peak GPU memory, a per-step breakdown (noise, sampling, clipping) and
 the machine; ``--json`` also writes them to a file.
 
+With ``--device cpu --processes K`` it compares, at equal cores, the stacked engine (K = 1)
+with the previous per-instance path, each in K single-thread processes at once — how
+``dpcert run`` trains on CPUs.
+
 Run: python benchmarks/bench_train.py [--threads N | --processes K]
      python benchmarks/bench_train.py --device cuda [--chunks 250 1000] [--json out.json]
+     python benchmarks/bench_train.py --device cpu --processes 2
 """
 
 from __future__ import annotations
@@ -157,17 +162,23 @@ def _worker(barrier, queue) -> None:
     queue.put(_all_variants(1, barrier))
 
 
-def in_processes(k: int) -> dict[str, float]:
+def _in_processes(k: int, target, *args) -> list[dict[str, float]]:
+    """What ``target(barrier, queue, *args)`` puts in the queue, from k processes at once."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(k), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(barrier, queue)) for _ in range(k)]
+    procs = [ctx.Process(target=target, args=(barrier, queue, *args)) for _ in range(k)]
     for p in procs:
         p.start()
     parts = [queue.get() for _ in procs]
     for p in procs:
         p.join()
+    return parts
+
+
+def in_processes(k: int) -> dict[str, float]:
+    parts = _in_processes(k, _worker)
     return {name: sum(part[name] for part in parts) for name in VARIANTS}
 
 
@@ -276,6 +287,37 @@ def previous_path_rate(x, y, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def _paper_worker(barrier, queue, stacked_steps: int, previous_steps: int) -> None:
+    """One single-thread process of the equal-cores CPU comparison: the stacked engine with
+    K = 1 and the previous per-instance path, each timed while every process runs it."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(PAPER_N, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (PAPER_N,), generator=gen)
+    barrier.wait()
+    stacked_s = stacked_rate(x, y, 1, stacked_steps)["seconds_per_step"]
+    barrier.wait()
+    previous_path_rate(x, y, 5)  # warm-up
+    previous_s = previous_path_rate(x, y, previous_steps)
+    queue.put({"stacked_ms": 1e3 * stacked_s, "previous_ms": 1e3 * previous_s})
+
+
+def equal_cores_main(args) -> None:
+    """``--device cpu --processes K``: how dpcert runs trains on CPUs (one single-thread
+    process per core, K = 1 each), the stacked engine against the previous path."""
+    parts = _in_processes(args.processes, _paper_worker, args.stacked_steps,
+                          args.previous_steps)
+    stacked = sum(1 / p["stacked_ms"] for p in parts)  # instance-steps per ms, all processes
+    previous = sum(1 / p["previous_ms"] for p in parts)
+    print(f"machine: {machine()}, torch {torch.__version__}, {args.processes} processes x "
+          f"1 thread, LeNet-5, n = {PAPER_N}, q = {PAPER_Q}")
+    print("  stacked engine (K = 1):  " + ", ".join(f"{p['stacked_ms']:.2f}" for p in parts)
+          + f" ms per instance-step -> {1 / stacked:.2f} ms per instance-step for the machine")
+    print("  previous path:           " + ", ".join(f"{p['previous_ms']:.2f}" for p in parts)
+          + f" ms per step -> {1 / previous:.2f} ms per instance-step for the machine")
+    print(f"  stacked / previous throughput at equal cores: {stacked / previous:.2f}x")
+
+
 def ensemble_main(args) -> None:
     import json
 
@@ -374,6 +416,9 @@ def main() -> None:
                         help="print a torch.profiler table of a clipped-sum step")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.device == "cpu" and args.processes:
+        equal_cores_main(args)
+        return
     if args.device:
         if args.chunks is None:
             args.chunks = [250, 1000] if args.device == "cuda" else [1]
