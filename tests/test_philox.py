@@ -133,6 +133,28 @@ def test_fused_cuda_kernel_source_computes_the_same_words(tmp_path):
     assert tuple(int(v) for v in got[0]) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
 
 
+@pytest.mark.parametrize("fault", [None, "flipped bit", "compile error"])
+def test_fused_kernel_serves_only_if_it_matches_the_eager_rounds(fault, monkeypatch):
+    # the guard that keeps a miscompiled kernel from ever drawing numbers: a stand-in kernel
+    # (the real one needs CUDA) that is exact, off by one bit, or fails to build
+    def kernel(*words):
+        if fault == "compile error":
+            raise RuntimeError("nvrtc: error")
+        out = list(philox._philox_eager(*words))
+        if fault == "flipped bit":
+            out[2] = out[2] ^ (out[2] == out[2].max()).long()
+        return tuple(out)
+
+    monkeypatch.setattr(philox, "_FUSED", kernel)
+    monkeypatch.setattr(philox, "_FUSED_CHECKED", {})
+    if fault is None:
+        assert philox._fused_ok(torch.device("cpu"))
+    else:
+        with pytest.warns(RuntimeWarning, match="eager rounds instead"):
+            assert not philox._fused_ok(torch.device("cpu"))
+        assert not philox._fused_ok(torch.device("cpu"))  # decided once per device
+
+
 def test_fused_kernel_is_off_the_cpu_and_the_env_switch_keeps_eager(monkeypatch):
     x = philox.instance_keys(1, [0, 1], "cpu")
     assert not philox._FUSED_CHECKED  # never consulted for CPU tensors

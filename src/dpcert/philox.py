@@ -78,8 +78,8 @@ template <typename T> void dpcert_philox4x32_10(T c0, T c1, T c2, T c3, T k0, T 
 }
 """
 _FUSED = None
-#: per CUDA device index: did the fused kernel compile and agree with the eager rounds?
-_FUSED_CHECKED: dict[int, bool] = {}
+#: per device: did the fused kernel compile and agree with the eager rounds?
+_FUSED_CHECKED: dict[str, bool] = {}
 
 
 def _fused_ok(device: torch.device) -> bool:
@@ -90,8 +90,8 @@ def _fused_ok(device: torch.device) -> bool:
     global _FUSED
     if os.environ.get("DPCERT_FUSED_RNG", "1") == "0":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _FUSED_CHECKED:
+    key = str(device)
+    if key not in _FUSED_CHECKED:
         try:
             if _FUSED is None:
                 from torch.cuda import jiterator
@@ -108,8 +108,8 @@ def _fused_ok(device: torch.device) -> bool:
         if not ok:
             warnings.warn(f"fused Philox kernel not used ({reason}); eager rounds instead",
                           RuntimeWarning, stacklevel=3)
-        _FUSED_CHECKED[index] = ok
-    return _FUSED_CHECKED[index]
+        _FUSED_CHECKED[key] = ok
+    return _FUSED_CHECKED[key]
 
 
 def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.device | str
