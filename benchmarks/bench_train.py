@@ -355,14 +355,14 @@ def ensemble_main(args) -> None:
                 continue
             r["conv"] = impl
             out["stacked"].append(r)
+            if args.json:  # after every row: a time limit hit later keeps these figures
+                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
             peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.1f} GiB"
             print(f"  dpcert stacked K = {k:5d}, conv {impl:<18}: "
                   f"{r['ms_per_instance_step']:8.4f} ms per instance-step -> "
                   f"{-(-args.instances // k) * PAPER_T * r['seconds_per_step']:8.1f} s{peak}")
     stacked.CONV_IMPL = "auto"
     torch.backends.cudnn.benchmark = False
-    if args.json:  # written now too, so a time limit hit later keeps these figures
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if args.only_stacked or not out["stacked"]:
         return
     for r in out["stacked"]:
