@@ -63,7 +63,7 @@ echo "device check: exit $? $(cat "$out/device_check.json")"
         --json "$out/bench_train.json" 2>&1
     echo "bench exit $?"
 } > "$out/bench_train.txt"
-tail -n 14 "$out/bench_train.txt"
+grep -E "auto picks|dpcert stacked|step of K|previous path|Opacus|failed|exit" "$out/bench_train.txt"
 # the fastest (way to run convolutions, instances per computation) of the bench trains the runs
 # below (the ways agree to float rounding: tests/test_stacked.py), and its extrapolated P x T
 # time says how many settings fit in what is left
