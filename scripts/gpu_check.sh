@@ -118,10 +118,14 @@ import sys
 from pathlib import Path
 import numpy as np
 out = Path(sys.argv[1])
-votes = {d.name: np.load(d / "votes.npy") for d in sorted(out.iterdir())
-         if (d / "votes.npy").is_file()}
-np.savez_compressed(out / "votes.npz", **votes)
-print("votes back:", sorted(votes))
+runs = [d for d in sorted(out.iterdir()) if (d / "votes.npy").is_file()]
+# each run's votes and the record of the mechanism that produced them (certify_votes.py reads
+# the record, never the config: the record is what ran)
+arrays = {d.name: np.load(d / "votes.npy") for d in runs}
+arrays.update({f"{d.name}.mechanism": np.array((d / "mechanism.json").read_text())
+               for d in runs})
+np.savez_compressed(out / "votes.npz", **arrays)
+print("votes back:", [d.name for d in runs])
 EOF
 
 printf '{"device": "%s", "conv": "%s", "chunk": %s, "instances": %s, "mnist_instances_done": %s, "mnist_train_and_tally_seconds": %s, "seconds": {%s}}\n' \
