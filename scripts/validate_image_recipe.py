@@ -22,15 +22,12 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from validate_recipe import RADII, certify_validation, validation_split  # scripts/
 
 from dpcert import stacked
-from dpcert.certify import certified_accuracy, certify
 from dpcert.data import load_dataset_cached
 from dpcert.mechanism import MechanismRecord
 from dpcert.models import build_model
-from dpcert.run import tally_votes
-
-RADII = [0, 40, 80, 100, 150]
 
 
 def main() -> None:
@@ -56,9 +53,8 @@ def main() -> None:
     x = torch.tensor(data.x_train)
     if args.scatter_cnn:
         x = x.view(len(x), 81, 7, 7)
-    n = len(data.y_train) - args.validation
-    x_tr, y_tr = x[:n], torch.tensor(data.y_train[:n]).long()
-    x_va, y_va = x[n:], data.y_train[n:]
+    x_tr, y_tr, x_va, y_va = validation_split(x, data.y_train, args.validation)
+    n = len(y_tr)
     channels, width = x.shape[1], args.scatter_cnn
 
     def model_fn() -> nn.Module:
@@ -87,8 +83,7 @@ def main() -> None:
             ms = 1e3 * (time.perf_counter() - t) / (k * args.steps)
             scores = stacked.predict_stacked(st, x_va)
             pred = scores.argmax(2)
-            votes = tally_votes(scores)
-            ca = certified_accuracy(certify(votes * (1000 // k), mech), y_va, RADII)
+            votes, ca = certify_validation(scores, y_va, mech)
             print(f"| {lr} | {shift}x{copies} | {np.mean(votes.argmax(1) == y_va):.3f} | "
                   f"{np.mean(pred == y_va[None]):.3f} | {np.mean(votes.max(1) / k):.3f} | "
                   + " | ".join(f"{v:.3f}" for v in ca) + f" | {ms:.1f} |", flush=True)

@@ -57,6 +57,14 @@ class DpSgd:
     augment_shift: int = 0
     augment_copies: int = 1
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.augment_shift, int) and self.augment_shift >= 0
+                and isinstance(self.augment_copies, int) and self.augment_copies >= 1):
+            raise UserError(f"augment_shift must be an integer >= 0 and augment_copies >= 1, "
+                            f"got {self.augment_shift!r}, {self.augment_copies!r}")
+        if self.augment_copies > 1 and self.augment_shift == 0:
+            raise UserError("augment_copies > 1 needs augment_shift > 0")
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -444,12 +452,8 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                                           and batch_instances >= 1)):
         raise UserError(f"batch_instances must be a positive integer or 'auto', got "
                         f"{batch_instances!r}")
-    if not (isinstance(augment_shift, int) and augment_shift >= 0 and isinstance(
-            augment_copies, int) and augment_copies >= 1):
-        raise UserError(f"augment_shift must be an integer >= 0 and augment_copies >= 1, got "
-                        f"{augment_shift!r}, {augment_copies!r}")
-    if augment_copies > 1 and augment_shift == 0:
-        raise UserError("augment_copies > 1 needs augment_shift > 0")
+    cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
+                augment_shift, augment_copies)  # checks the augmentation options
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model_fn().modules()):
         raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "
                         "does not bound one example's effect: use GroupNorm or none")
@@ -469,8 +473,6 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
                              steps=steps, clip_norm=clip_norm, dataset_size=len(yt),
                              sampling="poisson", subset_size=subset_size)
-    cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
-                augment_shift, augment_copies)
     k = (instances_that_fit(cfg, model_fn, xt, yt) if batch_instances == "auto"
          else batch_instances)
     from tqdm import tqdm
