@@ -29,6 +29,34 @@ def test_philox_matches_the_random123_known_answers(counter, key, expected):
     assert tuple(int(w) for w in out) == expected
 
 
+@pytest.mark.parametrize(("step", "purpose", "count", "start"), [
+    (0, philox.SAMPLING, 1, 0), (7, philox.NOISE, 1001, 0), (2**32 + 5, philox.SUBSET, 17, 12345),
+    (9, philox.AUGMENT, 3, 2**32 - 3),
+])
+def test_host_philox_gives_the_words_of_the_tensor_rounds(step, purpose, count, start):
+    # randomgen's C Philox (the CPU path) against the rounds written here, word for word
+    keys = philox.instance_keys(3, [0, 5, 17], "cpu")
+    host = philox._host_blocks(keys, step, purpose, count, start)
+    rounds = torch.stack(philox._blocks(keys, step, purpose, count, start), dim=2)
+    assert np.array_equal(host, rounds.numpy().astype(np.uint64))
+
+
+def test_uniforms_do_not_depend_on_which_philox_computed_them(monkeypatch):
+    keys = philox.instance_keys(4, [2, 9], "cpu")
+    host = philox.uniform(keys, 11, philox.NOISE, 999, start=7)
+    monkeypatch.setattr(philox, "randomgen", None)
+    assert torch.equal(host, philox.uniform(keys, 11, philox.NOISE, 999, start=7))
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_block_indices_past_two_to_the_32_are_refused(monkeypatch, host):
+    if not host:
+        monkeypatch.setattr(philox, "randomgen", None)
+    keys = philox.instance_keys(0, [0], "cpu")
+    with pytest.raises(ValueError, match="outside"):
+        philox.uniform(keys, 0, philox.NOISE, 4, start=2**32 - 3)
+
+
 def test_streams_depend_on_seed_and_instance_only():
     a = philox.instance_keys(5, [0, 1, 2, 3], "cpu")
     b = philox.instance_keys(5, [3, 1], "cpu")

@@ -8,10 +8,13 @@ noise never depend on which other instances share its batch, the chunk size, the
 worker, or a resume — and the numbers of K instances come from one vectorised computation, not
 one generator call per instance.
 
-Written by hand because neither torch nor numpy offers it: torch generators take one seed per
-call, numpy's ``Philox`` is the 4x64 variant on the host. Words are held in int64 tensors;
-32x32-bit products are computed modulo 2^64 in two's complement and split into high and low
-words, which is exact. Tested bit for bit against the Random123 known-answer vectors.
+Written by hand because torch offers no Philox with a chosen counter on its devices (its
+generators take one seed per call) and numpy's ``Philox`` is the 4x64 variant. Words are held in
+int64 tensors; 32x32-bit products are computed modulo 2^64 in two's complement and split into
+high and low words, which is exact. Tested bit for bit against the Random123 known-answer
+vectors. On the CPU the same words come from randomgen's ``Philox(number=4, width=32)`` (C, by
+the author of numpy's bit generators) when it is installed: ~0.3 ms instead of ~1.3 ms for the
+62k normals of a LeNet-5 step; tested equal to the rounds here, word for word.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ import warnings
 
 import numpy as np
 import torch
+
+try:
+    import randomgen
+except ImportError:  # the tensor rounds give the same words, only slower
+    randomgen = None
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
@@ -121,9 +129,16 @@ def instance_keys(seed: int, instances: list[int] | np.ndarray, device: torch.de
     return keys[:, :1], keys[:, 1:]
 
 
+def _check_blocks(start: int, count: int) -> None:
+    # Counter word 0 indexes the blocks; word 1 stays 0 (no carry into it), so at most 2^32.
+    if start < 0 or count < 0 or start + count > 2**32:
+        raise ValueError(f"Philox blocks {start} .. {start + count - 1} outside [0, 2^32)")
+
+
 def _blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
             start: int = 0) -> tuple[torch.Tensor, ...]:
     """Output words of blocks start .. start+count-1 for every instance: (K, count) each."""
+    _check_blocks(start, count)
     k0, k1 = keys
     c0 = torch.arange(start, start + count, device=k0.device, dtype=torch.int64)[None, :]
     zero = torch.zeros((), device=k0.device, dtype=torch.int64)
@@ -136,10 +151,30 @@ def _unit(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return (m.to(torch.float64) + 0.5) * 2.0**-53
 
 
+def _host_blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+                 start: int = 0) -> np.ndarray:
+    """The words of :func:`_blocks` from randomgen's C Philox4x32-10: (K, count, 4) uint64.
+
+    Its state is the 128-bit counter (word 0 lowest) and the 64-bit key (k0 lowest); it adds 1
+    to the counter before each block, hence the ``- 1``."""
+    _check_blocks(start, count)
+    first = start + ((step & _MASK) << 64) + (purpose << 96) - 1
+    out = np.empty((keys[0].shape[0], count, 4), dtype=np.uint64)
+    for i, (k0, k1) in enumerate(zip(keys[0].flatten().tolist(), keys[1].flatten().tolist(),
+                                     strict=True)):
+        gen = randomgen.Philox(counter=first, key=k0 | (k1 << 32), number=4, width=32)
+        out[i] = gen.random_raw(4 * count).reshape(count, 4)
+    return out
+
+
 def uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
             start: int = 0) -> torch.Tensor:
     """(K, 2 * count) float64 uniforms on (0, 1): two per Philox block, index 2j and 2j + 1
     from block start + j."""
+    if randomgen is not None and keys[0].device.type == "cpu":
+        w = _host_blocks(keys, step, purpose, count, start)
+        m = (w[..., 0::2] << np.uint64(21)) | (w[..., 1::2] >> np.uint64(11))  # (K, count, 2)
+        return torch.from_numpy(((m.astype(np.float64) + 0.5) * 2.0**-53).reshape(len(w), -1))
     w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start)
     return torch.stack([_unit(w0, w1), _unit(w2, w3)], dim=2).flatten(1)
 
