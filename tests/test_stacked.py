@@ -157,6 +157,48 @@ def test_augmented_example_moves_the_sum_by_at_most_c(impl, monkeypatch):
     assert abs(float(torch.sqrt(sum((b[n][0] - d[n][0]).pow(2).sum() for n in b))) - clip) < 1e-4
 
 
+@pytest.mark.parametrize("method", ["backward_cl", "backward", "ghost"])
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(1, 6, 5, padding=2), nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0),
+                                             bias=False),
+    nn.Conv2d(16, 8, 3, stride=2)], ids=["lenet-like", "strided", "wide"])
+def test_every_weight_gradient_method_gives_each_examples_own_gradient(layer, method,
+                                                                        monkeypatch):
+    # the grouped layout's per-example weight gradients, whichever method the shape rule picks
+    monkeypatch.setattr(stacked, "CONV_IMPL", "grouped")
+    monkeypatch.setattr(stacked, "_weight_grad_method", lambda *_: method)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, layer.in_channels, 11, 9, generator=gen)
+    g = torch.randn(2, 3, *layer(a[0]).shape[1:], generator=gen)
+    got = stacked._conv_weight_grads(layer, a, g)
+    for k in range(2):
+        for b in range(3):
+            w = layer.weight.detach().clone().requires_grad_(True)
+            out = nn.functional.conv2d(a[k, b:b + 1], w, None, layer.stride, layer.padding)
+            (want,) = torch.autograd.grad(out, w, g[k, b:b + 1])
+            torch.testing.assert_close(got[k, b], want.flatten(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (nn.AvgPool2d(2), (3, 4, 28, 28)), (nn.AvgPool2d(3), (2, 3, 10, 11)),
+    (nn.AvgPool2d((2, 3)), (2, 3, 9, 9)), (nn.AvgPool2d(2, stride=1), (2, 3, 6, 6)),
+    (nn.AvgPool2d(2, padding=1), (2, 3, 6, 6)), (nn.AvgPool2d(2, ceil_mode=True), (2, 3, 5, 5)),
+    (nn.MaxPool2d(2), (2, 3, 6, 6))])
+def test_stacked_forward_pools_like_torch(layer, shape):
+    # the tiling fast path (or torch's layer where it does not apply): values and gradients
+    h = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fast = stacked._tiling_avg_pool(layer, h)
+    tiles = isinstance(layer, nn.AvgPool2d) and layer.stride == layer.kernel_size \
+        and layer.padding == 0 and not layer.ceil_mode
+    assert (fast is not None) == tiles
+    if fast is None:
+        return
+    g = torch.randn_like(fast)
+    torch.testing.assert_close(fast, layer(h), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(fast, h, g)[0],
+                               torch.autograd.grad(layer(h), h, g)[0], rtol=1e-12, atol=1e-12)
+
+
 def test_shifted_copies_are_translations_uniform_over_offsets():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2, 50, 1, 9, 9, generator=gen) + 1.0  # > 0 everywhere: zero fill is visible

@@ -151,20 +151,33 @@ def _unit(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return (m.to(torch.float64) + 0.5) * 2.0**-53
 
 
-def _host_blocks(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
-                 start: int = 0) -> np.ndarray:
-    """The words of :func:`_blocks` from randomgen's C Philox4x32-10: (K, count, 4) uint64.
+def _host_words(key: tuple[int, int], step: int, purpose: int, count: int, start: int = 0
+                ) -> np.ndarray:
+    """The words of :func:`_blocks` for one instance's key (k0, k1), from randomgen's C
+    Philox4x32-10: (count, 4) uint64.
 
     Its state is the 128-bit counter (word 0 lowest) and the 64-bit key (k0 lowest); it adds 1
     to the counter before each block, hence the ``- 1``."""
     _check_blocks(start, count)
     first = start + ((step & _MASK) << 64) + (purpose << 96) - 1
-    out = np.empty((keys[0].shape[0], count, 4), dtype=np.uint64)
-    for i, (k0, k1) in enumerate(zip(keys[0].flatten().tolist(), keys[1].flatten().tolist(),
-                                     strict=True)):
-        gen = randomgen.Philox(counter=first, key=k0 | (k1 << 32), number=4, width=32)
-        out[i] = gen.random_raw(4 * count).reshape(count, 4)
-    return out
+    gen = randomgen.Philox(counter=first, key=key[0] | (key[1] << 32), number=4, width=32)
+    return gen.random_raw(4 * count).reshape(count, 4)
+
+
+def _host_uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
+                  start: int = 0) -> torch.Tensor:
+    """:func:`uniform` on the host from :func:`_host_words`, one instance at a time (written
+    for few passes over memory: at 62k normals per step the copies cost more than the
+    rounds)."""
+    pairs = zip(keys[0].flatten().tolist(), keys[1].flatten().tolist(), strict=True)
+    out = np.empty((keys[0].shape[0], count, 2))
+    for row, key in zip(out, pairs, strict=False):
+        w = _host_words(key, step, purpose, count, start).reshape(count, 2, 2)
+        m = w[..., 0] << np.uint64(21)
+        m |= w[..., 1] >> np.uint64(11)
+        np.add(m, 0.5, out=row)
+    out *= 2.0**-53
+    return torch.from_numpy(out.reshape(len(out), 2 * count))
 
 
 def uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, count: int,
@@ -172,9 +185,7 @@ def uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, co
     """(K, 2 * count) float64 uniforms on (0, 1): two per Philox block, index 2j and 2j + 1
     from block start + j."""
     if randomgen is not None and keys[0].device.type == "cpu":
-        w = _host_blocks(keys, step, purpose, count, start)
-        m = (w[..., 0::2] << np.uint64(21)) | (w[..., 1::2] >> np.uint64(11))  # (K, count, 2)
-        return torch.from_numpy(((m.astype(np.float64) + 0.5) * 2.0**-53).reshape(len(w), -1))
+        return _host_uniform(keys, step, purpose, count, start)
     w0, w1, w2, w3 = _blocks(keys, step, purpose, count, start)
     return torch.stack([_unit(w0, w1), _unit(w2, w3)], dim=2).flatten(1)
 
@@ -185,11 +196,14 @@ def normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, cou
 
     Computed in float64 (the radius sqrt(-2 ln u) reaches 8.6 standard deviations, against 5.7
     for float32 uniforms), then rounded to ``dtype``."""
-    u = uniform(keys, step, purpose, (count + 1) // 2).view(-1, (count + 1) // 2, 2)
-    radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
-    angle = (2.0 * math.pi) * u[..., 1]
-    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)
-    return z[:, :count].to(dtype)
+    pairs = (count + 1) // 2
+    u = uniform(keys, step, purpose, pairs).view(-1, pairs, 2)
+    radius = u[..., 0].log().mul_(-2.0).sqrt_()
+    angle = u[..., 1] * (2.0 * math.pi)
+    z = torch.empty(u.shape[0], pairs, 2, dtype=dtype, device=u.device)
+    torch.mul(radius, angle.cos(), out=z[..., 0])  # float64 products, rounded once to dtype
+    torch.mul(radius, angle.sin_(), out=z[..., 1])
+    return z.flatten(1)[:, :count]
 
 
 def poisson_positions(keys: tuple[torch.Tensor, torch.Tensor], step: int, n: int, q: float,
