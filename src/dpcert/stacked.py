@@ -213,15 +213,26 @@ def _conv_weight_grads(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
     method = _weight_grad_method(layer, g.shape[3] * g.shape[4])
     if method == "ghost":
         gw = ghost._conv_weight_grads(layer, a.flatten(0, 1), g.flatten(0, 1))
-        return gw.reshape(k, b, o, -1)
-    n, c = k * b, a.shape[2]
-    fmt = torch.channels_last if method == "backward_cl" else torch.contiguous_format
-    gw = torch.nn.grad.conv2d_weight(
-        a.reshape(1, n * c, *a.shape[3:]).contiguous(memory_format=fmt),
-        (n * o, c, *layer.kernel_size),
-        g.reshape(1, n * o, *g.shape[3:]).contiguous(memory_format=fmt),
-        layer.stride, layer.padding, layer.dilation, groups=n)
+    else:
+        gw = conv_weight_grads_backward(layer, a.flatten(0, 1), g.flatten(0, 1),
+                                        channels_last=method == "backward_cl")
     return gw.reshape(k, b, o, -1)
+
+
+def conv_weight_grads_backward(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor,
+                               channels_last: bool) -> torch.Tensor:
+    """Per-example weight gradients (N, O, C, kh, kw) from inputs a (N, C, H, W) and output
+    gradients g (N, O, Ho, Wo): the weight gradient of one convolution whose N groups are the
+    examples, by torch's convolution backward."""
+    n, c = a.shape[:2]
+    o = g.shape[1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gw = torch.nn.grad.conv2d_weight(
+        a.reshape(1, n * c, *a.shape[2:]).contiguous(memory_format=fmt),
+        (n * o, c, *layer.kernel_size),
+        g.reshape(1, n * o, *g.shape[2:]).contiguous(memory_format=fmt),
+        layer.stride, layer.padding, layer.dilation, groups=n)
+    return gw.view(n, o, c, *layer.kernel_size)
 
 
 def _weight_grad_method(layer: nn.Conv2d, out_pixels: int) -> str:
@@ -231,12 +242,14 @@ def _weight_grad_method(layer: nn.Conv2d, out_pixels: int) -> str:
     The weight gradient of a convolution with the K B examples as groups is each example's own
     (torch's convolution backward, oneDNN on the CPU): in channels-last memory for few channels
     and small maps (LeNet-5: 2x faster than :mod:`dpcert.ghost`'s grouped convolution),
-    in the default layout for 3x3 kernels over >= 16 channels (2-5x faster for digits_cnn and
-    the CIFAR CNN); :mod:`dpcert.ghost`'s rule elsewhere (``benchmarks/bench_conv_grads.py``)."""
+    in the default layout for 3x3 kernels from 16-32 to 32-64 channels (2-3x faster for
+    digits_cnn and the CIFAR CNN; wider layers timed erratically, 5-19 ms against a steady 9);
+    :mod:`dpcert.ghost`'s rule elsewhere (``benchmarks/bench_conv_grads.py``)."""
     kh, kw = layer.kernel_size
     if layer.in_channels <= 8 and layer.out_channels * out_pixels <= 10_000:
         return "backward_cl"
-    if layer.in_channels >= 16 and kh * kw <= 9:
+    if layer.in_channels >= 16 and layer.in_channels * layer.out_channels <= 2048 \
+            and kh * kw <= 9:
         return "backward"
     return "ghost"
 
