@@ -21,7 +21,7 @@ the machine; ``--json`` also writes them to a file.
 
 With ``--device cpu --processes K`` it compares, at equal cores, the stacked engine (K = 1)
 with the previous per-instance path, each in K single-thread processes at once — how
-``dpcert run`` trains on CPUs.
+``dpcert run`` trains on CPUs — in the steady state (both warmed up by ``--warm-steps``).
 
 Run: python benchmarks/bench_train.py [--threads N | --processes K]
      python benchmarks/bench_train.py --device cuda [--chunks 250 1000] [--json out.json]
@@ -287,17 +287,21 @@ def previous_path_rate(x, y, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def _paper_worker(barrier, queue, stacked_steps: int, previous_steps: int) -> None:
+def _paper_worker(barrier, queue, stacked_steps: int, previous_steps: int, warm: int) -> None:
     """One single-thread process of the equal-cores CPU comparison: the stacked engine with
-    K = 1 and the previous per-instance path, each timed while every process runs it."""
+    K = 1 and the previous per-instance path, each timed while every process runs it, after
+    both have run ``warm`` steps (oneDNN builds its kernels for each new batch size on first
+    sight; a real run of 1000 steps per instance sees every size many times)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(PAPER_N, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (PAPER_N,), generator=gen)
     barrier.wait()
+    stacked_rate(x, y, 1, warm)
+    previous_path_rate(x, y, warm)
+    barrier.wait()
     stacked_s = stacked_rate(x, y, 1, stacked_steps)["seconds_per_step"]
     barrier.wait()
-    previous_path_rate(x, y, 5)  # warm-up
     previous_s = previous_path_rate(x, y, previous_steps)
     queue.put({"stacked_ms": 1e3 * stacked_s, "previous_ms": 1e3 * previous_s})
 
@@ -306,7 +310,7 @@ def equal_cores_main(args) -> None:
     """``--device cpu --processes K``: how dpcert runs trains on CPUs (one single-thread
     process per core, K = 1 each), the stacked engine against the previous path."""
     parts = _in_processes(args.processes, _paper_worker, args.stacked_steps,
-                          args.previous_steps)
+                          args.previous_steps, args.warm_steps)
     stacked = sum(1 / p["stacked_ms"] for p in parts)  # instance-steps per ms, all processes
     previous = sum(1 / p["previous_ms"] for p in parts)
     print(f"machine: {machine()}, torch {torch.__version__}, {args.processes} processes x "
@@ -371,7 +375,10 @@ def ensemble_main(args) -> None:
     first = [r for r in out["stacked"] if r.get("conv") == args.conv_impls[0]]
     best = min(first or out["stacked"], key=lambda r: r["extrapolated_seconds"])
     out["breakdown"] = step_breakdown(x, y, best["instances"])
-    print(f"  step of K = {best['instances']}: {out['breakdown']}")
+    parts = ", ".join(f"{name[:-3].replace('_', ' ')} {ms:.2f} ms"
+                      for name, ms in out["breakdown"].items() if name.endswith("_ms"))
+    fused = " (fused Philox kernel)" if out["breakdown"]["fused_philox"] else ""
+    print(f"  step of K = {best['instances']}: {parts}{fused}")
     prev = previous_path_rate(x, y, args.previous_steps)
     out["previous_ms_per_step"] = 1e3 * prev
     print(f"  dpcert train_instance (previous path): {1e3 * prev:8.3f} ms per step -> "
@@ -406,6 +413,8 @@ def main() -> None:
     parser.add_argument("--stacked-steps", type=int, default=30)
     parser.add_argument("--opacus-steps", type=int, default=200)
     parser.add_argument("--previous-steps", type=int, default=20)
+    parser.add_argument("--warm-steps", type=int, default=200,
+                        help="--processes on cpu: steps each path runs before it is timed")
     parser.add_argument("--conv-impls", nargs="+", default=["auto"],
                         help="stacked.CONV_IMPL values to time (auto, grouped, patches; "
                              "'grouped+benchmark' turns on cudnn.benchmark); all chunk sizes "
