@@ -112,3 +112,31 @@ def test_subnormal_eta_is_refused():
     with pytest.raises(UserError, match="eta"):
         vote_bounds(np.array([[5, 5]]), 1e-320)
     vote_bounds(np.array([[5, 5]]), 1e-300)
+
+
+@pytest.mark.parametrize("chunk_values", [1, 7, 2**24])
+def test_score_statistics_by_blocks_equal_numpy(chunk_values):
+    # blocks of instances (any size) give numpy's mean and unbiased variance, also where the
+    # variance is tiny next to the mean (a sum-of-squares formula would cancel to garbage)
+    from dpcert.bounds import _mean_and_variance
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((9, 5, 3)).astype(np.float32)
+    scores[:, 0, 0] = np.float32(0.999) + rng.integers(0, 3, 9) * np.float32(2**-23)
+    mean, var = _mean_and_variance(scores, True, chunk_values=chunk_values)
+    wide = scores.astype(np.float64)
+    np.testing.assert_allclose(mean, wide.mean(axis=0), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(var, wide.var(axis=0, ddof=1), rtol=1e-9, atol=0)
+    assert var[0, 0] > 0
+
+
+def test_score_bounds_read_a_memory_mapped_file(tmp_path):
+    rng = np.random.default_rng(1)
+    scores = rng.dirichlet(np.ones(4), size=(30, 6)).astype(np.float32)
+    np.save(tmp_path / "scores.npy", scores)
+    mapped = np.load(tmp_path / "scores.npy", mmap_mode="r")
+    for method in ("bernstein", "hoeffding", "paper"):
+        a, b = score_bounds(mapped, 1e-3, method), score_bounds(scores.astype(float), 1e-3, method)
+        np.testing.assert_array_equal(a.prediction, b.prediction)
+        np.testing.assert_allclose(a.p_lower, b.p_lower, rtol=1e-12)
+        np.testing.assert_allclose(a.p_upper, b.p_upper, rtol=1e-12)

@@ -65,6 +65,27 @@ def test_checksum_catches_silent_corruption(tmp_path):
         aggregate(cfg, tmp_path)
 
 
+def test_aggregate_streams_units_into_scores_and_votes(tmp_path):
+    from dpcert.run import tally_votes, write_unit
+
+    cfg = RunConfig(**{**SMALL, "instances": 5})
+    rng = np.random.default_rng(3)
+    units = rng.dirichlet(np.ones(4), size=(5, 7))  # float64, as the engines write them
+    (tmp_path / "instances").mkdir()
+    for i, u in enumerate(units):
+        write_unit(tmp_path / "instances" / f"inst_{i:06d}.npz", u)
+    votes, scores = aggregate(cfg, tmp_path)
+    np.testing.assert_array_equal(scores, units.astype(np.float32))
+    np.testing.assert_array_equal(votes, tally_votes(units.astype(np.float32)))
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), scores)
+    np.testing.assert_array_equal(np.load(tmp_path / "votes.npy"), votes)
+    assert not list(tmp_path.glob(".*.tmp"))
+    write_unit(tmp_path / "instances" / "inst_000003.npz", units[3][:, :3])
+    with pytest.raises(UserError, match="instance 3 has scores of shape"):
+        aggregate(cfg, tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_changed_training_parameter_is_refused(tmp_path):
     run(RunConfig(**SMALL), tmp_path, progress=False)
     with pytest.raises(UserError, match="steps"):

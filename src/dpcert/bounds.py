@@ -88,29 +88,51 @@ def vote_bounds(counts: np.ndarray, eta: float, method: str = "simuem") -> Confi
     return _top_two(lower, upper, top)
 
 
+def _mean_and_variance(scores: np.ndarray, need_variance: bool,
+                       chunk_values: int = 2**24) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and unbiased variance over axis 0 of (P, N, L), in float64, a block of instances
+    at a time (a memory-mapped scores.npy of any P fits): the two-pass algorithm — the sum,
+    then the sum of squared deviations from the mean — as numpy's own var, never the
+    cancellation-prone sum of squares (an underestimated variance would make the Bernstein
+    bound unsound)."""
+    p = scores.shape[0]
+    step = max(1, chunk_values // max(1, scores[0].size))
+    total = np.zeros(scores.shape[1:])
+    for i in range(0, p, step):
+        total += scores[i:i + step].sum(axis=0, dtype=np.float64)
+    mean = total / p
+    if not need_variance:
+        return mean, None
+    squares = np.zeros(scores.shape[1:])
+    for i in range(0, p, step):
+        dev = scores[i:i + step].astype(np.float64) - mean
+        squares += np.einsum("pnl,pnl->nl", dev, dev)
+    return mean, squares / (p - 1)
+
+
 def score_bounds(scores: np.ndarray, eta: float, method: str = "bernstein") -> ConfidenceBounds:
     """Bounds from per-instance softmax scores, shape (P, N, L), values in [0, 1]."""
     _check_eta(eta)
-    scores = np.asarray(scores, dtype=float)
+    if not (isinstance(scores, np.ndarray) and np.issubdtype(scores.dtype, np.floating)):
+        scores = np.asarray(scores, dtype=float)
     if scores.ndim != 3 or scores.shape[2] < 2:
         raise UserError(f"scores must have shape (P, N, L) with L >= 2, got {scores.shape}")
     n_inst, _, n_labels = scores.shape
     if n_inst < 2:
         raise UserError("score bounds need at least 2 instances")
-    mean = scores.mean(axis=0)
+    if method not in SCORE_METHODS:
+        raise UserError(f"score bound must be one of {SCORE_METHODS}, got {method!r}")
+    mean, var = _mean_and_variance(scores, need_variance=method != "hoeffding")
     top = np.argmax(mean, axis=1)
     if method == "hoeffding":
         half = np.sqrt(np.log(n_labels / eta) / (2 * n_inst))
         lower, upper = mean - half, mean + half
     elif method == "bernstein":
         log_term = np.log(2 * n_labels / eta)
-        var = scores.var(axis=0, ddof=1)
         half = np.sqrt(2 * var * log_term / n_inst) + 7 * log_term / (3 * (n_inst - 1))
         lower, upper = mean - half, mean + half
-    elif method == "paper":
-        sem = scores.std(axis=0, ddof=1) / np.sqrt(n_inst)
+    else:  # "paper"
+        sem = np.sqrt(var) / np.sqrt(n_inst)
         half = sem * stats.t.ppf(1 - eta / 2, n_inst - 1)
         lower, upper = mean - half, mean + half
-    else:
-        raise UserError(f"score bound must be one of {SCORE_METHODS}, got {method!r}")
     return _top_two(lower, upper, top)

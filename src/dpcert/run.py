@@ -19,6 +19,8 @@ final result equals an uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,18 +66,39 @@ METHODS = (
 
 
 def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Assemble scores (P, N, L) and votes (N, L) from the unit files; write both."""
-    scores = []
-    for i in range(cfg.instances):
-        s = read_unit(run_dir / "instances" / f"inst_{i:06d}.npz")
-        if s is None:
-            raise UserError(f"instance {i} is missing or damaged; rerun to retrain it")
-        scores.append(s)
-    stacked = np.stack(scores).astype(np.float32)
-    votes = tally_votes(stacked)
-    atomic_save_npy(run_dir / "scores.npy", stacked)
+    """Assemble scores (P, N, L) and votes (N, L) from the unit files; write both.
+
+    Streams the units: each is rounded to float32, written into ``scores.npy`` through a
+    memory map (a temporary file renamed into place) and its votes counted, so memory stays
+    O(N L) whatever P (P = 10,000 Fashion-MNIST units are 4 GB of float32 scores; holding them
+    all at once was killed for memory on a 24 GB machine). Returns the votes and the scores,
+    memory-mapped read-only."""
+    path = run_dir / "scores.npy"
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        out, votes = None, None
+        for i in range(cfg.instances):
+            s = read_unit(run_dir / "instances" / f"inst_{i:06d}.npz")
+            if s is None:
+                raise UserError(f"instance {i} is missing or damaged; rerun to retrain it")
+            s = s.astype(np.float32)  # votes from the stored float32 scores, as always
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                shape=(cfg.instances, *s.shape))
+                votes = np.zeros(s.shape, dtype=np.int64)
+            elif s.shape != out.shape[1:]:
+                raise UserError(f"instance {i} has scores of shape {s.shape}, the others "
+                                f"{out.shape[1:]}; remove it and rerun")
+            out[i] = s
+            votes[np.arange(len(s)), s.argmax(axis=1)] += 1
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     atomic_save_npy(run_dir / "votes.npy", votes)
-    return votes, stacked
+    return votes, np.load(path, mmap_mode="r")
 
 
 def tally_votes(scores: np.ndarray) -> np.ndarray:
