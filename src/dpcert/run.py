@@ -19,8 +19,6 @@ final result equals an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from dpcert.runconfig import (
     read_unit,
     write_unit,
 )
-from dpcert.store import atomic_save_npy, atomic_write_text
+from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
 from dpcert.training import train_all, train_group, worker_pool
 
 #: Names other modules and users import from here (defined in runconfig and training).
@@ -74,9 +72,7 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     all at once was killed for memory on a 24 GB machine). Returns the votes and the scores,
     memory-mapped read-only."""
     path = run_dir / "scores.npy"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         out, votes = None, None
         for i in range(cfg.instances):
             s = read_unit(run_dir / "instances" / f"inst_{i:06d}.npz")
@@ -94,9 +90,6 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             votes[np.arange(len(s)), s.argmax(axis=1)] += 1
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     atomic_save_npy(run_dir / "votes.npy", votes)
     return votes, np.load(path, mmap_mode="r")
 

@@ -6,7 +6,8 @@ import io
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -15,20 +16,29 @@ import numpy as np
 from dpcert.errors import UserError
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` by calling ``write`` on a temp file in the same folder, then renaming it."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """The path of a new temp file in ``path``'s folder, renamed onto ``path`` when the block
+    ends normally and removed when it raises (named as :func:`remove_stale_temp_files`
+    expects)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` by calling ``write`` on a temp file in the same folder, then renaming it."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def remove_stale_temp_files(folder: Path) -> int:
