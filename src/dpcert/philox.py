@@ -171,7 +171,7 @@ def _host_uniform(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: i
     rounds)."""
     pairs = zip(keys[0].flatten().tolist(), keys[1].flatten().tolist(), strict=True)
     out = np.empty((keys[0].shape[0], count, 2))
-    for row, key in zip(out, pairs, strict=False):
+    for row, key in zip(out, pairs, strict=True):
         w = _host_words(key, step, purpose, count, start).reshape(count, 2, 2)
         m = w[..., 0] << np.uint64(21)
         m |= w[..., 1] >> np.uint64(11)
