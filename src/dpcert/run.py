@@ -87,7 +87,7 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise UserError(f"instance {i} has scores of shape {s.shape}, the others "
                                 f"{out.shape[1:]}; remove it and rerun")
             out[i] = s
-            votes[np.arange(len(s)), s.argmax(axis=1)] += 1
+            votes += tally_votes(s[None])
         out.flush()
         del out
     atomic_save_npy(run_dir / "votes.npy", votes)
