@@ -85,6 +85,21 @@ def test_attack_check_errors(tmp_path, small_run):
     assert res.exit_code == 2 and "not a finished dpcert run" in res.output
 
 
+def test_attack_check_reads_scores_as_a_memory_map_and_checks_their_shape(tmp_path, small_run):
+    import shutil
+
+    from dpcert.attack import _load_run
+
+    out, _ = small_run
+    _, _, scores, labels, _ = _load_run(out)
+    assert isinstance(scores, np.memmap) and scores.shape[1] == len(labels)
+    copy = tmp_path / "damaged"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("attack_check_*"))
+    np.save(copy / "scores.npy", np.load(copy / "scores.npy")[:, :-1])
+    with pytest.raises(UserError, match="disagree"):
+        attack_check(copy, 2, progress=False)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_attack_check_of_a_gpu_run_on_a_cpu_machine_says_what_to_do(tmp_path, small_run):
     import json

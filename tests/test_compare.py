@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from dpcert import baselines
-from dpcert.compare import BaselineConfig, CompareConfig, compare, hash_partition, training_indices
+from dpcert.compare import (
+    BaselineConfig,
+    CompareConfig,
+    compare,
+    hash_partition,
+    instance_accuracies,
+    training_indices,
+)
 from dpcert.errors import UserError
 
 
@@ -36,6 +43,17 @@ def test_fa_training_sets_follow_the_spreading_map():
     parts = hash_partition(x, 5)
     for j, s in enumerate(dpa):
         np.testing.assert_array_equal(s, np.flatnonzero(parts == j))
+
+
+def test_instance_accuracies_blockwise_from_a_memory_map(tmp_path):
+    rng = np.random.default_rng(3)
+    scores = rng.random((7, 50, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, 50)
+    want = (scores.argmax(axis=2) == labels).mean(axis=1)
+    np.save(tmp_path / "scores.npy", scores)
+    mapped = np.load(tmp_path / "scores.npy", mmap_mode="r")
+    for block in (None, 1, 3, 7, 100):
+        np.testing.assert_array_equal(instance_accuracies(mapped, labels, block), want)
 
 
 def test_compare_small_digits(tmp_path):

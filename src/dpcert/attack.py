@@ -211,10 +211,11 @@ def _load_run(run_dir: Path):
     except ValueError as err:
         raise UserError(f"{run_dir}: damaged run files: {err}") from None
     votes = load_array(run_dir / "votes.npy", "votes")
-    scores = load_array(run_dir / "scores.npy", "scores")
+    scores = load_array(run_dir / "scores.npy", "scores", mmap=True)
     labels = load_array(run_dir / "labels.npy", "labels")
-    if certs.shape[1] < 3 or len(certs) != len(labels) or len(votes) != len(labels):
-        raise UserError(f"{run_dir}: certificates, votes and labels disagree in length")
+    if (certs.shape[1] < 3 or len(certs) != len(labels) or len(votes) != len(labels)
+            or scores.ndim != 3 or scores.shape[1] != len(labels)):
+        raise UserError(f"{run_dir}: certificates, votes, scores and labels disagree in length")
     return cfg, votes, scores, labels, certs
 
 

@@ -36,7 +36,7 @@ from dpcert.certify import Certificates
 from dpcert.errors import UserError
 from dpcert.run import run, stored_config, tally_votes
 from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
-from dpcert.store import atomic_write_text
+from dpcert.store import atomic_write_text, load_array
 from dpcert.training import worker_pool
 
 BASELINES = ("dpa", "fa", "bagging", "roe")
@@ -301,6 +301,16 @@ def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
     return Certificates(np.asarray(pred), np.asarray(radius), nan, nan)
 
 
+def instance_accuracies(scores: np.ndarray, labels: np.ndarray, block: int | None = None
+                        ) -> np.ndarray:
+    """Test accuracy (P,) of each instance from its scores (P, N, L), ``block`` instances at a
+    time (default: ~64 MB of scores), so a memory-mapped P = 10,000 ensemble (~4 GB) is never
+    read whole."""
+    block = block or max(1, 2**24 // max(1, scores[0].size))
+    return np.concatenate([(np.asarray(scores[i:i + block]).argmax(axis=2) == labels).mean(axis=1)
+                           for i in range(0, len(scores), block)])
+
+
 def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
     """Ma, Zhu, Hsu (2019): CA_r lower bound of one DP model from the run's own instances.
 
@@ -315,9 +325,11 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
     prof = group_privacy_profile(rec.sample_rate, rec.noise_multiplier, 1, rec.steps, EPS_GRID)
     ok = np.flatnonzero(prof <= delta)
     eps = float(EPS_GRID[ok[0]]) if ok.size else np.inf
-    scores = np.load(run_dir / "scores.npy")
-    labels = np.load(run_dir / "labels.npy")
-    per_instance = (scores.argmax(axis=2) == labels[None, :]).mean(axis=1)
+    scores = load_array(run_dir / "scores.npy", "scores", mmap=True)
+    labels = load_array(run_dir / "labels.npy", "labels")
+    if scores.ndim != 3 or scores.shape[1] != len(labels):
+        raise UserError(f"{run_dir}: scores {scores.shape} do not match {len(labels)} labels")
+    per_instance = instance_accuracies(scores, labels)
     acc_lo = max(0.0, float(per_instance.mean()) - np.sqrt(np.log(1 / eta) / (2 * len(scores))))
     if not np.isfinite(eps):
         return lambda radii: np.zeros(np.shape(radii))

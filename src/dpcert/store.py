@@ -101,10 +101,11 @@ def _write_half_then_die(handle: IO[bytes], arrays: dict) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def load_array(path: Path, what: str) -> np.ndarray:
-    """np.load without pickles; every failure becomes a one-line UserError."""
+def load_array(path: Path, what: str, mmap: bool = False) -> np.ndarray:
+    """np.load without pickles; every failure becomes a one-line UserError. ``mmap``: a
+    read-only memory map (for ensemble scores, P x N x L, which may not fit in memory)."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
         raise UserError(f"{what} file not found: {path}") from None
     except IsADirectoryError:
