@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats
 
 from dpcert.errors import UserError
+from dpcert.store import instance_blocks
 
 VOTE_METHODS = ("simuem", "paper")
 SCORE_METHODS = ("bernstein", "hoeffding", "paper")
@@ -96,16 +97,15 @@ def _mean_and_variance(scores: np.ndarray, need_variance: bool,
     cancellation-prone sum of squares (an underestimated variance would make the Bernstein
     bound unsound)."""
     p = scores.shape[0]
-    step = max(1, chunk_values // max(1, scores[0].size))
     total = np.zeros(scores.shape[1:])
-    for i in range(0, p, step):
-        total += scores[i:i + step].sum(axis=0, dtype=np.float64)
+    for block in instance_blocks(scores, chunk_values):
+        total += block.sum(axis=0, dtype=np.float64)
     mean = total / p
     if not need_variance:
         return mean, None
     squares = np.zeros(scores.shape[1:])
-    for i in range(0, p, step):
-        dev = scores[i:i + step].astype(np.float64) - mean
+    for block in instance_blocks(scores, chunk_values):
+        dev = block.astype(np.float64) - mean
         squares += np.einsum("pnl,pnl->nl", dev, dev)
     return mean, squares / (p - 1)
 

@@ -36,7 +36,7 @@ from dpcert.certify import Certificates
 from dpcert.errors import UserError
 from dpcert.run import run, stored_config, tally_votes
 from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
-from dpcert.store import atomic_write_text, load_array
+from dpcert.store import atomic_write_text, instance_blocks, load_array
 from dpcert.training import worker_pool
 
 BASELINES = ("dpa", "fa", "bagging", "roe")
@@ -301,14 +301,12 @@ def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
     return Certificates(np.asarray(pred), np.asarray(radius), nan, nan)
 
 
-def instance_accuracies(scores: np.ndarray, labels: np.ndarray, block: int | None = None
+def instance_accuracies(scores: np.ndarray, labels: np.ndarray, values: int = 2**24
                         ) -> np.ndarray:
-    """Test accuracy (P,) of each instance from its scores (P, N, L), ``block`` instances at a
-    time (default: ~64 MB of scores), so a memory-mapped P = 10,000 ensemble (~4 GB) is never
-    read whole."""
-    block = block or max(1, 2**24 // max(1, scores[0].size))
-    return np.concatenate([(np.asarray(scores[i:i + block]).argmax(axis=2) == labels).mean(axis=1)
-                           for i in range(0, len(scores), block)])
+    """Test accuracy (P,) of each instance from its scores (P, N, L), read a block of about
+    ``values`` scores at a time (:func:`~dpcert.store.instance_blocks`)."""
+    return np.concatenate([(block.argmax(axis=2) == labels).mean(axis=1)
+                           for block in instance_blocks(scores, values)])
 
 
 def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):

@@ -120,6 +120,15 @@ def _write_half_then_die(handle: IO[bytes], arrays: dict) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def instance_blocks(scores: np.ndarray, values: int = 2**24) -> Iterator[np.ndarray]:
+    """Consecutive blocks along axis 0 of ensemble scores (P, N, L) of about ``values``
+    numbers each (at least one instance), so a memory-mapped scores.npy of any P (~4 GB at
+    P = 10,000 on Fashion-MNIST) is read a block at a time, never whole."""
+    step = max(1, values // max(1, scores[0].size))
+    for i in range(0, len(scores), step):
+        yield scores[i:i + step]
+
+
 def load_array(path: Path, what: str, mmap: bool = False) -> np.ndarray:
     """np.load without pickles; every failure becomes a one-line UserError. ``mmap``: a
     read-only memory map (for ensemble scores, P x N x L, which may not fit in memory)."""
