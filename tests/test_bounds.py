@@ -8,9 +8,9 @@ from dpcert.bounds import score_bounds, vote_bounds
 from dpcert.errors import UserError
 
 
-def test_simuem_is_bonferroni_clopper_pearson():
+def test_simuem_is_clopper_pearson_at_eta_over_l_plus_2():
     counts = np.array([[700, 200, 100]])
-    b = vote_bounds(counts, eta=0.03)
+    b = vote_bounds(counts, eta=0.05)  # one-sided level 0.05 / (3 + 2) = 0.01 per bound
     lo = stats.binomtest(700, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").low
     hi = (
         stats.binomtest(200, 1000).proportion_ci(confidence_level=1 - 2 * 0.01, method="exact").high
@@ -23,8 +23,41 @@ def test_simuem_is_bonferroni_clopper_pearson():
 def test_unanimous_votes():
     b = vote_bounds(np.array([[0, 1000, 0]]), eta=1e-3)
     assert b.prediction[0] == 1
-    assert b.p_lower[0] == pytest.approx((1e-3 / 3) ** (1 / 1000), rel=1e-9)
-    assert b.p_upper[0] == pytest.approx(1 - (1e-3 / 3) ** (1 / 1000), rel=1e-9)
+    # Clopper-Pearson lower bound of 1000 successes in 1000 at level a: a^(1/1000)
+    assert b.p_lower[0] == pytest.approx((1e-3 / 5) ** (1 / 1000), rel=1e-9)
+    assert b.p_upper[0] == pytest.approx(1 - (1e-3 / 5) ** (1 / 1000), rel=1e-9)
+
+
+def test_two_labels_need_only_the_lower_bounds():
+    b = vote_bounds(np.array([[30, 70]]), eta=0.1)
+    lo = stats.binomtest(70, 100).proportion_ci(confidence_level=1 - 2 * 0.05, method="exact").low
+    assert b.prediction[0] == 1
+    assert b.p_lower[0] == pytest.approx(lo, rel=1e-9)
+    assert b.p_upper[0] == 1 - b.p_lower[0]
+
+
+def _exact_failure_probability(probs, n, eta):
+    """P(p_lower > p_top or p_upper < max other p) over every vote outcome of n instances
+    with three labels, summed exactly from the multinomial pmf."""
+    probs = np.asarray(probs)
+    c1, c2 = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    keep = c1 + c2 <= n
+    counts = np.stack([c1[keep], c2[keep], n - c1[keep] - c2[keep]], axis=1)
+    b = vote_bounds(counts, eta)
+    top = b.prediction
+    other = np.array([np.max(np.delete(probs, t)) for t in range(3)])[top]
+    fail = (b.p_lower > probs[top]) | (b.p_upper < other)
+    return stats.multinomial.pmf(counts[fail], n, probs).sum()
+
+
+@pytest.mark.parametrize(("probs", "n", "eta"), [((0.4, 0.4, 0.2), 200, 0.2),
+                                                  ((0.4, 0.4, 0.2), 500, 0.2),
+                                                  ((0.4, 0.4, 0.2), 300, 0.1),
+                                                  ((0.35, 0.35, 0.3), 200, 0.3)])
+def test_simuem_coverage_exact(probs, n, eta):
+    # Bonferroni over the L labels only (eta / 3 per bound) fails the first three cases:
+    # 0.208, 0.212 and 0.1004 (the top label is picked from the same votes).
+    assert _exact_failure_probability(probs, n, eta) <= eta
 
 
 def test_ties_go_to_smallest_label():
@@ -69,6 +102,20 @@ def test_score_bounds_coverage_monte_carlo(method, conc):
         other = np.max(np.delete(mean, top))
         fails += b.p_lower[0] > mean[top] or b.p_upper[0] < other
     assert fails <= trials * eta + 4 * np.sqrt(trials * eta * (1 - eta))
+
+
+def test_score_half_widths_at_eta_over_l_plus_2():
+    rng = np.random.default_rng(3)
+    s = rng.dirichlet([4.0, 2.0, 1.0], size=(50, 1))
+    eta, a = 0.01, 0.01 / 5
+    h = score_bounds(s, eta, "hoeffding")
+    mean = s.mean(axis=0)[0]
+    assert h.p_lower[0] == pytest.approx(mean[0] - np.sqrt(np.log(1 / a) / 100), rel=1e-12)
+    b = score_bounds(s, eta, "bernstein")
+    var = s.var(axis=0, ddof=1)[0]
+    half = np.sqrt(2 * var * np.log(2 / a) / 50) + 7 * np.log(2 / a) / (3 * 49)
+    assert b.p_lower[0] == pytest.approx(mean[0] - half[0], rel=1e-12)
+    assert b.p_upper[0] == pytest.approx(min(mean[1] + half[1], 1 - b.p_lower[0]), rel=1e-12)
 
 
 def test_bernstein_beats_hoeffding_on_confident_points():

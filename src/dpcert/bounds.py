@@ -1,21 +1,29 @@
 """Confidence bounds on the clean label probabilities from P trained instances.
 
 Every method returns, per test point, the predicted label, a lower bound ``p_lower`` on the
-top label's probability and an upper bound ``p_upper`` on the best other label's, holding for
-all labels simultaneously with probability >= 1 - eta over the training randomness.
+top label's probability and an upper bound ``p_upper`` on the largest probability of the other
+labels, holding together with probability >= 1 - eta over the training randomness.
 
-* votes, ``simuem`` (Jia, Cao, Gong 2020): one-sided Clopper-Pearson per class at eta / L
-  (Bonferroni over the L classes); p_upper = min(max_{l != top} upper_l, 1 - p_lower).
-* scores, ``hoeffding``: one-sided Hoeffding per class at eta / L, half-width
-  sqrt(ln(L / eta) / (2 P)).
-* scores, ``bernstein``: empirical Bernstein (Maurer & Pontil 2009, Thm 4) per class at eta / L:
-  mean +- sqrt(2 V ln(2 L / eta) / P) + 7 ln(2 L / eta) / (3 (P - 1)), V the sample variance.
+Each sound method combines one-sided bounds per label, each at level ``a`` (:func:`bound_level`):
+
+* votes, ``simuem`` (after Jia, Cao, Gong 2020): one-sided Clopper-Pearson per label.
+* scores, ``hoeffding``: one-sided Hoeffding per label, half-width sqrt(ln(1 / a) / (2 P)).
+* scores, ``bernstein``: empirical Bernstein (Maurer & Pontil 2009, Thm 4) per label:
+  mean +- sqrt(2 V ln(2 / a) / P) + 7 ln(2 / a) / (3 (P - 1)), V the sample variance.
 * ``paper``: the public code's choices, for comparison only: a normal-approximation interval per
   class with no correction over classes (votes) and a Student-t interval (scores) — neither is a
   valid finite-sample bound.
 
-The top label is chosen from the same samples; that is allowed because the bounds hold for all
-L classes at once.
+Why ``a = eta / (L + 2)`` and not the Bonferroni ``eta / L`` of SimuEM as published: the top
+label is chosen from the same samples, so the lower bound used is that of a random label, and
+the upper bound used is that of the runner-up — the bounds that can fail are the L lower bounds
+*and* upper bounds. Only two upper bounds matter, though: with l1, l2 the two labels of largest
+true probability, the bound on the others fails only if the upper bound of l1 fails (when l1 is
+not the top label) or that of l2 (when it is). So the failures lie in L + 2 fixed one-sided
+events. With a = eta / L the union can exceed eta: for votes with true probabilities
+(0.4, 0.4, 0.2), P = 200, eta = 0.2 it is 0.208 (computed exactly, tests/test_bounds.py). With two
+labels whose vote shares sum to one, the upper bound of the other label is one minus the lower
+bound of the top one, so only the two lower bounds can fail: a = eta / 2.
 """
 
 from __future__ import annotations
@@ -52,9 +60,19 @@ def _check_eta(eta: float) -> None:
         raise UserError(f"eta must lie in [{MIN_ETA:g}, 1), got {eta}")
 
 
-def _top_two(lower: np.ndarray, upper: np.ndarray, top: np.ndarray) -> ConfidenceBounds:
+def bound_level(eta: float, n_labels: int, *, shares: bool) -> float:
+    """Level of each one-sided per-label bound such that the bounds the certificate uses hold
+    together with probability >= 1 - eta: eta / (L + 2), or eta / 2 when there are two labels
+    whose probabilities sum to one (``shares``: vote shares). See the module docstring."""
+    return eta / 2 if shares and n_labels == 2 else eta / (n_labels + 2)
+
+
+def _top_two(lower: np.ndarray, upper: np.ndarray | None, top: np.ndarray) -> ConfidenceBounds:
+    """``upper`` None: two labels whose probabilities sum to one, so p_upper = 1 - p_lower."""
     n = np.arange(len(top))
     p1 = np.clip(lower[n, top], 0.0, 1.0)
+    if upper is None:
+        return ConfidenceBounds(top.astype(np.int64), p1, 1.0 - p1)
     others = upper.copy()
     others[n, top] = -np.inf
     p2 = np.minimum(np.clip(others.max(axis=1), 0.0, 1.0), 1.0 - p1)
@@ -74,9 +92,11 @@ def vote_bounds(counts: np.ndarray, eta: float, method: str = "simuem") -> Confi
     top = np.argmax(counts, axis=1)  # ties go to the smallest label
     c = counts.astype(float)
     if method == "simuem":
-        a = eta / n_labels
+        a = bound_level(eta, n_labels, shares=True)
         with np.errstate(invalid="ignore"):
             lower = np.where(c > 0, stats.beta.ppf(a, c, total - c + 1), 0.0)
+            if n_labels == 2:
+                return _top_two(lower, None, top)
             upper = np.where(c < total, stats.beta.ppf(1 - a, c + 1, total - c), 1.0)
     elif method == "paper":
         # statsmodels proportion_confint(count, n, alpha=eta/2, method="normal"), counts clamped.
@@ -124,11 +144,13 @@ def score_bounds(scores: np.ndarray, eta: float, method: str = "bernstein") -> C
         raise UserError(f"score bound must be one of {SCORE_METHODS}, got {method!r}")
     mean, var = _mean_and_variance(scores, need_variance=method != "hoeffding")
     top = np.argmax(mean, axis=1)
+    # scores need not sum to one (any values in [0, 1]), so no two-label shortcut
+    a = bound_level(eta, n_labels, shares=False)
     if method == "hoeffding":
-        half = np.sqrt(np.log(n_labels / eta) / (2 * n_inst))
+        half = np.sqrt(np.log(1 / a) / (2 * n_inst))
         lower, upper = mean - half, mean + half
     elif method == "bernstein":
-        log_term = np.log(2 * n_labels / eta)
+        log_term = np.log(2 / a)
         half = np.sqrt(2 * var * log_term / n_inst) + 7 * log_term / (3 * (n_inst - 1))
         lower, upper = mean - half, mean + half
     else:  # "paper"
