@@ -118,6 +118,23 @@ def test_score_half_widths_at_eta_over_l_plus_2():
     assert b.p_upper[0] == pytest.approx(min(mean[1] + half[1], 1 - b.p_lower[0]), rel=1e-12)
 
 
+@pytest.mark.parametrize("bad", [1.5, -0.1, np.nan, np.inf])
+def test_scores_outside_unit_interval_are_refused(bad):
+    # The library entry points check what the bounds assume (the CLI checks more: sums to 1).
+    s = np.full((5, 2, 3), 1 / 3)
+    s[3, 1, 2] = bad
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        score_bounds(s, 0.1)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 2.5, np.nan, np.inf])
+def test_votes_that_are_not_counts_are_refused(bad):
+    counts = np.array([[5.0, 3.0, 2.0], [1.0, 0.0, 9.0]])
+    counts[1, 1] = bad
+    with pytest.raises(UserError, match="non-negative integers"):
+        vote_bounds(counts, 0.1)
+
+
 def test_bernstein_beats_hoeffding_on_confident_points():
     rng = np.random.default_rng(2)
     s = rng.dirichlet([200.0, 1.0, 1.0], size=(1000, 5))
