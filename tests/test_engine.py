@@ -124,6 +124,58 @@ def test_subset_training_ignores_examples_outside_the_subset():
     assert not torch.allclose(a, c)
 
 
+def _plain_linear_dp_sgd(cfg, x, y, classes, seed, instances):
+    """The engine's algorithm written out plainly: fresh tensors every step, the same batched
+    products (so the same rounding), every instance drawing from its own streams."""
+    rngs = [engine._numpy_stream(seed, i) for i in instances]
+    gens = [engine._torch_stream(seed, i, x.device) for i in instances]
+    n, dim, k = len(y), x.shape[1], len(instances)
+    rows = None
+    if cfg.subset_size is not None:
+        rows = np.stack([np.sort(r.choice(n, cfg.subset_size, replace=False)) for r in rngs])
+        n = cfg.subset_size
+    w = torch.zeros(k, classes, dim)
+    b = torch.zeros(k, classes)
+    avg_w, avg_b, count = torch.zeros_like(w), torch.zeros_like(b), 0
+    size = cfg.lr / (cfg.sample_rate * n)
+    for step in range(cfg.steps):
+        picks = [engine.poisson_indices(n, cfg.sample_rate, r) for r in rngs]
+        width = max(1, *(len(p) for p in picks))
+        index = torch.zeros(k, width, dtype=torch.int64)
+        mask = torch.zeros(k, width)
+        for j, p in enumerate(picks):
+            index[j, :len(p)] = torch.from_numpy(p if rows is None else rows[j, p])
+            mask[j, :len(p)] = 1.0
+        gw, gb = engine.clipped_gradient_sum(w, b, x[index], torch.eye(classes)[y[index]],
+                                             x.pow(2).sum(1)[index] + 1.0, mask,
+                                             cfg.clip_norm)
+        noise = torch.stack([torch.randn(classes * (dim + 1), generator=g) for g in gens])
+        noise = noise * (cfg.noise_multiplier * cfg.clip_norm)
+        gw = gw + noise[:, :classes * dim].view_as(gw)
+        gb = gb + noise[:, classes * dim:]
+        w = w - size * gw
+        b = b - size * gb
+        if cfg.averaging == "tail" and step >= cfg.steps // 2:
+            count += 1
+            avg_w = avg_w + (w - avg_w) / count
+            avg_b = avg_b + (b - avg_b) / count
+    if cfg.averaging == "tail":
+        w, b = avg_w, avg_b
+    return w.transpose(1, 2), b
+
+
+@pytest.mark.parametrize(("subset", "averaging"), [(None, None), (150, None), (None, "tail")])
+def test_engine_equals_the_plain_algorithm_bit_for_bit(subset, averaging):
+    # The engine reuses its buffers across steps (and gathers, draws and updates in place);
+    # that may not change a single bit. (Other batch companions change the rounding of the
+    # batched products only: test_instance_is_independent_of_its_batch_companions.)
+    x, y = _data()
+    cfg = engine.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, subset, averaging)
+    got = engine.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
+    want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
     x, y = _data()
     steps = 6
