@@ -50,7 +50,7 @@ class ConfidenceBounds:
     p_upper: np.ndarray
 
 
-#: Smallest supported eta: below it eta / L is a subnormal float, where scipy's beta quantiles
+#: Smallest supported eta: below it eta / (L + 2) is a subnormal float, where scipy's beta quantiles
 #: (Clopper-Pearson) stop converging and lose their guaranteed direction.
 MIN_ETA = 1e-300
 
