@@ -38,14 +38,16 @@ def test_compare_config_is_valid(name):
     assert cfg.methods == ("dp", "dpa", "fa", "bagging")
 
 
-def test_best_learner_compare_config_names_its_run():
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_best_learner_compare_config_names_its_run(dataset):
     """It reuses the DP run of the best-learner config (dp_run) and so cannot be parsed before
     that run exists; its baselines and options are checked here without it."""
     from dpcert.compare import BASELINES, _settings
 
+    name = dataset.split("-")[0]
     data = load_config_file(Path(__file__).parent.parent / "configs" /
-                            "compare_fashion_best.yaml")
-    assert data["dp_run"] == "runs/fashion-mnist_sigma3_best"
+                            f"compare_{name}_best.yaml")
+    assert data["dp_run"] == f"runs/{dataset}_sigma3_best"
     assert data["methods"] == ["dp", "dpa", "roe", "fa", "bagging"]
     for kind in BASELINES:
         assert _settings(kind, data[kind])
