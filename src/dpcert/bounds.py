@@ -79,18 +79,30 @@ def _top_two(lower: np.ndarray, upper: np.ndarray | None, top: np.ndarray) -> Co
     return ConfidenceBounds(top.astype(np.int64), p1, p2)
 
 
+def check_vote_counts(counts: np.ndarray) -> None:
+    """Refuse anything but non-negative integer counts (integer or integral float dtype):
+    Clopper-Pearson is exact for binomial counts only."""
+    if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
+        raise UserError(f"vote counts must be numbers, got dtype {counts.dtype}")
+    if not (np.all(counts >= 0) and np.all(np.isfinite(counts))
+            and np.all(counts == np.round(counts))):
+        raise UserError("vote counts must be non-negative integers")
+
+
+def check_unit_interval(scores: np.ndarray) -> None:
+    """Refuse scores outside [0, 1], NaN or infinite (min/max are NaN if any value is): the
+    Hoeffding and Bernstein bounds hold for [0, 1]-valued variables only."""
+    if scores.size and not (scores.min() >= 0.0 and scores.max() <= 1.0):
+        raise UserError("scores must be finite numbers in [0, 1] (softmax outputs)")
+
+
 def vote_bounds(counts: np.ndarray, eta: float, method: str = "simuem") -> ConfidenceBounds:
     """Bounds from vote counts, shape (N, L), each row summing to the number of instances P."""
     _check_eta(eta)
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] < 2:
         raise UserError(f"vote counts must have shape (N, L) with L >= 2, got {counts.shape}")
-    # Clopper-Pearson is exact for binomial counts only; anything else would certify nonsense.
-    if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
-        raise UserError(f"vote counts must be numbers, got dtype {counts.dtype}")
-    if not (np.all(counts >= 0) and np.all(np.isfinite(counts))
-            and np.all(counts == np.round(counts))):
-        raise UserError("vote counts must be non-negative integers")
+    check_vote_counts(counts)
     total = counts.sum(axis=1, keepdims=True).astype(float)
     if np.any(total <= 0):
         raise UserError("every test point needs at least one vote")
@@ -125,9 +137,7 @@ def _mean_and_variance(scores: np.ndarray, need_variance: bool,
     p = scores.shape[0]
     total = np.zeros(scores.shape[1:])
     for block in instance_blocks(scores, chunk_values):
-        # Hoeffding and Bernstein need values in [0, 1] (min/max are NaN if any value is)
-        if block.size and not (block.min() >= 0.0 and block.max() <= 1.0):
-            raise UserError("scores must be finite numbers in [0, 1] (softmax outputs)")
+        check_unit_interval(block)
         total += block.sum(axis=0, dtype=np.float64)
     mean = total / p
     if not need_variance:

@@ -13,6 +13,7 @@ import click
 import numpy as np
 
 from dpcert.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
+from dpcert.bounds import check_unit_interval, check_vote_counts
 from dpcert.certify import (
     INFERENCES,
     Certificates,
@@ -57,12 +58,7 @@ def validate_outputs(arr: np.ndarray, inference: str) -> np.ndarray:
         if arr.ndim != 2:
             raise UserError(
                 f"multinomial input must be vote counts of shape (N, L), got {arr.shape}")
-        if not (np.issubdtype(arr.dtype, np.integer)
-                or (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
-                    and np.all(arr == np.round(arr)))):
-            raise UserError(f"vote counts must be integers, got dtype {arr.dtype}")
-        if np.any(arr < 0):
-            raise UserError("vote counts must be non-negative")
+        check_vote_counts(arr)
         if np.any(arr > _MAX_VOTES):  # beyond exact float/int64 arithmetic
             raise UserError(f"vote counts above {_MAX_VOTES} are not supported")
         return arr.astype(np.int64)
@@ -72,10 +68,7 @@ def validate_outputs(arr: np.ndarray, inference: str) -> np.ndarray:
         if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
             raise UserError(f"scores must be numbers, got dtype {arr.dtype}")
         arr = arr.astype(float)
-        if not np.all(np.isfinite(arr)):
-            raise UserError("scores contain NaN or infinite values")
-        if np.any(arr < 0) or np.any(arr > 1):
-            raise UserError("scores must lie in [0, 1]")
+        check_unit_interval(arr)
         worst = float(np.max(np.abs(arr.sum(axis=2) - 1.0)))
         if worst > _SCORE_SUM_TOL:
             raise UserError(f"scores must sum to 1 over labels (worst deviation {worst:.3g})")
