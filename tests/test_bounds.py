@@ -36,6 +36,18 @@ def test_two_labels_need_only_the_lower_bounds():
     assert b.p_upper[0] == 1 - b.p_lower[0]
 
 
+@pytest.mark.parametrize(("p0", "n", "eta"), [(0.5, 100, 0.2), (0.5, 1000, 0.05),
+                                              (0.7, 300, 0.1)])
+def test_two_label_coverage_exact(p0, n, eta):
+    counts = np.stack([np.arange(n + 1), n - np.arange(n + 1)], axis=1)
+    b = vote_bounds(counts, eta)
+    truth = np.array([p0, 1 - p0])
+    fail = (b.p_lower > truth[b.prediction]) | (b.p_upper < truth[1 - b.prediction])
+    failure = stats.binom.pmf(counts[fail, 0], n, p0).sum()
+    assert failure <= eta
+    assert failure > eta / 4  # eta / 2 per lower bound is not wastefully small here
+
+
 def _exact_failure_probability(probs, n, eta):
     """P(p_lower > p_top or p_upper < max other p) over every vote outcome of n instances
     with three labels, summed exactly from the multinomial pmf."""
