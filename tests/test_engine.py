@@ -228,3 +228,26 @@ def test_library_entry_point_trains_scores_and_records_the_mechanism():
         engine.train_linear_ensemble(x.numpy(), y.numpy(), x[:, :3].numpy(), instances=2,
                                      sample_rate=0.1, noise_multiplier=1.0, steps=2,
                                      clip_norm=1.0, lr=0.1)
+
+
+def test_instances_that_fit_fill_the_given_share_of_memory():
+    fit = engine.instances_that_fit
+    n, dim, classes, q = 60_000, 3969, 10, 0.001
+    small, big = fit(n, dim, classes, q, 4 * 2**30), fit(n, dim, classes, q, 16 * 2**30)
+    assert 1 <= small < big <= 1000
+    assert fit(n, dim, classes, q, 10**6 * 2**30) == 1000  # capped
+    assert fit(n, dim, classes, q, 1) == 1  # never zero
+    # per instance: at least its weights, gradient and noise and its share of a batch of the
+    # expected size, in float32; so K of them need at least K times that
+    floor = 4 * (3 * classes * (dim + 1) + q * n * dim)
+    assert small * floor <= 0.5 * 4 * 2**30
+
+
+def test_auto_batch_on_cpu_keeps_the_measured_linear_default():
+    from dpcert.runconfig import RunConfig
+    from dpcert.training import resolve_batch_instances
+
+    cfg = RunConfig(dataset="digits", model="linear", features="scatter", optimizer="sgd",
+                    batch_instances="auto")
+    assert resolve_batch_instances(cfg, 1000) == 100
+    assert resolve_batch_instances(cfg, 30) == 30

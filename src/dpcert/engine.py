@@ -24,6 +24,7 @@ privacy, and the mechanism record stays exactly what ran.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,18 @@ def clipped_gradient_sum(weight: torch.Tensor, bias: torch.Tensor, xb: torch.Ten
     norm = (sq_norm * err.pow(2).sum(2)).sqrt()
     err = err * (mask * torch.clamp(clip / norm.clamp_min(1e-12), max=1.0))[..., None]
     return torch.bmm(err.transpose(1, 2), xb, out=out), err.sum(1)
+
+
+def instances_that_fit(n: int, dim: int, num_classes: int, sample_rate: float,
+                       free_bytes: int, *, share: float = 0.5, cap: int = 1000) -> int:
+    """How many instances :func:`train_linear` can train at once in ``share`` of
+    ``free_bytes`` (at most ``cap``), from its float32 tensors per instance: weights, their
+    gradient, noise, the tail average and its scratch (5 L (D + 1) values) and its slice of
+    the batch buffer (1.25 W D values, W = the expected batch plus six standard deviations).
+    The features themselves (n D) are already on the device."""
+    width = min(n, int(sample_rate * n + 6 * math.sqrt(sample_rate * n) + 16))
+    per = 4 * (5 * num_classes * (dim + 1) + 1.25 * width * (dim + num_classes + 2))
+    return int(max(1, min(cap, share * free_bytes // per)))
 
 
 @torch.no_grad()

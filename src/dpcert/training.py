@@ -129,16 +129,23 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
 
 
 def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
-    """``batch_instances``, with ``auto`` resolved: the linear model 100 (measured on CPU,
-    docs/benchmarks.md), image models :func:`dpcert.stacked.instances_that_fit` on the run's
-    device (1 on CPU, where one process per core is faster)."""
+    """``batch_instances``, with ``auto`` resolved: the linear model 100 on CPU (measured,
+    docs/benchmarks.md) and :func:`dpcert.engine.instances_that_fit` on CUDA; image models
+    :func:`dpcert.stacked.instances_that_fit` on the run's device (1 on CPU, where one
+    process per core is faster)."""
     if cfg.batch_instances != "auto":
         return cfg.batch_instances
-    if cfg.model == "linear":
-        return min(todo, 100)
     if cfg.device != "cuda":
-        return 1
+        return min(todo, 100) if cfg.model == "linear" else 1
     import torch
+
+    if cfg.model == "linear":
+        from dpcert.engine import instances_that_fit as linear_fit
+
+        data = load_run_data(cfg)
+        free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+        return min(todo, linear_fit(cfg.subset_size or len(data.y_train), data.x_train.shape[1],
+                                    data.num_classes, cfg.sample_rate, free))
 
     from dpcert.stacked import instances_that_fit
 
