@@ -251,3 +251,11 @@ def test_auto_batch_on_cpu_keeps_the_measured_linear_default():
                     batch_instances="auto")
     assert resolve_batch_instances(cfg, 1000) == 100
     assert resolve_batch_instances(cfg, 30) == 30
+
+
+def test_progress_reports_every_step():
+    x, y = _data()
+    seen = []
+    engine.train_linear(engine.LinearDpSgd(0.05, 1.0, 7, 0.7, 0.5), x, y, 3, seed=0,
+                        instances=[0, 1], progress=seen.append)
+    assert seen == list(range(1, 8))

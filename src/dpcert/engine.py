@@ -25,6 +25,7 @@ privacy, and the mechanism record stays exactly what ran.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,11 +84,14 @@ def poisson_indices(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def train_linear(cfg: LinearDpSgd, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
-                 seed: int, instances: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed: int, instances: list[int],
+                 progress: Callable[[int], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train the given instances together; returns weights (K, D, L) and biases (K, L).
 
     x: float32 features (n, D) and y: int64 labels (n,), on the device to train on. Instance
     i's result depends only on (seed, i), not on the other instances in ``instances``.
+    ``progress(steps_done)`` is called after each step when given.
     """
     device = x.device
     n_all, dim = x.shape
@@ -148,6 +152,8 @@ def train_linear(cfg: LinearDpSgd, x: torch.Tensor, y: torch.Tensor, num_classes
             averaged += 1
             avg_w += torch.sub(weight, avg_w, out=scratch).div_(averaged)
             avg_b += (bias - avg_b) / averaged
+        if progress is not None:
+            progress(step + 1)
     if cfg.averaging == "tail":
         weight, bias = avg_w, avg_b
     return weight.transpose(1, 2).contiguous(), bias

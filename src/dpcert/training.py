@@ -27,7 +27,7 @@ def train_group(cfg: RunConfig, instances: list[int], data,
     run's device (:mod:`dpcert.stacked`; the linear model: :mod:`dpcert.engine`).
 
     Pure: no files. ``data`` is a :class:`dpcert.data.Dataset`; ``on_step(t)`` reports
-    progress (image models)."""
+    progress."""
     import torch
 
     device = torch.device(cfg.device)
@@ -39,7 +39,7 @@ def train_group(cfg: RunConfig, instances: list[int], data,
         lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
                            cfg.lr, cfg.subset_size, cfg.averaging)
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
-                                    instances=instances)
+                                    instances=instances, progress=on_step)
         return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
     from dpcert.stacked import predict_stacked, train_stacked
 
