@@ -37,7 +37,12 @@ steps=${STEPS:-}
 python=${PYTHON:-python3}
 mkdir -p "$out" data
 if compgen -G ".gpu/whl/*.whl" > /dev/null; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --target .site .gpu/whl/*.whl
+    # the wheels are downloaded for the GPU machines' python (3.12, ../shared/DEVICE.md)
+    if "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --target .site .gpu/whl/*.whl
+    else
+        echo "wheels in .gpu/whl are for python 3.12: not installed for $("$python" -V)"
+    fi
 fi
 for d in mnist fashion-mnist; do
     [ -d ".gpu/$d" ] && [ ! -d "data/$d" ] && cp -r ".gpu/$d" "data/$d"
