@@ -24,7 +24,6 @@ privacy, and the mechanism record stays exactly what ran.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch
 
 from dpcert.errors import UserError
 from dpcert.mechanism import MechanismRecord
+from dpcert.philox import batch_ceiling
 
 AVERAGING = (None, "tail")
 #: SeedSequence "purposes", so the streams of one instance never overlap.
@@ -76,7 +76,7 @@ def poisson_indices(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
     are exactly the included positions."""
     if q >= 1.0:
         return np.arange(n)
-    chunk = int(n * q + 6 * np.sqrt(n * q) + 16)
+    chunk = batch_ceiling(n, q)
     pos = np.cumsum(rng.geometric(q, size=chunk)) - 1
     while pos[-1] < n:
         pos = np.concatenate([pos, pos[-1] + np.cumsum(rng.geometric(q, size=chunk))])
@@ -184,7 +184,7 @@ def instances_that_fit(n: int, dim: int, num_classes: int, sample_rate: float,
     gradient, noise, the tail average and its scratch (5 L (D + 1) values) and its slice of
     the batch buffer (1.25 W D values, W = the expected batch plus six standard deviations).
     The features themselves (n D) are already on the device."""
-    width = min(n, int(sample_rate * n + 6 * math.sqrt(sample_rate * n) + 16))
+    width = min(n, batch_ceiling(n, sample_rate))
     per = 4 * (5 * num_classes * (dim + 1) + 1.25 * width * (dim + num_classes + 2))
     return int(max(1, min(cap, share * free_bytes // per)))
 

@@ -206,6 +206,12 @@ def normal(keys: tuple[torch.Tensor, torch.Tensor], step: int, purpose: int, cou
     return z.flatten(1)[:, :count]
 
 
+def batch_ceiling(n: int, q: float) -> int:
+    """The expected Poisson batch q n plus six standard deviations (and 16): how many gaps to
+    draw at a time, and the batch width that memory estimates assume."""
+    return int(n * q + 6 * math.sqrt(n * q) + 16)
+
+
 def poisson_positions(keys: tuple[torch.Tensor, torch.Tensor], step: int, n: int, q: float,
                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Poisson sampling of [0, n) at rate q for every instance: (index (K, W), mask (K, W)).
@@ -222,7 +228,7 @@ def poisson_positions(keys: tuple[torch.Tensor, torch.Tensor], step: int, n: int
         index = torch.arange(n, device=device).expand(k, n)
         return index, torch.ones(k, n, dtype=torch.bool, device=device)
     if chunk is None:
-        chunk = int(n * q + 6 * math.sqrt(n * q) + 16)
+        chunk = batch_ceiling(n, q)
     log1mq = math.log1p(-q)
     pos = torch.empty(k, 0, dtype=torch.int64, device=device)
     last = torch.full((k,), -1, dtype=torch.int64, device=device)

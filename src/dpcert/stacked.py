@@ -496,7 +496,7 @@ def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.
     if device.type != "cuda":
         return 1
     n = cfg.subset_size or len(y)
-    width = min(n, int(cfg.sample_rate * n + 6 * (cfg.sample_rate * n) ** 0.5 + 16))
+    width = min(n, philox.batch_ceiling(n, cfg.sample_rate))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
