@@ -170,7 +170,8 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
     data = load_run_data(cfg)
     gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
     if idx is None:
-        idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen).numpy()
+        idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen,
+                            device=gen.device).numpy()
     if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0

@@ -106,7 +106,8 @@ def _fused_ok(device: torch.device) -> bool:
 
                 _FUSED = jiterator._create_multi_output_jit_fn(_FUSED_SOURCE, num_outputs=4)
             gen = torch.Generator().manual_seed(12345)
-            words = [torch.randint(0, 2**32, (4096,), generator=gen) for _ in range(6)]
+            words = [torch.randint(0, 2**32, (4096,), generator=gen, device="cpu")
+                     for _ in range(6)]
             want = _philox_eager(*words)
             got = _FUSED(*[w.to(device) for w in words])
             ok = all(torch.equal(a, b.cpu()) for a, b in zip(want, got, strict=True))

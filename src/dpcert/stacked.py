@@ -124,11 +124,16 @@ def init_seed(seed: int, instance: int) -> int:
 
 def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
                  device: torch.device) -> Stacked:
-    """Each instance's model built under its own seed on the host, stacked, moved to device."""
+    """Each instance's model built under its own seed on the host, stacked, moved to device.
+
+    The host CPU generator draws every initial weight, whatever the run's device and whatever
+    default device the caller has set (under ``torch.set_default_device("cuda")`` the layers
+    would otherwise draw from the CUDA generator: other weights than a CPU run's). Only that
+    generator is seeded, inside a fork, so the caller's random state stays as it was."""
     models = []
     for i in instances:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed(seed, i))
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.default_generator.manual_seed(init_seed(seed, i))
             models.append(model_fn())
     names = [k for k, _ in models[0].named_parameters()]
     params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]).to(device)
@@ -546,7 +551,9 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                         f"{batch_instances!r}")
     cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
                 augment_shift, augment_copies)  # checks the augmentation options
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model_fn().modules()):
+    with torch.device("cpu"):
+        probe = model_fn()
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
         raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "
                         "does not bound one example's effect: use GroupNorm or none")
     check_device(device, asked=f"device {device!r} asked for")

@@ -44,9 +44,12 @@ def instance_generator(seed: int, instance: int) -> torch.Generator:
 
 def _seeded_model(name: str, in_channels: int, num_classes: int,
                   gen: torch.Generator) -> nn.Module:
-    """Initial weights drawn from the instance's own stream (via torch's global seed)."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    return build_model(name, in_channels, num_classes)
+    """Initial weights drawn from the instance's own stream, on the host whatever the default
+    device (see :func:`dpcert.stacked.init_stacked`); the caller's random state is kept."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        start = torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)
+        torch.default_generator.manual_seed(int(start))
+        return build_model(name, in_channels, num_classes)
 
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -57,14 +60,14 @@ def _subset(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, gen: torch.Gener
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The instance's own uniformly random m-subset (sub-dataset training), else all data."""
     if cfg.subset_size is not None and cfg.subset_size < len(y):
-        keep = torch.randperm(len(y), generator=gen)[: cfg.subset_size]
+        keep = torch.randperm(len(y), generator=gen, device=gen.device)[: cfg.subset_size]
         return x[keep], y[keep]
     return x, y
 
 
 def poisson_batch(n: int, q: float, gen: torch.Generator) -> torch.Tensor:
     """Indices of the examples sampled this step (each independently with probability q)."""
-    return torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
+    return torch.nonzero(torch.rand(n, generator=gen, device=gen.device) < q).flatten()
 
 
 def clipped_gradient_sum(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -104,7 +107,7 @@ def train_instance(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, num_class
             params = {k: v.detach() for k, v in model.named_parameters()}
             summed = clipped_gradient_sum(model, params, x[idx], y[idx], cfg.clip_norm)
         for (name, p) in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen).to(p.device) * std
+            noise = torch.randn(p.shape, generator=gen, device=gen.device).to(p.device) * std
             p.grad = (summed[name] + noise) / expected
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,7 +131,7 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
     model = _seeded_model(model_name, x.shape[1], num_classes, gen).to(x.device)
     opt = _optimizer(optimizer, model.parameters(), lr)
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen).to(x.device)
+        order = torch.randperm(len(y), generator=gen, device=gen.device).to(x.device)
         for i in range(0, len(y), batch_size):
             idx = order[i: i + batch_size]
             opt.zero_grad()
