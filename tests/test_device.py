@@ -164,3 +164,91 @@ def test_training_leaves_the_callers_random_state_alone():
     train_plain("digits_cnn", x, y, 10, epochs=1, batch_size=32, lr=0.1, optimizer="sgd",
                 gen=instance_generator(0, 0))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class _CountingMemory:
+    """Stands in for the CUDA allocator: between start() and peak() it adds up the bytes of
+    every tensor an operation returns — more than the true peak, and growing with it."""
+
+    def __init__(self, free: int) -> None:
+        self._free, self.made, self._mode = free, 0, None
+
+    def start(self) -> int:
+        outer = self
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outer.made += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                  if isinstance(t, torch.Tensor))
+                return out
+
+        self._mode = Count()
+        self._mode.__enter__()
+        return 0
+
+    def peak(self) -> int:
+        self._mode.__exit__(None, None, None)
+        return self.made
+
+    def free(self) -> int:
+        return self._free
+
+
+@pytest.mark.parametrize("case", list(STACKED_CASES))
+def test_the_gpu_memory_probe_runs_on_every_model_family(case, meta_default):
+    """``--batch-instances auto`` on CUDA runs one probe step: that branch, never taken on a
+    CPU, runs here against a counting allocator (on the run's device, under the guard)."""
+    model_fn, side, extra = STACKED_CASES[case]
+    x, y = _images(side, n=2000)
+    cfg = stacked.DpSgd(**{**dict(sample_rate=0.01, noise_multiplier=1.0, steps=3,
+                                  clip_norm=1.0, lr=0.1), **extra})
+    memory = _CountingMemory(free=2**30)
+    k = stacked.instances_that_fit(cfg, model_fn, x, y, memory=memory)
+    per = memory.made / 8  # at least the probe's bytes per instance (probe = 8)
+    assert memory.made > 0 and 1 <= k <= 1000
+    assert k * per <= 0.5 * 2**30 < (k + 1) * (per + 3 * 4 * sum(
+        p.numel() for p in _on_cpu(model_fn).parameters()))
+
+
+def _on_cpu(model_fn):
+    with torch.device("cpu"):
+        return model_fn()
+
+
+def test_the_gpu_memory_probe_gives_fewer_instances_for_bigger_batches_and_less_memory():
+    model_fn, side, _ = STACKED_CASES["digits_cnn"]
+    x, y = _images(side, n=4000)
+
+    def fit(q: float, free: int) -> int:
+        cfg = stacked.DpSgd(sample_rate=q, noise_multiplier=1.0, steps=1, clip_norm=1.0, lr=0.1)
+        return stacked.instances_that_fit(cfg, model_fn, x, y, memory=_CountingMemory(free))
+
+    assert fit(0.05, 2**30) < fit(0.005, 2**30)
+    assert fit(0.005, 2**28) < fit(0.005, 2**30)
+    assert fit(0.005, 10**15) == 1000  # capped
+    assert fit(0.005, 1) == 1  # never zero
+    assert stacked.instances_that_fit(  # no allocator given and not CUDA: one per process
+        stacked.DpSgd(0.005, 1.0, 1, 1.0, 0.1), model_fn, x, y) == 1
+
+
+def test_auto_batch_for_the_linear_model_on_cuda_reads_the_free_memory(monkeypatch):
+    from dpcert.runconfig import load_run_data
+    from dpcert.training import resolve_batch_instances
+
+    cfg = RunConfig(dataset="digits", model="linear", features="scatter", optimizer="sgd",
+                    batch_instances="auto", device="cuda", sample_rate=0.01)
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(torch.device(device))
+        return 2**26, 2**34
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    data = load_run_data(cfg)
+    want = engine.instances_that_fit(len(data.y_train), data.x_train.shape[1],
+                                     data.num_classes, 0.01, 2**26)
+    assert 1 < want < 300  # 64 MiB: the answer is set by the memory, not by a cap
+    assert resolve_batch_instances(cfg, 1000) == want
+    assert resolve_batch_instances(cfg, 2) == 2
+    assert asked[0].type == "cuda"

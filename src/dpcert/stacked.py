@@ -489,22 +489,46 @@ def predict_stacked(st: Stacked, x: torch.Tensor, batch: int | None = None) -> n
     return torch.cat(out, dim=1).numpy().astype(np.float32)
 
 
+class CudaMemory:
+    """The CUDA allocator's counters that :func:`instances_that_fit` reads (a fake with the
+    same three methods lets the CPU tests run its probe)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> int:
+        """Reset the peak counter; bytes allocated now."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        """Most bytes allocated since :meth:`start`."""
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def free(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0]
+
+
 def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, *,
-                       probe: int = 8, share: float = 0.5, cap: int = 1000) -> int:
+                       probe: int = 8, share: float = 0.5, cap: int = 1000,
+                       memory: CudaMemory | None = None) -> int:
     """How many instances to stack on x's device (``--batch-instances auto``).
 
     CPU: 1 — stacking does not make one core faster (docs/benchmarks.md), so runs use one
     process per core. CUDA: one probe step of ``probe`` instances at a batch six standard
     deviations above the expected size measures the memory an instance needs; K fills
-    ``share`` of the free memory, at most ``cap``."""
+    ``share`` of the free memory, at most ``cap``. ``memory`` (default: the CUDA allocator of
+    x's device) is where the probe's bytes are read."""
     device = x.device
-    if device.type != "cuda":
-        return 1
+    if memory is None:
+        if device.type != "cuda":
+            return 1
+        memory = CudaMemory(device)
     n = cfg.subset_size or len(y)
     width = min(n, philox.batch_ceiling(n, cfg.sample_rate))
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    before = memory.start()
     st = init_stacked(model_fn, 0, list(range(probe)), device)
     index = torch.arange(width, device=device).expand(probe, width)
     mask = torch.ones(probe, width, dtype=torch.bool, device=device)
@@ -514,11 +538,9 @@ def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.
     noise = philox.normal(keys, 0, philox.NOISE, sum(v[0].numel() for v in st.params.values()))
     # optimizer state (Adam: two moments) and gradients: up to three more copies of the params
     extra = 3 * sum(v.numel() * v.element_size() for v in st.params.values())
-    torch.cuda.synchronize(device)
-    per = (torch.cuda.max_memory_allocated(device) - before + extra) / probe
+    per = (memory.peak() - before + extra) / probe
     del st, summed, noise
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(cap, share * free // per)))
+    return int(max(1, min(cap, share * memory.free() // per)))
 
 
 def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_rate: float,
