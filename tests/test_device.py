@@ -163,6 +163,9 @@ def test_training_leaves_the_callers_random_state_alone():
                           lambda: build_model("digits_cnn", 1, 10), x, y, seed=0, instances=[0])
     train_plain("digits_cnn", x, y, 10, epochs=1, batch_size=32, lr=0.1, optimizer="sgd",
                 gen=instance_generator(0, 0))
+    stacked.train_ensemble(lambda: build_model("digits_cnn", 1, 10), x.numpy(), y.numpy(),
+                           x[:3].numpy(), instances=1, sample_rate=0.05, noise_multiplier=1.0,
+                           steps=1, clip_norm=1.0)
     assert torch.equal(torch.get_rng_state(), before)
 
 

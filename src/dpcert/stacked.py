@@ -573,7 +573,7 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                         f"{batch_instances!r}")
     cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
                 augment_shift, augment_copies)  # checks the augmentation options
-    with torch.device("cpu"):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # a throwaway instance
         probe = model_fn()
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
         raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "
