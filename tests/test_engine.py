@@ -20,54 +20,61 @@ def _data(n=400, dim=12, classes=3, seed=0):
 CFG = engine.LinearDpSgd(sample_rate=0.05, noise_multiplier=1.0, steps=40, clip_norm=0.7, lr=0.5)
 
 
-def test_clipped_sum_equals_autograd_per_example_gradients_clipped():
+@pytest.mark.parametrize("s", [1.0, 0.5, 0.0])
+def test_clipped_sum_equals_autograd_per_example_gradients_clipped(s):
     """Against torch autograd: every example's own gradient of its cross-entropy with respect
-    to (W, b), clipped to C and summed — for K = 2 models, with padding masked out."""
+    to (W, beta), logits x W + s beta, clipped to C and summed — for K = 2 models, with
+    padding masked out. The engine returns beta's part divided by s."""
     torch.manual_seed(1)
     k, b, dim, classes, clip = 2, 5, 7, 4, 0.3
     weight = torch.randn(k, classes, dim)
-    bias = torch.randn(k, classes)
+    beta = torch.randn(k, classes)
     xb = torch.randn(k, b, dim) * 2
     yb = torch.randint(0, classes, (k, b))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
     got_w, got_b = engine.clipped_gradient_sum(
-        weight, bias, xb, torch.eye(classes)[yb], xb.pow(2).sum(2) + 1, mask, clip)
+        weight, s * beta, xb, torch.eye(classes)[yb], xb.pow(2).sum(2) + s * s, mask, clip)
     clipped = []
     for j in range(k):
-        want_w, want_b = torch.zeros(classes, dim), torch.zeros(classes)
+        want_w, want_beta = torch.zeros(classes, dim), torch.zeros(classes)
         for i in range(b):
             if mask[j, i] == 0:
                 continue
             w = weight[j].clone().requires_grad_(True)
-            bb = bias[j].clone().requires_grad_(True)
-            loss = torch.nn.functional.cross_entropy((xb[j, i] @ w.T + bb)[None], yb[j, i][None])
+            bb = beta[j].clone().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy((xb[j, i] @ w.T + s * bb)[None],
+                                                     yb[j, i][None])
             gw, gb = torch.autograd.grad(loss, (w, bb))
             norm = torch.sqrt(gw.pow(2).sum() + gb.pow(2).sum())
             clipped.append(bool(norm > clip))
             want_w += gw * min(1.0, clip / float(norm))
-            want_b += gb * min(1.0, clip / float(norm))
+            want_beta += gb * min(1.0, clip / float(norm))
         torch.testing.assert_close(got_w[j], want_w, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got_b[j], want_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s * got_b[j], want_beta, rtol=1e-5, atol=1e-6)
     assert any(clipped) and not all(clipped)  # both regimes are exercised
 
 
-def test_one_example_moves_the_clipped_sum_by_at_most_c():
+@pytest.mark.parametrize("s", [1.0, 0.5, 0.0, 3.0])
+def test_one_example_moves_the_clipped_sum_by_at_most_c(s):
     """The sensitivity the mechanism record claims: adding any example (huge features, any
-    label) to a batch changes the clipped sum by at most C in L2 over all parameters."""
+    label) to a batch changes the clipped sum by at most C in L2 over all parameters (W,
+    beta), whatever the bias feature s (beta's sum is s times the engine's bias part)."""
     torch.manual_seed(2)
     weight, bias = torch.randn(1, 3, 6), torch.randn(1, 3)
     for scale in (0.01, 1.0, 1e4):
         xb = torch.randn(1, 9, 6) * scale
         onehot = torch.eye(3)[torch.randint(0, 3, (1, 9))]
-        sq = xb.pow(2).sum(2) + 1
+        sq = xb.pow(2).sum(2) + s * s
         with_all = engine.clipped_gradient_sum(weight, bias, xb, onehot, sq, torch.ones(1, 9),
                                                0.5)
         mask = torch.ones(1, 9)
         mask[0, 4] = 0  # the same batch without example 4
         without = engine.clipped_gradient_sum(weight, bias, xb, onehot, sq, mask, 0.5)
         diff = torch.sqrt((with_all[0] - without[0]).pow(2).sum()
-                          + (with_all[1] - without[1]).pow(2).sum())
+                          + s * s * (with_all[1] - without[1]).pow(2).sum())
         assert float(diff) <= 0.5 * (1 + 1e-5)
+        if scale == 0.01 and s > 0:  # small features: the bias part is most of the norm
+            assert float(diff) > 0.1
 
 
 def test_instance_is_independent_of_its_batch_companions():
@@ -134,8 +141,10 @@ def _plain_linear_dp_sgd(cfg, x, y, classes, seed, instances):
     if cfg.subset_size is not None:
         rows = np.stack([np.sort(r.choice(n, cfg.subset_size, replace=False)) for r in rngs])
         n = cfg.subset_size
+    s = cfg.bias_feature
     w = torch.zeros(k, classes, dim)
     b = torch.zeros(k, classes)
+    beta = torch.zeros(k, classes)  # s != 1: b = s beta, DP-SGD on (w, beta)
     avg_w, avg_b, count = torch.zeros_like(w), torch.zeros_like(b), 0
     size = cfg.lr / (cfg.sample_rate * n)
     for step in range(cfg.steps):
@@ -147,14 +156,17 @@ def _plain_linear_dp_sgd(cfg, x, y, classes, seed, instances):
             index[j, :len(p)] = torch.from_numpy(p if rows is None else rows[j, p])
             mask[j, :len(p)] = 1.0
         gw, gb = engine.clipped_gradient_sum(w, b, x[index], torch.eye(classes)[y[index]],
-                                             x.pow(2).sum(1)[index] + 1.0, mask,
+                                             x.pow(2).sum(1)[index] + s * s, mask,
                                              cfg.clip_norm)
         noise = torch.stack([torch.randn(classes * (dim + 1), generator=g) for g in gens])
         noise = noise * (cfg.noise_multiplier * cfg.clip_norm)
         gw = gw + noise[:, :classes * dim].view_as(gw)
-        gb = gb + noise[:, classes * dim:]
         w = w - size * gw
-        b = b - size * gb
+        if s == 1.0:
+            b = b - size * (gb + noise[:, classes * dim:])
+        else:
+            beta = beta - size * (s * gb + noise[:, classes * dim:])
+            b = s * beta
         if cfg.averaging == "tail" and step >= cfg.steps // 2:
             count += 1
             avg_w = avg_w + (w - avg_w) / count
@@ -174,6 +186,32 @@ def test_engine_equals_the_plain_algorithm_bit_for_bit(subset, averaging):
     got = engine.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
     want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(("s", "averaging"), [(0.5, None), (2.0, "tail"), (0.0, None)])
+def test_bias_feature_is_dp_sgd_on_the_weights_and_beta(s, averaging):
+    """With bias feature s the engine runs DP-SGD on (W, beta), b = s beta: the plain
+    algorithm written that way agrees (up to float rounding: the engine updates b directly),
+    and s = 0 trains no bias at all."""
+    x, y = _data()
+    cfg = engine.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging, s)
+    got = engine.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0])
+    want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    if s == 0.0:
+        assert not got[1].any()
+    else:
+        assert got[1].abs().min() > 0
+    plain = engine.train_linear(engine.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging),
+                                x, y, 3, seed=5, instances=[2, 0])
+    assert not torch.allclose(got[0], plain[0])  # s does change the learner
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), "1", True])
+def test_bad_bias_feature_is_a_user_error(bad):
+    with pytest.raises(UserError):
+        engine.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, bias_feature=bad)
 
 
 def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():

@@ -179,6 +179,25 @@ def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_pa
     np.testing.assert_array_equal(np.load(a / "votes.npy"), votes)
 
 
+def test_bias_feature_reaches_the_engine_and_guards_the_run_directory(tmp_path):
+    import torch
+
+    from dpcert import engine
+    from dpcert.data import load_dataset_cached
+
+    cfg = RunConfig(**{**LINEAR, "instances": 2, "bias_feature": 0.5})
+    run(cfg, tmp_path, progress=False)
+    data = load_dataset_cached("digits", None, "scatter")
+    lcfg = engine.LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
+                              cfg.lr, bias_feature=0.5)
+    w, b = engine.train_linear(lcfg, torch.tensor(data.x_train), torch.tensor(data.y_train),
+                               10, seed=0, instances=[1])
+    want = engine.predict_linear(w, b, torch.tensor(data.x_test))[0]
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy")[1], want, atol=1e-4)
+    with pytest.raises(UserError, match="bias_feature"):
+        run(RunConfig(**{**LINEAR, "instances": 2}), tmp_path, progress=False)
+
+
 @pytest.mark.parametrize("bad", [
     {"model": "linear"},  # no features
     {"features": "scatter"},  # a conv model on feature vectors
@@ -191,6 +210,9 @@ def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_pa
     {"augment_shift": 2, "augment_copies": 0},
     {"augment_shift": 1.5},
     {"model": "linear", "features": "scatter", "optimizer": "sgd", "augment_shift": 2},
+    {"bias_feature": 0.5},  # the bias feature is an option of the linear model
+    {"model": "linear", "features": "scatter", "optimizer": "sgd", "bias_feature": -1.0},
+    {"model": "linear", "features": "scatter", "optimizer": "sgd", "bias_feature": "half"},
 ])
 def test_learner_options_are_validated(bad):
     with pytest.raises(UserError):

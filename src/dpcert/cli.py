@@ -314,6 +314,9 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
               help="Fixed feature map applied to every image (with --model linear).")
 @click.option("--averaging", type=click.Choice(AVERAGING_NAMES),
               help="tail: average the iterates of the second half (linear model; free).")
+@click.option("--bias-feature", type=float,
+              help="Linear model: value of the constant input feature that carries the bias "
+                   "(default 1; 0 = no bias). Privacy and certificate are unchanged.")
 @click.option("--augment-shift", type=int,
               help="Image models: train on random translations by up to this many pixels.")
 @click.option("--augment-copies", type=int,

@@ -53,6 +53,7 @@ class RunConfig:
     subset_size: int | None = None
     features: str | None = None  # a fixed feature map applied to every image first
     averaging: str | None = None  # "tail": Polyak average of the second half (linear model)
+    bias_feature: float = 1.0  # linear model: the constant input feature carrying the bias
     augment_shift: int = 0  # image models: random translations by up to this many pixels
     augment_copies: int = 1  # ... this many per example, averaged before clipping
     seed: int = 0
@@ -69,7 +70,8 @@ class RunConfig:
     #: fields that change what the instances are; a run directory refuses other values
     TRAINING_FIELDS = ("dataset", "model", "instances", "sample_rate", "noise_multiplier",
                        "steps", "clip_norm", "lr", "optimizer", "subset_size", "features",
-                       "averaging", "augment_shift", "augment_copies", "seed")
+                       "averaging", "bias_feature", "augment_shift", "augment_copies",
+                       "seed")
 
     def __post_init__(self) -> None:
         for name, choices in (("dataset", DATASETS), ("model", MODEL_NAMES),
@@ -102,6 +104,10 @@ class RunConfig:
             raise UserError("the linear model trains with optimizer: sgd")
         if self.averaging is not None and self.model != "linear":
             raise UserError("averaging is available for the linear model only")
+        if not (_is_real(self.bias_feature) and self.bias_feature >= 0):
+            raise UserError(f"bias_feature must be a number >= 0, got {self.bias_feature!r}")
+        if self.bias_feature != 1.0 and self.model != "linear":
+            raise UserError("bias_feature is an option of the linear model")
         if self.augment_copies > 1 and self.augment_shift == 0:
             raise UserError("augment_copies > 1 needs augment_shift > 0 (copies of what?)")
         if self.augment_shift > 0 and self.model == "linear":

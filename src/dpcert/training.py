@@ -37,7 +37,7 @@ def train_group(cfg: RunConfig, instances: list[int], data,
         from dpcert.engine import LinearDpSgd, predict_linear, train_linear
 
         lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
-                           cfg.lr, cfg.subset_size, cfg.averaging)
+                           cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature)
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances, progress=on_step)
         return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
