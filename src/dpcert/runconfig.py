@@ -105,7 +105,7 @@ class RunConfig:
         if self.averaging is not None and self.model != "linear":
             raise UserError("averaging is available for the linear model only")
         if not (_is_real(self.bias_feature) and self.bias_feature >= 0):
-            raise UserError(f"bias_feature must be a number >= 0, got {self.bias_feature!r}")
+            raise UserError(f"bias_feature must be a finite number >= 0, got {self.bias_feature!r}")
         if self.bias_feature != 1.0 and self.model != "linear":
             raise UserError("bias_feature is an option of the linear model")
         if self.augment_copies > 1 and self.augment_shift == 0:
