@@ -28,7 +28,8 @@ every coordinate of the sum, division by the expected batch size q n.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,18 +123,26 @@ def init_seed(seed: int, instance: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
+@contextmanager
+def on_host(seed: int | None = None) -> Iterator[None]:
+    """Build modules on the host CPU, their weights drawn by the host generator (seeded with
+    ``seed`` when given), whatever default device the caller has set: under
+    ``torch.set_default_device("cuda")`` layers would otherwise draw from the CUDA generator,
+    i.e. other weights than a CPU run's. Only the host generator is touched, inside a fork, so
+    the caller's random state stays as it was."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        yield
+
+
 def init_stacked(model_fn: ModelFn, seed: int, instances: list[int],
                  device: torch.device) -> Stacked:
-    """Each instance's model built under its own seed on the host, stacked, moved to device.
-
-    The host CPU generator draws every initial weight, whatever the run's device and whatever
-    default device the caller has set (under ``torch.set_default_device("cuda")`` the layers
-    would otherwise draw from the CUDA generator: other weights than a CPU run's). Only that
-    generator is seeded, inside a fork, so the caller's random state stays as it was."""
+    """Each instance's model built under its own seed on the host (:func:`on_host`), stacked,
+    moved to device."""
     models = []
     for i in instances:
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-            torch.default_generator.manual_seed(init_seed(seed, i))
+        with on_host(init_seed(seed, i)):
             models.append(model_fn())
     names = [k for k, _ in models[0].named_parameters()]
     params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]).to(device)
@@ -573,7 +582,7 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                         f"{batch_instances!r}")
     cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
                 augment_shift, augment_copies)  # checks the augmentation options
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # a throwaway instance
+    with on_host():  # a throwaway instance
         probe = model_fn()
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
         raise UserError("BatchNorm mixes the examples of a batch, so per-example clipping "

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from dpcert import ghost
 from dpcert.models import build_model
-from dpcert.stacked import DpSgd
+from dpcert.stacked import DpSgd, on_host
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,9 @@ def instance_generator(seed: int, instance: int) -> torch.Generator:
 def _seeded_model(name: str, in_channels: int, num_classes: int,
                   gen: torch.Generator) -> nn.Module:
     """Initial weights drawn from the instance's own stream, on the host whatever the default
-    device (see :func:`dpcert.stacked.init_stacked`); the caller's random state is kept."""
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        start = torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)
-        torch.default_generator.manual_seed(int(start))
+    device (:func:`dpcert.stacked.on_host`); the caller's random state is kept."""
+    start = torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)
+    with on_host(int(start)):
         return build_model(name, in_channels, num_classes)
 
 
