@@ -25,7 +25,8 @@ data/.fetched:
 	@scripts/fetch_data.sh data && touch $@ || echo "datasets could not be fetched; their tests will skip"
 
 test: $(VENV)/.test data/.fetched
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 test-slow: $(VENV)/.test

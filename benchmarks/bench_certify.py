@@ -77,8 +77,8 @@ def run_cli(votes: Path, cache: Path, out: Path, *args: str) -> float:
 def in_process(search, votes: np.ndarray, mech, accounting: str, group: str, max_radius: int,
                cache: Path) -> tuple[float, np.ndarray]:
     """Cold certification in this process with the given radius search."""
-    from dpcert.accounting import AccountingSpec, GroupBounds
-    from dpcert.bounds import vote_bounds
+    from dpcert.certification.accounting import AccountingSpec, GroupBounds
+    from dpcert.certification.bounds import vote_bounds
 
     t = time.perf_counter()
     spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius)
@@ -92,9 +92,9 @@ MODES = [("pld", "sound"), ("rdp", "sound"), ("adp", "sound"), ("rdp", "paper"),
 
 
 def main() -> None:
-    from dpcert.bounds import vote_bounds
-    from dpcert.certify import search_radius, search_radius_linear
-    from dpcert.mechanism import MechanismRecord
+    from dpcert.certification.bounds import vote_bounds
+    from dpcert.certification.certify import search_radius, search_radius_linear
+    from dpcert.certification.mechanism import MechanismRecord
 
     votes, _ = synthetic_votes(N_POINTS)
     work = Path(tempfile.mkdtemp(prefix="dpcert-bench-"))

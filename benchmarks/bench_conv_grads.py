@@ -1,6 +1,6 @@
 """Per-example Conv2d weight gradients, four ways on the same inputs in the same run — the
-measurement behind ``dpcert.ghost.GROUPED_MIN_OUTPUT`` (the previous per-instance path) and
-``dpcert.stacked._weight_grad_method`` (the stacked engine's grouped layout):
+measurement behind ``dpcert.learning.ghost.GROUPED_MIN_OUTPUT`` (the previous per-instance path) and
+``dpcert.learning.stacked._weight_grad_method`` (the stacked engine's grouped layout):
 
 * grouped: a convolution of the input with the output gradient as kernel, one group per example;
 * patches: an ``as_strided`` patch view contracted with the output gradient;
@@ -28,12 +28,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from dpcert.ghost import (  # noqa: E402
+from dpcert.learning.ghost import (  # noqa: E402
     GROUPED_MIN_OUTPUT,
     conv_weight_grads_grouped,
     conv_weight_grads_patches,
 )
-from dpcert.stacked import _weight_grad_method, conv_weight_grads_backward  # noqa: E402
+from dpcert.learning.stacked import _weight_grad_method, conv_weight_grads_backward  # noqa: E402
 
 METHODS = {"grouped": conv_weight_grads_grouped, "patches": conv_weight_grads_patches,
            "backward": lambda layer, a, g: conv_weight_grads_backward(layer, a, g, False),

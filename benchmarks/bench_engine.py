@@ -7,7 +7,7 @@ same torch thread count, so the comparison is at equal cores:
 * reference: dpcert's per-instance path (``train.train_instance`` with the ``linear`` model:
   ghost clipping from one backward pass, one instance after the other), the way every model
   trains on CPUs today;
-* engine: ``engine.train_linear`` with K instances as one batched computation.
+* engine: ``linear.train_linear`` with K instances as one batched computation.
 
 Reports instance-steps per second for both, the ratio, the extrapolation to the paper's
 P = 1000 x T = 1000, and the machine. Run: python benchmarks/bench_engine.py [--threads 1]
@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from dpcert import engine  # noqa: E402
-from dpcert.train import TrainConfig, train_instance  # noqa: E402
+from dpcert.learning import linear  # noqa: E402
+from dpcert.learning.reference import TrainConfig, train_instance  # noqa: E402
 
 N, DIM, CLASSES, Q, SIGMA = 60_000, 3969, 10, 0.001, 3.0
 
@@ -56,15 +56,15 @@ def main() -> None:
         train_instance(cfg, x, y, CLASSES, seed=0, instance=i)
     ref = args.reference_instances * args.steps / (time.perf_counter() - t)
 
-    lcfg = engine.LinearDpSgd(Q, SIGMA, args.steps, 1.0, 0.25)
+    lcfg = linear.LinearDpSgd(Q, SIGMA, args.steps, 1.0, 0.25)
     xd, yd = x.to(dev), y.to(dev)
-    engine.train_linear(engine.LinearDpSgd(Q, SIGMA, 2, 1.0, 0.25), xd, yd, CLASSES, seed=0,
+    linear.train_linear(linear.LinearDpSgd(Q, SIGMA, 2, 1.0, 0.25), xd, yd, CLASSES, seed=0,
                         instances=[0, 1])  # warm-up (CUDA context, kernels)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    engine.train_linear(lcfg, xd, yd, CLASSES, seed=0, instances=list(range(args.instances)))
+    linear.train_linear(lcfg, xd, yd, CLASSES, seed=0, instances=list(range(args.instances)))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     ours = args.instances * args.steps / (time.perf_counter() - t)

@@ -1,4 +1,4 @@
-"""Peak memory per DP-SGD instance: K LeNet-5 instances stacked by ``dpcert.stacked``.
+"""Peak memory per DP-SGD instance: K LeNet-5 instances stacked by ``dpcert.learning.stacked``.
 
 Each measurement runs in a fresh subprocess on MNIST-shaped random data (60,000 examples,
 q = 0.001 as in the paper, plus q = 0.01 for larger batches). On CPU (Linux): one warm-up
@@ -26,11 +26,11 @@ STEPS = 20
 
 
 def measure(k: int, q: float, device: str) -> float:
-    """Peak MB of training k instances stacked (``dpcert.stacked``) for STEPS steps."""
+    """Peak MB of training k instances stacked (``dpcert.learning.stacked``) for STEPS steps."""
     import torch
 
-    from dpcert.models import lenet5
-    from dpcert.stacked import DpSgd, train_stacked
+    from dpcert.learning.models import lenet5
+    from dpcert.learning.stacked import DpSgd, train_stacked
 
     torch.manual_seed(0)
     dev = torch.device(device)

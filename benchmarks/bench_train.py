@@ -43,9 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from dpcert import ghost  # noqa: E402
-from dpcert.models import lenet5  # noqa: E402
-from dpcert.train import clipped_gradient_sum, instance_generator, poisson_batch  # noqa: E402
+from dpcert.learning import ghost  # noqa: E402
+from dpcert.learning.models import lenet5  # noqa: E402
+from dpcert.learning.reference import clipped_gradient_sum, instance_generator, poisson_batch  # noqa: E402
 
 N, BATCH, STEPS, REPEATS = 12_800, 128, 20, 7
 
@@ -205,7 +205,7 @@ def _clock(device: torch.device, fn, reps: int = 10) -> float:
 
 def stacked_rate(x, y, k: int, steps: int, warm: int = 3) -> dict:
     """Seconds per step of K stacked instances, and the peak device memory."""
-    from dpcert.stacked import DpSgd, train_stacked
+    from dpcert.learning.stacked import DpSgd, train_stacked
 
     device = x.device
     cfg = DpSgd(PAPER_Q, 1.0, warm + steps, 1.0, 0.1)
@@ -227,7 +227,7 @@ def stacked_rate(x, y, k: int, steps: int, warm: int = 3) -> dict:
 
 def step_breakdown(x, y, k: int) -> dict:
     """Milliseconds per step of K instances for each part of a step."""
-    from dpcert import philox, stacked
+    from dpcert.learning import philox, stacked
 
     device = x.device
     st = stacked.init_stacked(lenet5, 0, list(range(k)), device)
@@ -254,7 +254,7 @@ def profile_step(x, y, k: int) -> str:
     """torch.profiler's table of three clipped-sum steps of K instances (first layout)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dpcert import philox, stacked
+    from dpcert.learning import philox, stacked
 
     st = stacked.init_stacked(lenet5, 0, list(range(k)), x.device)
     keys = philox.instance_keys(0, list(range(k)), x.device)
@@ -277,7 +277,7 @@ def opacus_sequential_rate(x, y, steps: int) -> float:
 
 def previous_path_rate(x, y, steps: int) -> float:
     """Seconds per step of dpcert's per-instance path (train.train_instance)."""
-    from dpcert.train import TrainConfig, train_instance
+    from dpcert.learning.reference import TrainConfig, train_instance
 
     cfg = TrainConfig(PAPER_Q, 1.0, steps, 1.0, 0.1, model="lenet5")
     _sync(x.device)
@@ -337,12 +337,12 @@ def ensemble_main(args) -> None:
     print(f"device: {name}, torch {torch.__version__}, {args.threads} threads")
     print(f"LeNet-5, n = {PAPER_N}, q = {PAPER_Q}; extrapolated to P = {args.instances} x "
           f"T = {PAPER_T}")
-    from dpcert.stacked import DpSgd, instances_that_fit
+    from dpcert.learning.stacked import DpSgd, instances_that_fit
 
     auto = instances_that_fit(DpSgd(PAPER_Q, 1.0, PAPER_T, 1.0, 0.1), lenet5, x, y)
     out["auto_instances"] = auto
     print(f"  --batch-instances auto picks K = {auto}")
-    from dpcert import stacked
+    from dpcert.learning import stacked
 
     for impl in args.conv_impls:
         stacked.CONV_IMPL = impl.split("+")[0]

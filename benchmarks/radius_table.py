@@ -19,10 +19,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from dpcert.accounting import AccountingSpec, GroupBounds  # noqa: E402
-from dpcert.bounds import ConfidenceBounds  # noqa: E402
-from dpcert.certify import search_radius  # noqa: E402
-from dpcert.mechanism import MechanismRecord  # noqa: E402
+from dpcert.certification.accounting import AccountingSpec, GroupBounds  # noqa: E402
+from dpcert.certification.bounds import ConfidenceBounds  # noqa: E402
+from dpcert.certification.certify import search_radius  # noqa: E402
+from dpcert.certification.mechanism import MechanismRecord  # noqa: E402
 
 P1 = np.array([0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999])
 FRACTIONS = np.array([1.0, 0.5, 0.1])  # p2_hi = fraction * (1 - p1_lo)

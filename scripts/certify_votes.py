@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.certify import certificates_csv, certify
-from dpcert.mechanism import MechanismRecord
-from dpcert.runconfig import RunConfig, load_config_file, load_run_data
+from dpcert.certification.certify import certificates_csv, certify
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.store import atomic_write_text
+from dpcert.workflows.runconfig import RunConfig, load_config_file, load_run_data
 
 
 def main(argv: list[str]) -> None:

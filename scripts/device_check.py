@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from dpcert import philox, stacked
-from dpcert.models import lenet5
+from dpcert.learning import philox, stacked
+from dpcert.learning.models import lenet5
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from dpcert.run import RunConfig, aggregate, load_config_file, prepare_run_dir, train_all
+from dpcert.workflows.run import RunConfig, aggregate, load_config_file, prepare_run_dir, train_all
 
 
 def main(argv: list[str]) -> None:

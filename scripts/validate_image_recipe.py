@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from validate_recipe import RADII, certify_validation, validation_split  # scripts/
 
-from dpcert import stacked
-from dpcert.data import load_dataset_cached
-from dpcert.mechanism import MechanismRecord
-from dpcert.models import build_model
+from dpcert.certification.mechanism import MechanismRecord
+from dpcert.learning import stacked
+from dpcert.learning.data import load_dataset_cached
+from dpcert.learning.models import build_model
 
 
 def main() -> None:

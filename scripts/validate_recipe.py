@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from dpcert import engine
-from dpcert.certify import certified_accuracy, certify
-from dpcert.data import load_dataset_cached
-from dpcert.mechanism import MechanismRecord
-from dpcert.run import tally_votes
+from dpcert.certification.certify import certified_accuracy, certify
+from dpcert.certification.mechanism import MechanismRecord
+from dpcert.learning import linear
+from dpcert.learning.data import load_dataset_cached
+from dpcert.workflows.run import tally_votes
 
 RADII = [0, 40, 80, 100, 150]
 
@@ -77,14 +77,14 @@ def main() -> None:
     settings = [(float(lr), avg, float(s)) for lr in args.lr.split(",")
                 for avg in args.averaging.split(",") for s in args.bias_feature.split(",")]
     for lr, avg, bias_feature in settings:
-        cfg = engine.LinearDpSgd(q_full * len(data.y_train) / n, args.sigma, steps,
+        cfg = linear.LinearDpSgd(q_full * len(data.y_train) / n, args.sigma, steps,
                                  args.clip, lr, averaging=None if avg == "none" else avg,
                                  bias_feature=bias_feature)
         t = time.perf_counter()
-        w, b = engine.train_linear(cfg, x_tr, y_tr, data.num_classes, seed=0,
+        w, b = linear.train_linear(cfg, x_tr, y_tr, data.num_classes, seed=0,
                                    instances=list(range(k)))
         seconds = time.perf_counter() - t
-        scores = engine.predict_linear(w, b, x_va)
+        scores = linear.predict_linear(w, b, x_va)
         votes, ca = certify_validation(scores, y_va, mech)
         print(f"| {lr} | {avg} | {bias_feature} | {np.mean(votes.argmax(1) == y_va):.3f} | "
               f"{np.mean(votes.max(1) / k):.3f} | "

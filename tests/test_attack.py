@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dpcert.attack import Job, attack_check, poison, retrain_jobs
 from dpcert.cli import main
-from dpcert.data import load_dataset
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, run
+from dpcert.learning.data import load_dataset
+from dpcert.workflows.attack import Job, attack_check, poison, retrain_jobs
+from dpcert.workflows.run import RunConfig, run
 
 
 def test_poison_stays_within_the_radius():
@@ -88,7 +88,7 @@ def test_attack_check_errors(tmp_path, small_run):
 def test_attack_check_reads_scores_as_a_memory_map_and_checks_their_shape(tmp_path, small_run):
     import shutil
 
-    from dpcert.attack import _load_run
+    from dpcert.workflows.attack import _load_run
 
     out, _ = small_run
     _, _, scores, labels, _ = _load_run(out)

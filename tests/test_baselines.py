@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpcert import baselines
-from dpcert.certify import ABSTAIN
+from dpcert.certification import baselines
+from dpcert.certification.certify import ABSTAIN
 from dpcert.errors import UserError
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpcert.bounds import score_bounds, vote_bounds
+from dpcert.certification.bounds import score_bounds, vote_bounds
 from dpcert.errors import UserError
 
 
@@ -183,7 +183,7 @@ def test_bad_inputs():
 
 
 def test_subnormal_eta_is_refused():
-    from dpcert.bounds import vote_bounds
+    from dpcert.certification.bounds import vote_bounds
 
     with pytest.raises(UserError, match="eta"):
         vote_bounds(np.array([[5, 5]]), 1e-320)
@@ -194,7 +194,7 @@ def test_subnormal_eta_is_refused():
 def test_score_statistics_by_blocks_equal_numpy(chunk_values):
     # blocks of instances (any size) give numpy's mean and unbiased variance, also where the
     # variance is tiny next to the mean (a sum-of-squares formula would cancel to garbage)
-    from dpcert.bounds import _mean_and_variance
+    from dpcert.certification.bounds import _mean_and_variance
 
     rng = np.random.default_rng(0)
     scores = rng.random((9, 5, 3)).astype(np.float32)

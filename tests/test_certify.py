@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from dpcert import outcomes, rdp
-from dpcert.accounting import AccountingSpec, GroupBounds
-from dpcert.bounds import ConfidenceBounds
-from dpcert.certify import (
+from dpcert.certification import outcomes, rdp
+from dpcert.certification.accounting import AccountingSpec, GroupBounds
+from dpcert.certification.bounds import ConfidenceBounds
+from dpcert.certification.certify import (
     ABSTAIN,
     certified_accuracy,
     certify,
@@ -17,8 +17,8 @@ from dpcert.certify import (
     search_radius,
     search_radius_linear,
 )
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
 
 MECH = MechanismRecord(sample_rate=0.01, noise_multiplier=2.0, steps=100, dataset_size=10000)
 
@@ -102,7 +102,7 @@ def test_paper_adp_matches_public_code_condition():
     spec = AccountingSpec(accounting="adp", group="paper", max_radius=300)
     gb = GroupBounds(MECH, spec)
     eps, delta = 0.3, 1e-5
-    import dpcert.accounting as acc
+    import dpcert.certification.accounting as acc
 
     orig = acc._paper_single_adp
     acc._paper_single_adp = lambda record, spec: (eps, delta)
@@ -176,7 +176,7 @@ def test_subset_bound_is_valid_for_a_gaussian_instance():
 
 
 def test_certified_accuracy_and_summary_by_hand():
-    from dpcert.certify import Certificates
+    from dpcert.certification.certify import Certificates
 
     cert = Certificates(np.array([0, 1, 2, 1]), np.array([5, 0, -1, 3]), np.zeros(4), np.zeros(4))
     labels = np.array([0, 1, 2, 0])
@@ -220,7 +220,7 @@ MODES = [("pld", "sound"), ("rdp", "sound"), ("adp", "sound"), ("rdp", "paper"),
 
 
 def _random_conf(rng, n_points):
-    from dpcert.bounds import vote_bounds
+    from dpcert.certification.bounds import vote_bounds
 
     votes = np.stack([rng.multinomial(1000, rng.dirichlet(rng.uniform(0.05, 3.0, 4)))
                       for _ in range(n_points)])
@@ -266,7 +266,7 @@ def test_paper_mode_at_full_batch_probes_logarithmically_many_tables():
     """q = 1: the paper's Theorem 8 gives every r the one-example RDP, so every point certified
     at 1 is certified up to max_radius; the search must not build a table per radius (the
     linear walk builds all 10,000 here: that run never finished in 15 minutes)."""
-    from dpcert.bounds import vote_bounds
+    from dpcert.certification.bounds import vote_bounds
 
     mech = MechanismRecord(sample_rate=1.0, noise_multiplier=20.0, steps=1)
     spec = AccountingSpec(accounting="rdp", group="paper", max_radius=10_000)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpcert.mechanism import MechanismRecord
+from dpcert.certification.mechanism import MechanismRecord
 
 MECH_ARGS = ["--sample-rate", "0.01", "--noise-multiplier", "2", "--steps", "100"]
 
@@ -198,7 +198,7 @@ def test_certify_bagging_and_its_errors(tmp_path):
 
 
 def test_certify_fa_per_model(tmp_path):
-    from dpcert import baselines
+    from dpcert.certification import baselines
 
     preds = np.array([[0, 1, 0, 2] * 3, [1] * 12])
     p = tmp_path / "p.npy"
@@ -224,7 +224,7 @@ def test_certify_fa_per_model(tmp_path):
 
 
 def test_certify_roe_from_per_model_scores(tmp_path):
-    from dpcert import baselines
+    from dpcert.certification import baselines
 
     rng = np.random.default_rng(3)
     scores = rng.dirichlet([1.0, 1.0, 1.0], size=(9, 5)).astype(np.float32)  # (k, N, L)

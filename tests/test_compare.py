@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from dpcert import baselines
-from dpcert.compare import (
+from dpcert.certification import baselines
+from dpcert.errors import UserError
+from dpcert.workflows.compare import (
     BaselineConfig,
     CompareConfig,
     compare,
@@ -12,7 +13,6 @@ from dpcert.compare import (
     instance_accuracies,
     training_indices,
 )
-from dpcert.errors import UserError
 
 
 def test_hash_partition_depends_only_on_the_example():
@@ -95,7 +95,7 @@ def test_compare_small_digits(tmp_path):
 
 
 def test_roe_reuses_the_dpa_models(tmp_path):
-    from dpcert.run import read_unit
+    from dpcert.workflows.run import read_unit
 
     base = {"dp": {"instances": 4, "steps": 10, "workers": 1}}
     dpa = compare(CompareConfig.from_mapping({**base, "methods": ["dpa"],

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dpcert.run import RunConfig, load_config_file
+from dpcert.workflows.run import RunConfig, load_config_file
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*_sigma*.yaml"))
 
@@ -31,7 +31,7 @@ def test_there_are_paper_configs():
 @pytest.mark.parametrize("name", ["compare_digits.yaml", "compare_mnist_reduced.yaml",
                                   "compare_fashion_reduced.yaml"])
 def test_compare_config_is_valid(name):
-    from dpcert.compare import CompareConfig
+    from dpcert.workflows.compare import CompareConfig
 
     path = Path(__file__).parent.parent / "configs" / name
     cfg = CompareConfig.from_mapping(load_config_file(path))
@@ -42,7 +42,7 @@ def test_compare_config_is_valid(name):
 def test_best_learner_compare_config_names_its_run(dataset):
     """It reuses the DP run of the best-learner config (dp_run) and so cannot be parsed before
     that run exists; its baselines and options are checked here without it."""
-    from dpcert.compare import BASELINES, _settings
+    from dpcert.workflows.compare import BASELINES, _settings
 
     name = dataset.split("-")[0]
     data = load_config_file(Path(__file__).parent.parent / "configs" /

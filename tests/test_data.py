@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from dpcert import data
 from dpcert.errors import UserError
+from dpcert.learning import data
 
 
 def write_idx(path, arr, gz=False):
@@ -122,7 +122,7 @@ def test_loaded_arrays_have_canonical_strides():
     """x[:, None] leaves a stride-1 channel axis that torch reads as channels_last (other conv
     kernels, other rounding); loaders must hand out canonical C strides so that one dataset
     trains the same model however it reached the worker."""
-    from dpcert.data import load_dataset
+    from dpcert.learning.data import load_dataset
 
     d = load_dataset("digits")
     for arr in (d.x_train, d.x_test):

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dpcert import engine, stacked
-from dpcert.data import Dataset
-from dpcert.models import build_model
-from dpcert.runconfig import RunConfig
-from dpcert.training import train_group
+from dpcert.learning import linear, stacked
+from dpcert.learning.data import Dataset
+from dpcert.learning.models import build_model
+from dpcert.workflows.dispatch import train_group
+from dpcert.workflows.runconfig import RunConfig
 
 
 class _NoMetaResults(TorchDispatchMode):
@@ -98,9 +98,9 @@ def test_stacked_engine_keeps_every_tensor_on_the_run_device(case, meta_default)
 @pytest.mark.parametrize(("subset", "averaging"), [(None, None), (100, "tail")])
 def test_linear_engine_keeps_every_tensor_on_the_run_device(subset, averaging, meta_default):
     x, y = _images(8)
-    cfg = engine.LinearDpSgd(0.05, 1.0, 3, 1.0, 0.1, subset, averaging)
-    w, b = engine.train_linear(cfg, x.flatten(1), y, 10, seed=1, instances=[0, 2])
-    scores = engine.predict_linear(w, b, x[:12].flatten(1))
+    cfg = linear.LinearDpSgd(0.05, 1.0, 3, 1.0, 0.1, subset, averaging)
+    w, b = linear.train_linear(cfg, x.flatten(1), y, 10, seed=1, instances=[0, 2])
+    scores = linear.predict_linear(w, b, x[:12].flatten(1))
     assert np.isfinite(np.asarray(scores)).all()
 
 
@@ -126,7 +126,7 @@ def test_library_entry_point_keeps_every_tensor_on_the_run_device(meta_default):
 
 
 def test_reference_and_baseline_training_keep_their_tensors_placed(meta_default):
-    from dpcert.train import (
+    from dpcert.learning.reference import (
         TrainConfig,
         instance_generator,
         predict_scores,
@@ -143,8 +143,8 @@ def test_reference_and_baseline_training_keep_their_tensors_placed(meta_default)
 
 
 def test_compare_trains_a_baseline_model_on_its_device(tmp_path, meta_default):
-    from dpcert.compare import BaselineConfig, _train_unit
-    from dpcert.runconfig import read_unit
+    from dpcert.workflows.compare import BaselineConfig, _train_unit
+    from dpcert.workflows.runconfig import read_unit
 
     run_cfg = RunConfig(model="digits_cnn")
     bc = BaselineConfig(epochs=1)
@@ -154,7 +154,7 @@ def test_compare_trains_a_baseline_model_on_its_device(tmp_path, meta_default):
 
 
 def test_training_leaves_the_callers_random_state_alone():
-    from dpcert.train import instance_generator, train_plain
+    from dpcert.learning.reference import instance_generator, train_plain
 
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -236,8 +236,8 @@ def test_the_gpu_memory_probe_gives_fewer_instances_for_bigger_batches_and_less_
 
 
 def test_auto_batch_for_the_linear_model_on_cuda_reads_the_free_memory(monkeypatch):
-    from dpcert.runconfig import load_run_data
-    from dpcert.training import resolve_batch_instances
+    from dpcert.workflows.dispatch import resolve_batch_instances
+    from dpcert.workflows.runconfig import load_run_data
 
     cfg = RunConfig(dataset="digits", model="linear", features="scatter", optimizer="sgd",
                     batch_instances="auto", device="cuda", sample_rate=0.01)
@@ -249,7 +249,7 @@ def test_auto_batch_for_the_linear_model_on_cuda_reads_the_free_memory(monkeypat
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     data = load_run_data(cfg)
-    want = engine.instances_that_fit(len(data.y_train), data.x_train.shape[1],
+    want = linear.instances_that_fit(len(data.y_train), data.x_train.shape[1],
                                      data.num_classes, 0.01, 2**26)
     assert 1 < want < 300  # 64 MiB: the answer is set by the memory, not by a cap
     assert resolve_batch_instances(cfg, 1000) == want

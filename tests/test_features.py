@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dpcert import features
 from dpcert.errors import UserError
+from dpcert.learning import features
 
 
 @pytest.fixture()

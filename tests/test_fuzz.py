@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dpcert import data
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.cli import main
-from dpcert.compare import CompareConfig
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
-from dpcert.run import RunConfig
+from dpcert.learning import data
+from dpcert.workflows.compare import CompareConfig
+from dpcert.workflows.run import RunConfig
 
 # DPCERT_FUZZ_EXAMPLES=5000 for a long fuzzing session; CI draws 60 fresh cases per test.
 FUZZ = settings(max_examples=int(os.environ.get("DPCERT_FUZZ_EXAMPLES", "60")), deadline=None,
@@ -221,9 +221,9 @@ def test_malformed_npy_files(tmp_path):
 
 
 def test_config_model_names_match_the_builders():
-    from dpcert.engine import AVERAGING
-    from dpcert.models import MODELS
-    from dpcert.run import AVERAGING_NAMES, MODEL_NAMES
+    from dpcert.learning.linear import AVERAGING
+    from dpcert.learning.models import MODELS
+    from dpcert.workflows.run import AVERAGING_NAMES, MODEL_NAMES
 
     assert tuple(MODELS) == MODEL_NAMES
     assert AVERAGING == (None, *AVERAGING_NAMES)

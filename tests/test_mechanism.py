@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
 
 
 def test_roundtrip(tmp_path):

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from dpcert import outcomes, pld, rdp
-from dpcert.accounting import EPS_GRID
-from dpcert.outcomes import GRID
+from dpcert.certification import outcomes, pld, rdp
+from dpcert.certification.accounting import EPS_GRID
+from dpcert.certification.outcomes import GRID
 
 
 def gaussian_bound(mu):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dpcert import philox
+from dpcert.learning import philox
 
 
 def _words(*vals: int) -> list[torch.Tensor]:

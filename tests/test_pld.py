@@ -7,7 +7,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as dpa_pld
 from scipy import stats
 
-from dpcert import pld, rdp
+from dpcert.certification import pld, rdp
 
 EPS = np.linspace(0.0, 8.0, 81)
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dpcert.run import RunConfig, run
+from dpcert.workflows.run import RunConfig, run
 
 ray = pytest.importorskip("ray")
 
@@ -44,7 +44,7 @@ def test_ray_backend_equals_local(tmp_path, cluster):
 
 
 def test_local_backend_does_not_import_ray(tmp_path):
-    code = ("import sys; from dpcert.run import RunConfig, run; "
+    code = ("import sys; from dpcert.workflows.run import RunConfig, run; "
             f"run(RunConfig(instances=2, steps=3, workers=1), __import__('pathlib').Path("
             f"{str(tmp_path)!r}), progress=False); "
             "assert 'ray' not in sys.modules, 'ray imported'")

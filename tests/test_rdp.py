@@ -8,7 +8,7 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
 
-from dpcert import rdp
+from dpcert.certification import rdp
 
 INT_ORDERS = np.array([2.0, 3.0, 4.0, 5.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
 

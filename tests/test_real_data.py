@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpcert.data import load_mnist_like
+from dpcert.learning.data import load_mnist_like
 
 DATA = Path(os.environ.get("DPCERT_DATA", Path(__file__).parent.parent / "data"))
 
@@ -37,8 +37,8 @@ def test_certify_votes_script_uses_the_returned_mechanism_record(tmp_path):
     import subprocess
     import sys
 
-    from dpcert.certify import certify
-    from dpcert.mechanism import MechanismRecord
+    from dpcert.certification.certify import certify
+    from dpcert.certification.mechanism import MechanismRecord
 
     _need("mnist")
     root = Path(__file__).parent.parent

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpcert.errors import UserError
-from dpcert.run import RunConfig, aggregate, read_unit, run
+from dpcert.workflows.run import RunConfig, aggregate, read_unit, run
 
 SMALL = dict(instances=4, steps=15, sample_rate=0.05, noise_multiplier=2.0, workers=1)
 
@@ -66,7 +66,7 @@ def test_checksum_catches_silent_corruption(tmp_path):
 
 
 def test_aggregate_streams_units_into_scores_and_votes(tmp_path):
-    from dpcert.run import tally_votes, write_unit
+    from dpcert.workflows.run import tally_votes, write_unit
 
     cfg = RunConfig(**{**SMALL, "instances": 5})
     rng = np.random.default_rng(3)
@@ -182,17 +182,17 @@ def test_linear_on_scatter_features_is_one_instance_whatever_the_batching(tmp_pa
 def test_bias_feature_reaches_the_engine_and_guards_the_run_directory(tmp_path):
     import torch
 
-    from dpcert import engine
-    from dpcert.data import load_dataset_cached
+    from dpcert.learning import linear
+    from dpcert.learning.data import load_dataset_cached
 
     cfg = RunConfig(**{**LINEAR, "instances": 2, "bias_feature": 0.5})
     run(cfg, tmp_path, progress=False)
     data = load_dataset_cached("digits", None, "scatter")
-    lcfg = engine.LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
+    lcfg = linear.LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
                               cfg.lr, bias_feature=0.5)
-    w, b = engine.train_linear(lcfg, torch.tensor(data.x_train), torch.tensor(data.y_train),
+    w, b = linear.train_linear(lcfg, torch.tensor(data.x_train), torch.tensor(data.y_train),
                                10, seed=0, instances=[1])
-    want = engine.predict_linear(w, b, torch.tensor(data.x_test))[0]
+    want = linear.predict_linear(w, b, torch.tensor(data.x_test))[0]
     np.testing.assert_allclose(np.load(tmp_path / "scores.npy")[1], want, atol=1e-4)
     with pytest.raises(UserError, match="bias_feature"):
         run(RunConfig(**{**LINEAR, "instances": 2}), tmp_path, progress=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpcert import philox, stacked
-from dpcert.models import build_model
+from dpcert.learning import philox, stacked
+from dpcert.learning.models import build_model
 
 
 def _gn_model() -> nn.Module:  # not ghost-compatible (GroupNorm): takes the vmap path
@@ -311,7 +311,7 @@ def test_subset_training_ignores_examples_outside_the_subset():
 
 
 def test_learns_digits():
-    from dpcert.data import load_dataset
+    from dpcert.learning.data import load_dataset
 
     data = load_dataset("digits")
     x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)

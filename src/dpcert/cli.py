@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from dpcert.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
-from dpcert.bounds import check_unit_interval, check_vote_counts
-from dpcert.certify import (
+from dpcert.certification.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
+from dpcert.certification.bounds import check_unit_interval, check_vote_counts
+from dpcert.certification.certify import (
     INFERENCES,
     Certificates,
     certificates_csv,
@@ -22,10 +22,10 @@ from dpcert.certify import (
     certify,
     radius_summary,
 )
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError, check_device
-from dpcert.mechanism import MechanismRecord
-from dpcert.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
 from dpcert.store import atomic_write_text, load_array
+from dpcert.workflows.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
 
 #: Radii at which certified accuracy is reported.
 REPORT_RADII = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -235,7 +235,7 @@ def _write_results(cert: Certificates, labels: np.ndarray | None, output: Path) 
 def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
                 labels_path) -> None:
     """Full Finite Aggregation certificate from every model's label (N, k*d)."""
-    from dpcert import baselines
+    from dpcert.certification import baselines
 
     if spread is None or num_classes is None:
         raise UserError("--method fa --per-model needs --spread D and --num-classes L")
@@ -260,7 +260,7 @@ def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
 
 def _certify_roe(input_path, max_radius, output, labels_path) -> None:
     """Run-off Election certificate from every partition model's scores (k, N, L)."""
-    from dpcert import baselines
+    from dpcert.certification import baselines
 
     _check_output(output)
     scores = validate_outputs(load_array(input_path, "input"), "scores")
@@ -273,7 +273,7 @@ def _certify_roe(input_path, max_radius, output, labels_path) -> None:
 def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, train_size,
                       subsample_size, spread) -> None:
     """DPA, Finite Aggregation (count-only) or Bagging certificates from vote counts."""
-    from dpcert import baselines
+    from dpcert.certification import baselines
 
     if not 0.0 < eta < 1.0:
         raise UserError(f"--eta must lie in (0, 1), got {eta}")
@@ -341,7 +341,7 @@ def run_cmd(config, output, quiet, **options) -> None:
     """Train DP instances, certify every test point, and report (digits by default)."""
 
     def action() -> None:
-        from dpcert.run import RunConfig, load_config_file, run
+        from dpcert.workflows.run import RunConfig, load_config_file, run
 
         values = load_config_file(config) if config is not None else {}
         values.update({k: v for k, v in options.items() if v is not None})
@@ -367,8 +367,8 @@ def compare_cmd(config, output, device, quiet) -> None:
     """Train and certify DP instances, DPA and Bagging on the same data; one report."""
 
     def action() -> None:
-        from dpcert.compare import CompareConfig, compare
-        from dpcert.run import load_config_file
+        from dpcert.workflows.compare import CompareConfig, compare
+        from dpcert.workflows.run import load_config_file
 
         check_device(device)
         values = load_config_file(config)
@@ -405,7 +405,7 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
     """Poison the training set of RUN_DIR aimed at chosen test points, retrain, count flips."""
 
     def action() -> None:
-        from dpcert.attack import attack_check
+        from dpcert.workflows.attack import attack_check
 
         check_device(device)
         text, _ = attack_check(run_dir, radius, targets=targets, controls=controls,

@@ -169,10 +169,12 @@ def score_bounds(scores: np.ndarray, eta: float, method: str = "bernstein") -> C
         half = np.sqrt(np.log(1 / a) / (2 * n_inst))
         lower, upper = mean - half, mean + half
     elif method == "bernstein":
+        assert var is not None  # computed for every method but hoeffding
         log_term = np.log(2 / a)
         half = np.sqrt(2 * var * log_term / n_inst) + 7 * log_term / (3 * (n_inst - 1))
         lower, upper = mean - half, mean + half
     else:  # "paper"
+        assert var is not None
         sem = np.sqrt(var) / np.sqrt(n_inst)
         half = sem * stats.t.ppf(1 - eta / 2, n_inst - 1)
         lower, upper = mean - half, mean + half

@@ -1,12 +1,12 @@
-"""Batched linear DP-SGD (dpcert.engine): clipping, sampling, per-instance determinism."""
+"""Batched linear DP-SGD (dpcert.learning.linear): clipping, sampling, per-instance determinism."""
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from dpcert import engine
 from dpcert.errors import UserError
+from dpcert.learning import linear
 
 
 def _data(n=400, dim=12, classes=3, seed=0):
@@ -17,7 +17,7 @@ def _data(n=400, dim=12, classes=3, seed=0):
     return x, y
 
 
-CFG = engine.LinearDpSgd(sample_rate=0.05, noise_multiplier=1.0, steps=40, clip_norm=0.7, lr=0.5)
+CFG = linear.LinearDpSgd(sample_rate=0.05, noise_multiplier=1.0, steps=40, clip_norm=0.7, lr=0.5)
 
 
 @pytest.mark.parametrize("s", [1.0, 0.5, 0.0])
@@ -32,7 +32,7 @@ def test_clipped_sum_equals_autograd_per_example_gradients_clipped(s):
     xb = torch.randn(k, b, dim) * 2
     yb = torch.randint(0, classes, (k, b))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
-    got_w, got_b = engine.clipped_gradient_sum(
+    got_w, got_b = linear.clipped_gradient_sum(
         weight, s * beta, xb, torch.eye(classes)[yb], xb.pow(2).sum(2) + s * s, mask, clip)
     clipped = []
     for j in range(k):
@@ -65,11 +65,11 @@ def test_one_example_moves_the_clipped_sum_by_at_most_c(s):
         xb = torch.randn(1, 9, 6) * scale
         onehot = torch.eye(3)[torch.randint(0, 3, (1, 9))]
         sq = xb.pow(2).sum(2) + s * s
-        with_all = engine.clipped_gradient_sum(weight, bias, xb, onehot, sq, torch.ones(1, 9),
+        with_all = linear.clipped_gradient_sum(weight, bias, xb, onehot, sq, torch.ones(1, 9),
                                                0.5)
         mask = torch.ones(1, 9)
         mask[0, 4] = 0  # the same batch without example 4
-        without = engine.clipped_gradient_sum(weight, bias, xb, onehot, sq, mask, 0.5)
+        without = linear.clipped_gradient_sum(weight, bias, xb, onehot, sq, mask, 0.5)
         diff = torch.sqrt((with_all[0] - without[0]).pow(2).sum()
                           + s * s * (with_all[1] - without[1]).pow(2).sum())
         assert float(diff) <= 0.5 * (1 + 1e-5)
@@ -79,14 +79,14 @@ def test_one_example_moves_the_clipped_sum_by_at_most_c(s):
 
 def test_instance_is_independent_of_its_batch_companions():
     x, y = _data()
-    together_w, together_b = engine.train_linear(CFG, x, y, 3, seed=7, instances=[0, 1, 2])
-    alone_w, alone_b = engine.train_linear(CFG, x, y, 3, seed=7, instances=[2])
-    pair_w, _ = engine.train_linear(CFG, x, y, 3, seed=7, instances=[1, 2])
+    together_w, together_b = linear.train_linear(CFG, x, y, 3, seed=7, instances=[0, 1, 2])
+    alone_w, alone_b = linear.train_linear(CFG, x, y, 3, seed=7, instances=[2])
+    pair_w, _ = linear.train_linear(CFG, x, y, 3, seed=7, instances=[1, 2])
     torch.testing.assert_close(together_w[2], alone_w[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(together_b[2], alone_b[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(together_w[1], pair_w[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(together_w[0], together_w[1])  # instances differ
-    other_seed, _ = engine.train_linear(CFG, x, y, 3, seed=8, instances=[2])
+    other_seed, _ = linear.train_linear(CFG, x, y, 3, seed=8, instances=[2])
     assert not torch.allclose(other_seed[0], alone_w[0])
 
 
@@ -96,7 +96,7 @@ def test_poisson_indices_are_bernoulli_q_per_example():
     counts = np.zeros(n)
     sizes = []
     for _ in range(draws):
-        idx = engine.poisson_indices(n, q, rng)
+        idx = linear.poisson_indices(n, q, rng)
         assert np.all(np.diff(idx) > 0) and (idx.size == 0 or (idx[0] >= 0 and idx[-1] < n))
         counts[idx] += 1
         sizes.append(idx.size)
@@ -111,31 +111,31 @@ def test_poisson_indices_are_bernoulli_q_per_example():
     assert observed[0] > 0
     assert stats.chisquare(np.append(observed, draws - observed.sum()),
                            np.append(probs, 1 - probs.sum()) * draws).pvalue > 1e-4
-    assert np.array_equal(engine.poisson_indices(5, 1.0, rng), np.arange(5))
+    assert np.array_equal(linear.poisson_indices(5, 1.0, rng), np.arange(5))
 
 
 def test_subset_training_ignores_examples_outside_the_subset():
     x, y = _data()
-    cfg = engine.LinearDpSgd(sample_rate=0.1, noise_multiplier=1.0, steps=20, clip_norm=1.0,
+    cfg = linear.LinearDpSgd(sample_rate=0.1, noise_multiplier=1.0, steps=20, clip_norm=1.0,
                              lr=0.5, subset_size=100)
-    subset = engine._numpy_stream(3, 0).choice(len(y), 100, replace=False)
+    subset = linear._numpy_stream(3, 0).choice(len(y), 100, replace=False)
     outside = np.setdiff1d(np.arange(len(y)), subset)
     x2, y2 = x.clone(), y.clone()
     x2[outside] = -x2[outside]
     y2[outside] = (y2[outside] + 1) % 3
-    a, _ = engine.train_linear(cfg, x, y, 3, seed=3, instances=[0])
-    b, _ = engine.train_linear(cfg, x2, y2, 3, seed=3, instances=[0])
+    a, _ = linear.train_linear(cfg, x, y, 3, seed=3, instances=[0])
+    b, _ = linear.train_linear(cfg, x2, y2, 3, seed=3, instances=[0])
     torch.testing.assert_close(a, b)
     x2[subset[0]] = -x2[subset[0]]  # an example inside the subset does matter
-    c, _ = engine.train_linear(cfg, x2, y2, 3, seed=3, instances=[0])
+    c, _ = linear.train_linear(cfg, x2, y2, 3, seed=3, instances=[0])
     assert not torch.allclose(a, c)
 
 
 def _plain_linear_dp_sgd(cfg, x, y, classes, seed, instances):
     """The engine's algorithm written out plainly: fresh tensors every step, the same batched
     products (so the same rounding), every instance drawing from its own streams."""
-    rngs = [engine._numpy_stream(seed, i) for i in instances]
-    gens = [engine._torch_stream(seed, i, x.device) for i in instances]
+    rngs = [linear._numpy_stream(seed, i) for i in instances]
+    gens = [linear._torch_stream(seed, i, x.device) for i in instances]
     n, dim, k = len(y), x.shape[1], len(instances)
     rows = None
     if cfg.subset_size is not None:
@@ -148,14 +148,14 @@ def _plain_linear_dp_sgd(cfg, x, y, classes, seed, instances):
     avg_w, avg_b, count = torch.zeros_like(w), torch.zeros_like(b), 0
     size = cfg.lr / (cfg.sample_rate * n)
     for step in range(cfg.steps):
-        picks = [engine.poisson_indices(n, cfg.sample_rate, r) for r in rngs]
+        picks = [linear.poisson_indices(n, cfg.sample_rate, r) for r in rngs]
         width = max(1, *(len(p) for p in picks))
         index = torch.zeros(k, width, dtype=torch.int64)
         mask = torch.zeros(k, width)
         for j, p in enumerate(picks):
             index[j, :len(p)] = torch.from_numpy(p if rows is None else rows[j, p])
             mask[j, :len(p)] = 1.0
-        gw, gb = engine.clipped_gradient_sum(w, b, x[index], torch.eye(classes)[y[index]],
+        gw, gb = linear.clipped_gradient_sum(w, b, x[index], torch.eye(classes)[y[index]],
                                              x.pow(2).sum(1)[index] + s * s, mask,
                                              cfg.clip_norm)
         noise = torch.stack([torch.randn(classes * (dim + 1), generator=g) for g in gens])
@@ -182,8 +182,8 @@ def test_engine_equals_the_plain_algorithm_bit_for_bit(subset, averaging):
     # that may not change a single bit. (Other batch companions change the rounding of the
     # batched products only: test_instance_is_independent_of_its_batch_companions.)
     x, y = _data()
-    cfg = engine.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, subset, averaging)
-    got = engine.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
+    cfg = linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, subset, averaging)
+    got = linear.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
     want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -194,8 +194,8 @@ def test_bias_feature_is_dp_sgd_on_the_weights_and_beta(s, averaging):
     algorithm written that way agrees (up to float rounding: the engine updates b directly),
     and s = 0 trains no bias at all."""
     x, y = _data()
-    cfg = engine.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging, s)
-    got = engine.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0])
+    cfg = linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging, s)
+    got = linear.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0])
     want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0])
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
@@ -203,7 +203,7 @@ def test_bias_feature_is_dp_sgd_on_the_weights_and_beta(s, averaging):
         assert not got[1].any()
     else:
         assert got[1].abs().min() > 0
-    plain = engine.train_linear(engine.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging),
+    plain = linear.train_linear(linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging),
                                 x, y, 3, seed=5, instances=[2, 0])
     assert not torch.allclose(got[0], plain[0])  # s does change the learner
 
@@ -211,7 +211,7 @@ def test_bias_feature_is_dp_sgd_on_the_weights_and_beta(s, averaging):
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), "1", True])
 def test_bad_bias_feature_is_a_user_error(bad):
     with pytest.raises(UserError):
-        engine.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, bias_feature=bad)
+        linear.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, bias_feature=bad)
 
 
 def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
@@ -219,9 +219,9 @@ def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
     steps = 6
     iterates = []
     for t in range(1, steps + 1):
-        cfg = engine.LinearDpSgd(0.05, 1.0, t, 0.7, 0.5)
-        iterates.append(engine.train_linear(cfg, x, y, 3, seed=1, instances=[4]))
-    avg = engine.train_linear(engine.LinearDpSgd(0.05, 1.0, steps, 0.7, 0.5, averaging="tail"),
+        cfg = linear.LinearDpSgd(0.05, 1.0, t, 0.7, 0.5)
+        iterates.append(linear.train_linear(cfg, x, y, 3, seed=1, instances=[4]))
+    avg = linear.train_linear(linear.LinearDpSgd(0.05, 1.0, steps, 0.7, 0.5, averaging="tail"),
                               x, y, 3, seed=1, instances=[4])
     want_w = torch.stack([w for w, _ in iterates[steps // 2:]]).mean(0)
     want_b = torch.stack([b for _, b in iterates[steps // 2:]]).mean(0)
@@ -232,9 +232,9 @@ def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
 def test_learns_a_separable_problem_and_predicts_distributions():
     x, y = _data(n=600, dim=8, classes=2, seed=4)
     y = (x[:, 0] > 0).long()
-    cfg = engine.LinearDpSgd(0.2, 0.5, 150, 1.0, 2.0)
-    w, b = engine.train_linear(cfg, x, y, 2, seed=0, instances=[0, 1])
-    scores = engine.predict_linear(w, b, x)
+    cfg = linear.LinearDpSgd(0.2, 0.5, 150, 1.0, 2.0)
+    w, b = linear.train_linear(cfg, x, y, 2, seed=0, instances=[0, 1])
+    scores = linear.predict_linear(w, b, x)
     assert scores.shape == (2, 600, 2)
     np.testing.assert_allclose(scores.sum(2), 1.0, rtol=1e-5)
     assert (scores.argmax(2) == y.numpy()).mean() > 0.9
@@ -242,34 +242,34 @@ def test_learns_a_separable_problem_and_predicts_distributions():
 
 def test_bad_averaging_is_a_user_error():
     with pytest.raises(UserError):
-        engine.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, averaging="ema")
+        linear.LinearDpSgd(0.1, 1.0, 10, 1.0, 0.1, averaging="ema")
 
 
 def test_library_entry_point_trains_scores_and_records_the_mechanism():
     """The README's example: own features in, scores and the mechanism record out, certified."""
     from dpcert import certify
-    from dpcert.run import tally_votes
+    from dpcert.workflows.run import tally_votes
 
     x, y = _data(n=300, dim=10, classes=3, seed=5)
-    scores, record = engine.train_linear_ensemble(
+    scores, record = linear.train_linear_ensemble(
         x.numpy(), y.numpy(), x[:20].numpy(), instances=7, sample_rate=0.1,
         noise_multiplier=1.5, steps=25, clip_norm=1.0, lr=0.5, batch_instances=3)
     assert scores.shape == (7, 20, 3)
     assert (record.sample_rate, record.noise_multiplier, record.steps, record.dataset_size,
             record.sampling) == (0.1, 1.5, 25, 300, "poisson")
-    w, b = engine.train_linear(engine.LinearDpSgd(0.1, 1.5, 25, 1.0, 0.5), x, y, 3, seed=0,
+    w, b = linear.train_linear(linear.LinearDpSgd(0.1, 1.5, 25, 1.0, 0.5), x, y, 3, seed=0,
                                instances=[4])
-    np.testing.assert_allclose(scores[4], engine.predict_linear(w, b, x[:20])[0], atol=1e-5)
+    np.testing.assert_allclose(scores[4], linear.predict_linear(w, b, x[:20])[0], atol=1e-5)
     cert = certify(tally_votes(scores), record, cache_dir=None, max_radius=5)
     assert cert.radius.shape == (20,)
     with pytest.raises(UserError):
-        engine.train_linear_ensemble(x.numpy(), y.numpy(), x[:, :3].numpy(), instances=2,
+        linear.train_linear_ensemble(x.numpy(), y.numpy(), x[:, :3].numpy(), instances=2,
                                      sample_rate=0.1, noise_multiplier=1.0, steps=2,
                                      clip_norm=1.0, lr=0.1)
 
 
 def test_instances_that_fit_fill_the_given_share_of_memory():
-    fit = engine.instances_that_fit
+    fit = linear.instances_that_fit
     n, dim, classes, q = 60_000, 3969, 10, 0.001
     small, big = fit(n, dim, classes, q, 4 * 2**30), fit(n, dim, classes, q, 16 * 2**30)
     assert 1 <= small < big <= 1000
@@ -282,8 +282,8 @@ def test_instances_that_fit_fill_the_given_share_of_memory():
 
 
 def test_auto_batch_on_cpu_keeps_the_measured_linear_default():
-    from dpcert.runconfig import RunConfig
-    from dpcert.training import resolve_batch_instances
+    from dpcert.workflows.dispatch import resolve_batch_instances
+    from dpcert.workflows.runconfig import RunConfig
 
     cfg = RunConfig(dataset="digits", model="linear", features="scatter", optimizer="sgd",
                     batch_instances="auto")
@@ -294,6 +294,6 @@ def test_auto_batch_on_cpu_keeps_the_measured_linear_default():
 def test_progress_reports_every_step():
     x, y = _data()
     seen = []
-    engine.train_linear(engine.LinearDpSgd(0.05, 1.0, 7, 0.7, 0.5), x, y, 3, seed=0,
+    linear.train_linear(linear.LinearDpSgd(0.05, 1.0, 7, 0.7, 0.5), x, y, 3, seed=0,
                         instances=[0, 1], progress=seen.append)
     assert seen == list(range(1, 8))

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpcert.bounds import vote_bounds
-from dpcert.certify import ABSTAIN
+from dpcert.certification.bounds import vote_bounds
+from dpcert.certification.certify import ABSTAIN
 from dpcert.errors import UserError
 
 METHODS = ("dp", "bagging", "dpa", "fa", "roe")

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.data import Dataset
 from dpcert.errors import UserError, check_device
-from dpcert.run import stored_config
-from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
+from dpcert.learning.data import Dataset
 from dpcert.store import atomic_write_text
-from dpcert.training import worker_pool
+from dpcert.workflows.dispatch import worker_pool
+from dpcert.workflows.run import stored_config
+from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
 
 ATTACKS = ("flip", "insert")
 
@@ -97,7 +97,7 @@ def _instance_on_target(cfg_dict: dict, job: Job, instance: int) -> np.ndarray:
 
     Runs in a worker that holds the clean dataset; the poisoned copy of the last job is kept,
     since a worker trains several instances of the same job in a row."""
-    from dpcert.training import train_group
+    from dpcert.workflows.dispatch import train_group
 
     cfg = RunConfig(**cfg_dict)
     if _POISONED.get("job") != job:

@@ -3,7 +3,7 @@
 Every method is trained with the same architecture on the same training set and certified
 for the same threat (radius = inserted + deleted training examples; a modification counts 2):
 
-* dp: this project's run (:mod:`dpcert.run`), default certificate (PLD, sound, votes);
+* dp: this project's run (:mod:`dpcert.workflows.run`), default certificate (PLD, sound, votes);
 * dpa: k models, one per part of a hash partition of the examples' content
   (Levine & Feizi 2021) — the part of an example does not depend on the rest of the data;
 * fa: Finite Aggregation (Wang, Levine, Feizi 2022), k d models; every example hashed into one
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert import baselines
-from dpcert.certify import Certificates
+from dpcert.certification import baselines
+from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError
-from dpcert.run import run, stored_config, tally_votes
-from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
 from dpcert.store import atomic_write_text, instance_blocks, load_array
-from dpcert.training import worker_pool
+from dpcert.workflows.dispatch import worker_pool
+from dpcert.workflows.run import run, stored_config, tally_votes
+from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
 
 BASELINES = ("dpa", "fa", "bagging", "roe")
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
@@ -164,7 +164,7 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
     """Train baseline model i on its examples and write its unit file (runs in a worker)."""
     import torch
 
-    from dpcert.train import instance_generator, predict_scores, train_plain
+    from dpcert.learning.reference import instance_generator, predict_scores, train_plain
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
     data = load_run_data(cfg)
@@ -258,7 +258,7 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
-    from dpcert.certify import certificates_csv
+    from dpcert.certification.certify import certificates_csv
 
     run_cfg = RunConfig.from_mapping(cfg.dp)
     data = load_run_data(run_cfg)  # run() reuses it
@@ -316,9 +316,9 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
     (eps, delta) is the exact single-example profile at delta = 1e-5; the expected accuracy of
     one instance is lower-bounded by Hoeffding over the P independent instances at level eta.
     """
-    from dpcert.accounting import EPS_GRID
-    from dpcert.mechanism import MechanismRecord
-    from dpcert.pld import group_privacy_profile
+    from dpcert.certification.accounting import EPS_GRID
+    from dpcert.certification.mechanism import MechanismRecord
+    from dpcert.certification.pld import group_privacy_profile
 
     rec = MechanismRecord.load(run_dir / "mechanism.json")
     prof = group_privacy_profile(rec.sample_rate, rec.noise_multiplier, 1, rec.steps, EPS_GRID)
@@ -338,7 +338,7 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
 def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
             cfg: RunConfig, curves: dict[str, object],
             calibration: list[tuple[str, float, bool]]) -> str:
-    from dpcert.report import ca_table, plot_curves
+    from dpcert.workflows.report import ca_table, plot_curves
 
     lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
              "Radius = inserted + deleted training examples (a modification counts 2), the same "

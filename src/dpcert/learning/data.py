@@ -229,15 +229,15 @@ def load_dataset(name: str, path: Path | None = None) -> Dataset:
 def load_dataset_cached(name: str, path: str | None = None,
                         features: str | None = None) -> Dataset:
     """:func:`load_dataset`, optionally mapped through a fixed feature map
-    (:mod:`dpcert.features`; x becomes (n, D)), kept for the life of the process: a training
-    worker loads its dataset once for all the units it trains. Callers must not modify the
+    (:mod:`dpcert.learning.features`; x becomes (n, D)), kept for the life of the process: a
+    training worker loads its dataset once for all the units it trains. Callers must not modify the
     arrays."""
     data = load_dataset(name, Path(path) if path else None)
     if features is None:
         return data
     import sys
 
-    from dpcert.features import transform
+    from dpcert.learning.features import transform
 
     # A bar only on a terminal: workers, tests and piped runs (--quiet) stay silent.
     bar = sys.stderr.isatty()

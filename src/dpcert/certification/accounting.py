@@ -1,14 +1,16 @@
 """From a mechanism record to outcome guarantees for groups of r changed training examples.
 
-:class:`GroupBounds` turns a :class:`~dpcert.mechanism.MechanismRecord` and an
-:class:`AccountingSpec` into outcome-bound tables (see :mod:`dpcert.outcomes`) for r = 0, 1, ...
-They depend only on (record, spec), so they are computed once, on demand in increasing r,
+:class:`GroupBounds` turns a :class:`~dpcert.MechanismRecord` and an
+:class:`AccountingSpec` into outcome-bound tables (see :mod:`dpcert.certification.outcomes`) for r =
+0, 1, ... They depend only on (record, spec), so they are computed once, on demand in increasing r,
 cached on disk, and shared by every test point and every run.
 
 Accountings (``spec.accounting``) and group modes (``spec.group``):
 
-* ``pld``/``sound`` (default): exact privacy profile of the r-group SGM (:mod:`dpcert.pld`).
-* ``rdp``/``sound``: RDP of the r-group SGM (:mod:`dpcert.rdp`) with Hölder outcome bounds.
+* ``pld``/``sound`` (default): exact privacy profile of the r-group SGM
+  (:mod:`dpcert.certification.pld`).
+* ``rdp``/``sound``: RDP of the r-group SGM (:mod:`dpcert.certification.rdp`) with Hölder outcome
+  bounds.
 * ``adp``/``sound``: the better of standard group privacy (r eps, r e^((r-1) eps) delta) on the
   exact single-example profile, and (eps, delta) conversions of the r-group RDP curve.
 * ``rdp``/``paper``, ``adp``/``paper``: the published formulas (Theorem 8 with q_r; group delta
@@ -41,10 +43,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from dpcert import outcomes, pld, rdp
+from dpcert.certification import outcomes, pld, rdp
+from dpcert.certification.mechanism import MechanismRecord
+from dpcert.certification.outcomes import OutcomeBound
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
-from dpcert.outcomes import OutcomeBound
 from dpcert.store import atomic_save_npz
 
 ACCOUNTINGS = ("pld", "rdp", "adp")
@@ -54,7 +56,7 @@ def _code_fingerprint() -> str:
     (a hand-bumped version number was forgotten once and served looser, older tables)."""
     digest = hashlib.sha256()
     for module in (rdp, pld, outcomes):
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -310,6 +312,7 @@ def _paper_single_adp(record: MechanismRecord, spec: AccountingSpec) -> tuple[fl
     eps = float(np.min(eps_rdp - math.log(spec.paper_delta) / (orders - 1.0)))
     delta = spec.paper_delta
     if record.uses_subsets:
+        assert record.subset_size is not None and record.dataset_size is not None
         mu = record.subset_size / record.dataset_size
         eps, delta = math.log1p(mu * math.expm1(eps)), mu * delta
     return eps, delta
@@ -340,7 +343,7 @@ class _SgmTables:
         return self._subst[j]
 
     def _mixture(self, population: int, r: int) -> OutcomeBound:
-        m = int(self.record.subset_size)
+        m = int(self.record.subset_size or 0)
         js = np.arange(0, min(r, m) + 1)
         h = stats.hypergeom.pmf(js, population, r, m)
         keep = h > _HYPERGEOM_TAIL
@@ -348,7 +351,7 @@ class _SgmTables:
         return outcomes.mixture(h, [self.substitutions(int(j)) for j in js])
 
     def subset_pure(self, r: int) -> OutcomeBound:
-        n, m = int(self.record.dataset_size), int(self.record.subset_size)
+        n, m = int(self.record.dataset_size or 0), int(self.record.subset_size or 0)
         cap = self.spec.max_radius
         # Insertions land in a dataset of at least n - cap examples (earlier deletions).
         insert = self._mixture(max(n - cap, m) + r, r)

@@ -1,9 +1,9 @@
 """Exact privacy profiles (privacy loss distributions) of the SGM for groups of r examples.
 
 The r-group step is the scalar pair P_r = sum_k Binom(k; r, q) N(k, sigma^2) vs Q = N(0, sigma^2)
-(see :mod:`dpcert.rdp`). Its privacy profile delta(eps) = sup_E P(E) - e^eps Q(E), composed over
-T steps and maximised over both directions, is the tightest outcome guarantee the mechanism
-allows: p' <= e^eps p + delta(eps) and p' >= e^-eps (p - delta(eps)) for every eps.
+(see :mod:`dpcert.certification.rdp`). Its privacy profile delta(eps) = sup_E P(E) - e^eps Q(E),
+composed over T steps and maximised over both directions, is the tightest outcome guarantee the
+mechanism allows: p' <= e^eps p + delta(eps) and p' >= e^-eps (p - delta(eps)) for every eps.
 
 Composition and delta(eps) come from Google's dp-accounting (``DensePLDPmf``, FFT composition,
 pessimistic tail truncation). Only the single-step distribution is built here: dp-accounting's
@@ -23,7 +23,7 @@ from dp_accounting.pld import pld_pmf
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 from scipy import special, stats
 
-from dpcert.rdp import _log_ratio, binomial_components
+from dpcert.certification.rdp import _log_ratio, binomial_components
 
 #: Default loss discretisation (dp-accounting's default).
 DEFAULT_DISCRETIZATION = 1e-4

@@ -1,21 +1,21 @@
 """DP-SGD for K instances of one torch model as a single stacked computation, on any device.
 
 The training engine for image models (the linear model on fixed features has its closed-form
-twin in :mod:`dpcert.engine`). Every step of every instance is the Sampled Gaussian Mechanism
-that :class:`~dpcert.mechanism.MechanismRecord` describes: Poisson sampling at rate q of the
+twin in :mod:`dpcert.learning.linear`). Every step of every instance is the Sampled Gaussian
+Mechanism that :class:`~dpcert.MechanismRecord` describes: Poisson sampling at rate q of the
 instance's data, per-example clipping to C over all parameters, N(0, sigma^2 C^2) noise on
 every coordinate of the sum, division by the expected batch size q n.
 
 * Everything in a step lives on the device: the K instances' parameters are stacked (K, ...)
   tensors, Poisson batches are drawn for all K at once and gathered into a padded (W, K) index
   (W the largest batch; a mask zeroes the padding), and noise for all K comes from one call.
-* Randomness is counter-based (:mod:`dpcert.philox`): instance i's batch at step t and its noise
-  are functions of (seed, i, t) alone, so an instance is the same model whatever else shares
+* Randomness is counter-based (:mod:`dpcert.learning.philox`): instance i's batch at step t and its
+  noise are functions of (seed, i, t) alone, so an instance is the same model whatever else shares
   its batch, on any worker, after any resume. Initial weights come from the model's own
   initialiser under a torch seed derived from (seed, i), drawn on the host.
 * Clipping: for an ``nn.Sequential`` of Linear / Conv2d / parameter-free layers
-  (:func:`dpcert.ghost.supports`), per-example norms and the clipped sum come from one forward
-  and one backward pass of the stacked model — Linear layers by the ghost norm
+  (:func:`dpcert.learning.ghost.supports`), per-example norms and the clipped sum come from one
+  forward and one backward pass of the stacked model — Linear layers by the ghost norm
   ||g_i||^2 ||a_i||^2 and a batched matrix product (no per-example gradient is formed), Conv2d
   layers by their per-example weight gradients (a few thousand numbers per example). Any other
   model falls back to ``vmap(vmap(grad))`` over instances and examples.
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dpcert import ghost, philox
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError, check_device
-from dpcert.mechanism import MechanismRecord
+from dpcert.learning import ghost, philox
 
 ModelFn = Callable[[], nn.Module]
 
@@ -255,10 +255,10 @@ def _weight_grad_method(layer: nn.Conv2d, out_pixels: int) -> str:
 
     The weight gradient of a convolution with the K B examples as groups is each example's own
     (torch's convolution backward, oneDNN on the CPU): in channels-last memory for few channels
-    and small maps (LeNet-5: 2x faster than :mod:`dpcert.ghost`'s grouped convolution),
+    and small maps (LeNet-5: 2x faster than :mod:`dpcert.learning.ghost`'s grouped convolution),
     in the default layout for 3x3 kernels from 16-32 to 32-64 channels (2-3x faster for
     digits_cnn and the CIFAR CNN; wider layers timed erratically, 5-19 ms against a steady 9);
-    :mod:`dpcert.ghost`'s rule elsewhere (``benchmarks/bench_conv_grads.py``)."""
+    :mod:`dpcert.learning.ghost`'s rule elsewhere (``benchmarks/bench_conv_grads.py``)."""
     kh, kw = layer.kernel_size
     if layer.in_channels <= 8 and layer.out_channels * out_pixels <= 10_000:
         return "backward_cl"
@@ -566,8 +566,8 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     other module the ``vmap`` path; no BatchNorm — it mixes examples; layers run in eval mode,
     so Dropout is off). x (n, ...) float
     inputs, y (n,) int labels, x_eval (N, ...). Returns softmax scores (P, N, L) and the
-    :class:`~dpcert.mechanism.MechanismRecord` of what ran, which :func:`dpcert.certify`
-    consumes (votes: ``dpcert.run.tally_votes(scores)``). Instance i depends on (seed, i)
+    :class:`~dpcert.MechanismRecord` of what ran, which :func:`dpcert.certify`
+    consumes (votes: ``dpcert.workflows.run.tally_votes(scores)``). Instance i depends on (seed, i)
     only, whatever ``batch_instances`` and ``device``. ``augment_shift`` > 0 trains on random
     translations of image inputs (N, C, H, W), ``augment_copies`` of them per example averaged
     before clipping (:class:`Augmentation`; the mechanism record is unchanged).

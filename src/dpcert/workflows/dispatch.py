@@ -2,8 +2,8 @@
 
 The middle of the workflow layer: :func:`train_all` trains every instance whose unit file is
 missing or damaged — in local processes (one per core on CPU, one driving the GPU) or as Ray
-tasks — each group of instances as one stacked computation (:mod:`dpcert.stacked`, the
-linear model :mod:`dpcert.engine`), and writes each unit as it finishes.
+tasks — each group of instances as one stacked computation (:mod:`dpcert.learning.stacked`, the
+linear model :mod:`dpcert.learning.linear`), and writes each unit as it finishes.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.errors import UserError
-from dpcert.runconfig import RunConfig, load_run_data, read_unit, write_unit
 from dpcert.store import remove_stale_temp_files
+from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
 
 
 def train_group(cfg: RunConfig, instances: list[int], data,
                 on_step: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """Test scores (N, L) of the given instances, trained as one stacked computation on the
-    run's device (:mod:`dpcert.stacked`; the linear model: :mod:`dpcert.engine`).
+    run's device (:mod:`dpcert.learning.stacked`; the linear model: :mod:`dpcert.learning.linear`).
 
-    Pure: no files. ``data`` is a :class:`dpcert.data.Dataset`; ``on_step(t)`` reports
+    Pure: no files. ``data`` is a :class:`dpcert.learning.data.Dataset`; ``on_step(t)`` reports
     progress."""
     import torch
 
@@ -34,14 +34,14 @@ def train_group(cfg: RunConfig, instances: list[int], data,
     x = torch.tensor(data.x_train, device=device)
     y = torch.tensor(data.y_train, device=device)
     if cfg.model == "linear":
-        from dpcert.engine import LinearDpSgd, predict_linear, train_linear
+        from dpcert.learning.linear import LinearDpSgd, predict_linear, train_linear
 
         lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
                            cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature)
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances, progress=on_step)
         return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
-    from dpcert.stacked import predict_stacked, train_stacked
+    from dpcert.learning.stacked import predict_stacked, train_stacked
 
     dcfg, model_fn = _image_training(cfg, data)
     st = train_stacked(dcfg, model_fn, x, y, seed=cfg.seed, instances=instances,
@@ -51,8 +51,8 @@ def train_group(cfg: RunConfig, instances: list[int], data,
 
 def _image_training(cfg: RunConfig, data):
     """The stacked engine's DP-SGD record and model builder for a run of an image model."""
-    from dpcert.models import build_model
-    from dpcert.stacked import DpSgd
+    from dpcert.learning.models import build_model
+    from dpcert.learning.stacked import DpSgd
 
     dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
                  cfg.optimizer, cfg.subset_size, cfg.augment_shift, cfg.augment_copies)
@@ -130,8 +130,8 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
 
 def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
     """``batch_instances``, with ``auto`` resolved: the linear model 100 on CPU (measured,
-    docs/benchmarks.md) and :func:`dpcert.engine.instances_that_fit` on CUDA; image models
-    :func:`dpcert.stacked.instances_that_fit` on the run's device (1 on CPU, where one
+    docs/benchmarks.md) and :func:`dpcert.learning.linear.instances_that_fit` on CUDA; image models
+    :func:`dpcert.learning.stacked.instances_that_fit` on the run's device (1 on CPU, where one
     process per core is faster)."""
     if cfg.batch_instances != "auto":
         return cfg.batch_instances
@@ -140,14 +140,14 @@ def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
     import torch
 
     if cfg.model == "linear":
-        from dpcert.engine import instances_that_fit as linear_fit
+        from dpcert.learning.linear import instances_that_fit as linear_fit
 
         data = load_run_data(cfg)
         free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
         return min(todo, linear_fit(cfg.subset_size or len(data.y_train), data.x_train.shape[1],
                                     data.num_classes, cfg.sample_rate, free))
 
-    from dpcert.stacked import instances_that_fit
+    from dpcert.learning.stacked import instances_that_fit
 
     data = load_run_data(cfg)
     device = torch.device(cfg.device)

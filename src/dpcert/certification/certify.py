@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert import outcomes
-from dpcert.accounting import AccountingSpec, GroupBounds, default_cache_dir
-from dpcert.bounds import ConfidenceBounds, score_bounds, vote_bounds
+from dpcert.certification import outcomes
+from dpcert.certification.accounting import AccountingSpec, GroupBounds, default_cache_dir
+from dpcert.certification.bounds import ConfidenceBounds, score_bounds, vote_bounds
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
 
 #: Radius of a point whose prediction is not even certified without poisoning.
 ABSTAIN = -1
@@ -180,8 +180,8 @@ def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str =
         accounting: "pld" (default; tightest), "rdp" or "adp".
         group: "sound" (default) or "paper" (the published, unsound group privacy).
         eta: the certificates hold with probability >= 1 - eta over the training randomness.
-        bound: confidence-bound method (see :mod:`dpcert.bounds`); default per inference.
-        max_radius: largest radius searched.
+        bound: confidence-bound method (see :mod:`dpcert.certification.bounds`); default per
+        inference. max_radius: largest radius searched.
         cache_dir: folder for the group tables; "default" uses $DPCERT_CACHE or
             ~/.cache/dpcert, None keeps them in memory.
         progress: show a progress bar.

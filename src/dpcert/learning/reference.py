@@ -1,6 +1,6 @@
 """The per-instance DP-SGD reference path, and non-private training for the baselines.
 
-Runs train with :mod:`dpcert.stacked`; this one-instance-at-a-time implementation (torch
+Runs train with :mod:`dpcert.learning.stacked`; this one-instance-at-a-time implementation (torch
 generators per instance) stays as the reference the engine is benchmarked against.
 
 Each step includes every training example independently with probability q (Poisson sampling:
@@ -8,8 +8,8 @@ batch sizes vary and may be 0), clips each per-example gradient to L2 norm C ove
 parameters, adds N(0, sigma^2 C^2) to the sum, and divides by the *expected* batch size q n
 (dividing by the realised size would leak it). Per-example gradient norms and the clipped sum
 come from one forward and one backward pass for models made of Linear/Conv2d layers
-(:mod:`dpcert.ghost`), and from torch.func (``vmap`` of ``grad``) for any other model. Every
-instance draws its sampling, subset and noise from its own generator seeded by (master seed,
+(:mod:`dpcert.learning.ghost`), and from torch.func (``vmap`` of ``grad``) for any other model.
+Every instance draws its sampling, subset and noise from its own generator seeded by (master seed,
 instance index), so an instance is the same model whether it is trained alone or among others.
 """
 
@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dpcert import ghost
-from dpcert.models import build_model
-from dpcert.stacked import DpSgd, on_host
+from dpcert.learning import ghost
+from dpcert.learning.models import build_model
+from dpcert.learning.stacked import DpSgd, on_host
 
 
 @dataclass(frozen=True)
 class TrainConfig(DpSgd):
-    """One instance's DP-SGD run (:class:`dpcert.stacked.DpSgd`) of a built-in model."""
+    """One instance's DP-SGD run (:class:`dpcert.learning.stacked.DpSgd`) of a built-in model."""
 
     model: str = "lenet5"
 
@@ -45,7 +45,7 @@ def instance_generator(seed: int, instance: int) -> torch.Generator:
 def _seeded_model(name: str, in_channels: int, num_classes: int,
                   gen: torch.Generator) -> nn.Module:
     """Initial weights drawn from the instance's own stream, on the host whatever the default
-    device (:func:`dpcert.stacked.on_host`); the caller's random state is kept."""
+    device (:func:`dpcert.learning.stacked.on_host`); the caller's random state is kept."""
     start = torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device)
     with on_host(int(start)):
         return build_model(name, in_channels, num_classes)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.certify import Certificates, certified_accuracy, radius_summary
+from dpcert.certification.certify import Certificates, certified_accuracy, radius_summary
 
 #: Radii shown in tables (those up to the largest certified radius).
 TABLE_RADII = (0, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500)

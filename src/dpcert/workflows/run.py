@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.accounting import AccountingSpec
-from dpcert.certify import Certificates, certify
+from dpcert.certification.accounting import AccountingSpec
+from dpcert.certification.certify import Certificates, certify
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
-from dpcert.runconfig import (
+from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
+from dpcert.workflows.dispatch import train_all, train_group, worker_pool
+from dpcert.workflows.runconfig import (
     AVERAGING_NAMES,
     DATASETS,
     FEATURE_NAMES,
@@ -39,8 +41,6 @@ from dpcert.runconfig import (
     read_unit,
     write_unit,
 )
-from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
-from dpcert.training import train_all, train_group, worker_pool
 
 #: Names other modules and users import from here (defined in runconfig and training).
 __all__ = ["AVERAGING_NAMES", "DATASETS", "FEATURE_NAMES", "METHODS", "MODEL_NAMES",
@@ -150,7 +150,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
 def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: np.ndarray,
                 scores: np.ndarray, labels: np.ndarray, methods=METHODS
                 ) -> dict[str, Certificates]:
-    from dpcert.certify import certificates_csv
+    from dpcert.certification.certify import certificates_csv
 
     results = {}
     for name, acc, group, inference, bound in methods:
@@ -168,7 +168,7 @@ def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: n
 def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
            cfg: RunConfig) -> str:
     """Markdown table of CA_r, median and max radius per method; writes report.md and PNG."""
-    from dpcert.report import ca_table, plot_curves
+    from dpcert.workflows.report import ca_table, plot_curves
 
     learner = f"{cfg.instances} instances of {cfg.model}"
     if cfg.augment_shift:

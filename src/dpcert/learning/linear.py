@@ -1,12 +1,12 @@
 """DP-SGD for many instances of a linear softmax model as one batched computation.
 
-The learner for fixed features (:mod:`dpcert.features`): logits = x W + b, cross-entropy loss.
-For that model the per-example gradient is the outer product [x_i, s] (p_i - onehot(y_i)), so
+The learner for fixed features (:mod:`dpcert.learning.features`): logits = x W + b, cross-entropy
+loss. For that model the per-example gradient is the outer product [x_i, s] (p_i - onehot(y_i)), so
 its norm is sqrt(||x_i||^2 + s^2) ||p_i - onehot(y_i)|| and the clipped sum over a batch is one
 matrix product — no per-example gradient is materialised (ghost clipping, exact). K instances
 train together as batched matrix products on whatever device the tensors live on.
 
-Each step is the Sampled Gaussian Mechanism exactly as :class:`~dpcert.mechanism.MechanismRecord`
+Each step is the Sampled Gaussian Mechanism exactly as :class:`~dpcert.MechanismRecord`
 describes it: every example of the instance's data is included independently with probability
 q (Poisson; batches vary in size and may be empty), per-example gradients are clipped to C,
 N(0, sigma^2 C^2) noise is added to the sum of every coordinate, and the result is divided by
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.mechanism import MechanismRecord
-from dpcert.philox import batch_ceiling
+from dpcert.learning.philox import batch_ceiling
 
 AVERAGING = (None, "tail")
 #: SeedSequence "purposes", so the streams of one instance never overlap.
@@ -235,8 +235,8 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
 
     The library entry point (in the spirit of Opacus' ``make_private``): features x (n, D)
     and int labels y (n,), any device. Returns softmax scores (P, N, L) of every instance on
-    x_eval (N, D) and the :class:`~dpcert.mechanism.MechanismRecord` of what ran, which
-    :func:`dpcert.certify` consumes (votes: ``dpcert.run.tally_votes(scores)``).
+    x_eval (N, D) and the :class:`~dpcert.MechanismRecord` of what ran, which
+    :func:`dpcert.certify` consumes (votes: ``dpcert.workflows.run.tally_votes(scores)``).
     """
     record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
                              steps=steps, clip_norm=clip_norm, dataset_size=len(y),

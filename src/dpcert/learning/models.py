@@ -76,7 +76,7 @@ def resnet18_gn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 
 def linear(in_channels: int, num_classes: int = 10) -> nn.Module:
     """Softmax regression on fixed features (n, D): ``in_channels`` is D. DP runs train it
-    with :mod:`dpcert.engine`; the aggregation baselines through this module."""
+    with :mod:`dpcert.learning.linear`; the aggregation baselines through this module."""
     return nn.Linear(in_channels, num_classes)
 
 

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.features import FEATURES as FEATURE_NAMES
-from dpcert.mechanism import MechanismRecord
+from dpcert.learning.features import FEATURES as FEATURE_NAMES
 from dpcert.store import atomic_save_unit
 
 #: Datasets and models a run can name (models.MODELS holds the builders; a test keeps the two
 #: in step, so that validating a config does not import torch).
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "npz")
 MODEL_NAMES = ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn", "linear")
-#: Iterate averaging of the linear engine (dpcert.engine.AVERAGING, which needs torch).
+#: Iterate averaging of the linear engine (dpcert.learning.linear.AVERAGING, which needs torch).
 AVERAGING_NAMES = ("tail",)
 
 
@@ -141,9 +141,9 @@ class RunConfig:
 
 
 def load_run_data(cfg: RunConfig):
-    """The run's dataset (:class:`dpcert.data.Dataset`), as features when the run uses them;
-    loaded once per process."""
-    from dpcert.data import load_dataset_cached
+    """The run's dataset (:class:`dpcert.learning.data.Dataset`), as features when the run uses
+    them; loaded once per process."""
+    from dpcert.learning.data import load_dataset_cached
 
     return load_dataset_cached(cfg.dataset, cfg.data_dir, cfg.features)
 

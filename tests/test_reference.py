@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpcert import ghost
-from dpcert.models import build_model
-from dpcert.train import (
+from dpcert.learning import ghost
+from dpcert.learning.models import build_model
+from dpcert.learning.reference import (
     TrainConfig,
     _seeded_model,
     clipped_gradient_sum,

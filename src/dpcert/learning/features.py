@@ -94,7 +94,7 @@ def _cache_path(x: np.ndarray, kind: str) -> Path:
     digest = hashlib.sha256()
     digest.update(f"{_VERSION}|{kind}|{x.shape}|{x.dtype}".encode())
     digest.update(np.ascontiguousarray(x).view(np.uint8).ravel().data)
-    from dpcert.accounting import default_cache_dir
+    from dpcert.certification.accounting import default_cache_dir
 
     root = Path(os.environ.get("DPCERT_FEATURE_CACHE", default_cache_dir() / "features"))
     return root / f"{kind}-{digest.hexdigest()[:24]}.npy"
