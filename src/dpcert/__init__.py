@@ -9,7 +9,7 @@ Three wings, each importing only the ones below it:
   ``run``, ``compare``, ``attack-check``, reports.
 
 The names below are the public API. The certification names import eagerly (no torch); the
-training entry points import torch on first use.
+training entry points and the kept-ensemble API import on first use.
 """
 
 from dpcert import _moved
@@ -30,6 +30,9 @@ _moved.install()
 _LAZY = {
     "train_ensemble": "dpcert.learning.stacked",
     "train_linear_ensemble": "dpcert.learning.linear",
+    "load_ensemble": "dpcert.workflows.ensemble",
+    "export_ensemble": "dpcert.workflows.ensemble",
+    "Ensemble": "dpcert.workflows.ensemble",
 }
 
 __all__ = [
@@ -44,7 +47,7 @@ __all__ = [
     "radius_summary",
     *_LAZY,
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

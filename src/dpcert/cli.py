@@ -417,6 +417,104 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
     _run_user(action)
 
 
+@main.command("predict")
+@click.argument("ensemble", type=click.Path(path_type=Path))
+@click.argument("inputs", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="CSV to write: index, name, prediction, radius, the top two labels and "
+                   "their votes, and the confidence bounds.")
+@click.option("--eta", type=float, help="Failure probability [default: the run's eta].")
+@click.option("--accounting", type=click.Choice(ACCOUNTINGS), default="pld", show_default=True,
+              help="Privacy accounting of the certificate.")
+@click.option("--inference", type=click.Choice(INFERENCES), default="multinomial",
+              show_default=True, help="Certify from votes or from softmax scores.")
+@click.option("--max-radius", type=click.IntRange(1),
+              help="Largest radius searched [default: the run's].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the instances run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius, device,
+                quiet) -> None:
+    """Certify new INPUTS with a kept ENSEMBLE (a run directory or an exported file).
+
+    INPUTS: a .npy array, an IDX file (raw or .gz), an image file (PNG, JPEG, ...) or a
+    folder of image files. Arrays may hold the reader's float images in [0, 1], raw integer
+    pixels, or (for feature runs) precomputed features."""
+
+    def action() -> None:
+        from dpcert.learning.inputs import read_inputs
+        from dpcert.workflows.ensemble import load_ensemble
+
+        _check_output(output)
+        ens = load_ensemble(ensemble, device=device)
+        x, names = read_inputs(inputs, ens.info.input)
+        cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
+                                            inference=inference, max_radius=max_radius,
+                                            progress=not quiet)
+        from dpcert.workflows.serve import result_rows
+
+        lines = ["index,name,prediction,radius,top_label,top_votes,runner_up,runner_up_votes,"
+                 "p_lower,p_upper"]
+        for i, row in enumerate(result_rows(cert, pred)):
+            name = names[i].replace('"', '""')
+            lines.append(f'{i},"{name}",{row["prediction"]},{row["radius"]},{row["top_label"]},'
+                         f'{row["top_votes"]},{row["runner_up"]},{row["runner_up_votes"]},'
+                         f'{row["p_lower"]:.6g},{row["p_upper"]:.6g}')
+        atomic_write_text(output, "\n".join(lines) + "\n")
+        certified = int((cert.radius >= 0).sum())
+        click.echo(f"{len(cert)} inputs, {certified} certified (median radius "
+                   f"{np.median(cert.radius):g}); wrote {output}")
+
+    _run_user(action)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export_cmd(run_dir, file, quiet) -> None:
+    """Write the ensemble of RUN_DIR into one portable FILE (safetensors: every model, the
+    input preprocessing, the mechanism record, checksums). predict, serve and
+    dpcert.load_ensemble accept it."""
+
+    def action() -> None:
+        from dpcert.workflows.ensemble import export_ensemble
+
+        if file.exists() and file.is_dir():
+            raise UserError(f"{file} is a directory; name the file to write")
+        digest = export_ensemble(run_dir, file, progress=not quiet)
+        click.echo(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB), sha256 {digest}")
+
+    _run_user(action)
+
+
+@main.command("serve")
+@click.argument("ensemble", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--eta", type=float, help="Failure probability [default: the run's eta].")
+@click.option("--accounting", type=click.Choice(ACCOUNTINGS), default="pld", show_default=True,
+              help="Privacy accounting of the certificates.")
+@click.option("--max-batch", type=click.IntRange(1), default=1024, show_default=True,
+              help="Most inputs per request.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the instances run.")
+def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device) -> None:
+    """Serve a kept ENSEMBLE over HTTP: POST /certify, GET /health, GET /ensemble, and a page
+    at / to upload or draw an image (pip install 'dpcert[serve]')."""
+
+    def action() -> None:
+        from dpcert.workflows.ensemble import load_ensemble
+        from dpcert.workflows.serve import serve
+
+        ens = load_ensemble(ensemble, device=device)
+        click.echo(f"loading {ens} ...", err=True)
+        serve(ens, host=host, port=port, eta=eta, accounting=accounting, max_batch=max_batch)
+
+    _run_user(action)
+
+
 def _run_user(action) -> None:
     try:
         action()

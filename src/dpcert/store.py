@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
@@ -144,3 +145,45 @@ def load_array(path: Path, what: str, mmap: bool = False) -> np.ndarray:
         arr.close()
         raise UserError(f"{what} file {path} is an .npz archive; pass a single .npy array")
     return arr
+
+
+# -- model weights: safetensors with a checksum ---------------------------------------------
+
+
+def tensors_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``arrays`` in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.view(np.uint8).ravel().data if a.size else b"")
+    return digest.hexdigest()
+
+
+def atomic_save_tensors(path: Path, arrays: dict[str, np.ndarray],
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write ``arrays`` as a safetensors file (no pickle; readable by any safetensors
+    library) with their :func:`tensors_digest` in the header's metadata, atomically."""
+    from safetensors.numpy import save
+
+    meta = dict(metadata or {})
+    meta["sha256"] = tensors_digest(arrays)
+    blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
+    atomic_write(path, lambda h: h.write(blob))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+    """The arrays and metadata of a file written by :func:`atomic_save_tensors`, or None when
+    it is missing, truncated, not safetensors, or fails its checksum — never half-checked
+    weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, SafetensorError, ValueError, TypeError):
+        return None
+    if meta.get("sha256") != tensors_digest(arrays):
+        return None
+    return arrays, meta

@@ -29,6 +29,7 @@ package imports.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -70,7 +71,7 @@ def scatter_features(x: np.ndarray, *, batch: int = 2000, progress: bool = False
     if x.ndim != 4 or x.shape[2] < 8 or x.shape[3] < 8:
         raise UserError(f"scatter features need images (n, C, H, W) of at least 8x8, got "
                         f"shape {x.shape}")
-    scattering = _import_kymatio()(J=2, shape=tuple(x.shape[2:]), L=8)
+    scattering = _scattering(tuple(x.shape[2:]))
     out = []
     for i in tqdm(range(0, len(x), batch), desc="scatter features", unit="batch",
                   disable=not progress, leave=False):
@@ -78,6 +79,20 @@ def scatter_features(x: np.ndarray, *, batch: int = 2000, progress: bool = False
             s = scattering(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
             out.append(normalise(s.reshape(s.shape[0], -1, *s.shape[-2:])).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _scattering(shape: tuple[int, int]):
+    """The transform for images of ``shape``, built once per process: building its filter bank
+    costs far more than transforming one image (a server answers single images)."""
+    return _import_kymatio()(J=2, shape=shape, L=8)
+
+
+def compute(x: np.ndarray, kind: str, *, progress: bool = False) -> np.ndarray:
+    """Features ``kind`` of images x (n, C, H, W), computed now (no cache): new inputs."""
+    if kind not in FEATURES:
+        raise UserError(f"features must be one of {FEATURES}, got {kind!r}")
+    return scatter_features(x, progress=progress)
 
 
 def normalise(s):

@@ -20,19 +20,26 @@ from dpcert.errors import UserError
 from dpcert.store import remove_stale_temp_files
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
 
+#: A trained instance: its test scores (N, L) and its parameters (name -> float32 array).
+Trained = tuple[np.ndarray, dict[str, np.ndarray]]
 
-def train_group(cfg: RunConfig, instances: list[int], data,
-                on_step: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """Test scores (N, L) of the given instances, trained as one stacked computation on the
-    run's device (:mod:`dpcert.learning.stacked`; the linear model: :mod:`dpcert.learning.linear`).
 
-    Pure: no files. ``data`` is a :class:`dpcert.learning.data.Dataset`; ``on_step(t)`` reports
-    progress."""
+def train_group_models(cfg: RunConfig, instances: list[int], data,
+                       on_step: Callable[[int], None] | None = None) -> list[Trained]:
+    """Test scores and parameters of the given instances, trained as one stacked computation
+    on the run's device (:mod:`dpcert.learning.stacked`; the linear model:
+    :mod:`dpcert.learning.linear`).
+
+    Pure: no files. ``data`` is a :class:`dpcert.learning.data.Dataset`; ``on_step(t)``
+    reports progress."""
     import torch
+
+    from dpcert.learning.inference import instance_params
 
     device = torch.device(cfg.device)
     x = torch.tensor(data.x_train, device=device)
     y = torch.tensor(data.y_train, device=device)
+    x_test = torch.tensor(data.x_test, device=device)
     if cfg.model == "linear":
         from dpcert.learning.linear import LinearDpSgd, predict_linear, train_linear
 
@@ -40,13 +47,35 @@ def train_group(cfg: RunConfig, instances: list[int], data,
                            cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature)
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances, progress=on_step)
-        return list(predict_linear(weight, bias, torch.tensor(data.x_test, device=device)))
-    from dpcert.learning.stacked import predict_stacked, train_stacked
+        scores = predict_linear(weight, bias, x_test)
+        params = instance_params({"weight": weight, "bias": bias})
+    else:
+        from dpcert.learning.stacked import predict_stacked, train_stacked
 
-    dcfg, model_fn = _image_training(cfg, data)
-    st = train_stacked(dcfg, model_fn, x, y, seed=cfg.seed, instances=instances,
-                       progress=on_step)
-    return list(predict_stacked(st, torch.tensor(data.x_test, device=device)))
+        dcfg, model_fn = _image_training(cfg, data)
+        st = train_stacked(dcfg, model_fn, x, y, seed=cfg.seed, instances=instances,
+                           progress=on_step)
+        scores = predict_stacked(st, x_test)
+        params = instance_params(st.params)
+    return list(zip(scores, params, strict=True))
+
+
+def train_group(cfg: RunConfig, instances: list[int], data,
+                on_step: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Test scores (N, L) of the given instances (:func:`train_group_models` without the
+    parameters)."""
+    return [scores for scores, _ in train_group_models(cfg, instances, data, on_step)]
+
+
+def write_trained(out: Path, trained: Trained, keep_model: bool) -> None:
+    """One instance's files: its model first (when kept), then the unit that marks it done."""
+    scores, params = trained
+    if keep_model:
+        from dpcert.store import atomic_save_tensors
+
+        atomic_save_tensors(out.with_suffix(".safetensors"), params,
+                            {"instance": out.stem.removeprefix("inst_")})
+    write_unit(out, scores)
 
 
 def _image_training(cfg: RunConfig, data):
@@ -75,23 +104,26 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
                                initializer=_one_thread)
 
 
-def _train_units(cfg_dict: dict, instances: list[int], outs: list[str],
+def _train_units(cfg_dict: dict, instances: list[int], outs: list[str], keep_models: bool,
                  on_step: Callable[[int], None] | None = None) -> list[int]:
-    """Local backend: train a group of instances and write each unit file as it is ready."""
+    """Local backend: train a group of instances and write each one's files as it is ready."""
     cfg = RunConfig(**cfg_dict)
     data = load_run_data(cfg)
-    for scores, out in zip(train_group(cfg, instances, data, on_step), outs, strict=True):
-        write_unit(Path(out), scores)
+    for trained, out in zip(train_group_models(cfg, instances, data, on_step), outs,
+                            strict=True):
+        write_trained(Path(out), trained, keep_models)
     return instances
 
 
-def _ray_group(cfg_dict: dict, instances: list[int], data) -> list[np.ndarray]:
-    """Ray task body: one worker thread (like a local worker process), scores returned."""
+def _ray_group(cfg_dict: dict, instances: list[int], data) -> list[Trained]:
+    """Ray task body: one worker thread (like a local worker process); scores and parameters
+    returned."""
     _one_thread()
-    return train_group(RunConfig(**cfg_dict), instances, data)
+    return train_group_models(RunConfig(**cfg_dict), instances, data)
 
 
-def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
+def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar, keep_models: bool
+               ) -> None:
     """Ray backend: one task per group, the dataset shipped once through the object store.
 
     The driver writes each unit atomically as its task returns, so workers need no shared
@@ -120,8 +152,8 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar) -> None:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             group = pending.pop(done[0])
-            for scores, out in zip(ray.get(done[0]), outs(group), strict=True):
-                write_unit(Path(out), scores)
+            for trained, out in zip(ray.get(done[0]), outs(group), strict=True):
+                write_trained(Path(out), trained, keep_models)
             bar.update(len(group))
     finally:
         if started:
@@ -158,14 +190,18 @@ def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
 
 
 def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
-    """Train every instance whose unit file is missing or damaged; others are kept."""
+    """Train every instance whose unit file (or, where the run keeps models, model file) is
+    missing or damaged; others are kept."""
+    from dpcert.workflows.ensemble import keeps_models, model_ok
+
+    keep = keeps_models(run_dir)
     units = run_dir / "instances"
     units.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(units)
     todo = []
     for i in range(cfg.instances):
         path = units / f"inst_{i:06d}.npz"
-        if read_unit(path) is None:
+        if read_unit(path) is None or (keep and not model_ok(run_dir, i)):
             path.unlink(missing_ok=True)
             todo.append(i)
     if not todo:
@@ -185,16 +221,16 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
         return [str(units / f"inst_{i:06d}.npz") for i in group]
 
     if cfg.backend == "ray":
-        _train_ray(cfg, groups, outs, bar)
+        _train_ray(cfg, groups, outs, bar, keep)
     elif workers == 1:
         for group in groups:
             with tqdm(total=cfg.steps, desc=f"DP-SGD steps of {len(group)} instances",
                       unit="step", leave=False, disable=not progress) as steps:
-                _train_units(cfg_dict, group, outs(group), lambda _: steps.update())
+                _train_units(cfg_dict, group, outs(group), keep, lambda _: steps.update())
             bar.update(len(group))
     else:
         with worker_pool(workers) as pool:
-            futures = [pool.submit(_train_units, cfg_dict, g, outs(g)) for g in groups]
+            futures = [pool.submit(_train_units, cfg_dict, g, outs(g), keep) for g in groups]
             for fut in as_completed(futures):
                 bar.update(len(fut.result()))
     bar.close()

@@ -4,7 +4,9 @@ Run directory layout (a public contract other tools read):
 
     config.json          the training configuration (a rerun with other values is refused)
     mechanism.json       the mechanism record (sample_rate, noise_multiplier, steps, ...)
+    ensemble.json        what the instances are: model, labels, input specification
     instances/inst_NNNNNN.npz   softmax scores (N, L) of one instance + checksum, atomic
+    instances/inst_NNNNNN.safetensors   that instance's parameters + checksum, atomic
     votes.npy            int64 (N, L) vote counts       scores.npy  float32 (P, N, L)
     labels.npy           int64 (N,) test labels
     certificates.csv     index,prediction,radius,label for the default method (pld, sound, votes)
@@ -28,8 +30,10 @@ from dpcert.certification.accounting import AccountingSpec
 from dpcert.certification.certify import Certificates, certify
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
+from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
 from dpcert.workflows.dispatch import train_all, train_group, worker_pool
+from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, write_info
 from dpcert.workflows.runconfig import (
     AVERAGING_NAMES,
     DATASETS,
@@ -136,6 +140,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     if cfg.subset_size is not None and cfg.subset_size > len(data.y_train):
         raise UserError(f"subset size {cfg.subset_size} exceeds the {len(data.y_train)} "
                         "training examples")
+    # A new run keeps its models; a run begun before models were kept resumes as it was.
+    keep_models = not cfg_path.exists() or keeps_models(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
     record = MechanismRecord(sample_rate=cfg.sample_rate, noise_multiplier=cfg.noise_multiplier,
@@ -144,7 +150,27 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
                              subset_size=cfg.subset_size)
     record.save(run_dir / "mechanism.json")
     atomic_save_npy(run_dir / "labels.npy", data.y_test)
+    if keep_models:
+        write_info(run_dir, ensemble_info(cfg, data, record))
     return record
+
+
+def ensemble_info(cfg: RunConfig, data, record: MechanismRecord) -> EnsembleInfo:
+    """The description of a run's ensemble (``ensemble.json``): what its instances are and
+    what input they take. ``data`` is the run's dataset as trained on (features if any)."""
+    if cfg.features is None:
+        image_shape, feature_dim = data.x_test.shape[1:], None
+    else:
+        from dpcert.learning.data import load_dataset
+
+        raw = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+        image_shape, feature_dim = raw.x_test.shape[1:], int(data.x_train.shape[1])
+    return EnsembleInfo(dataset=cfg.dataset, model=cfg.model, num_classes=data.num_classes,
+                        instances=cfg.instances,
+                        input=InputSpec.for_dataset(cfg.dataset, image_shape, cfg.features,
+                                                    feature_dim),
+                        mechanism=record, eta=cfg.eta, max_radius=cfg.max_radius,
+                        training=cfg.training())
 
 
 def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: np.ndarray,

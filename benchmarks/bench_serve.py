@@ -1,0 +1,191 @@
+"""Certifying new inputs with a kept ensemble: HTTP latency, batched vs one-by-one, memory.
+
+Three measurements, side by side in one run, printed with the machine:
+
+1. ``dpcert serve`` on loopback: median and 90th-percentile latency of ``POST /certify`` with
+   one PNG image (decode, ScatterNet features, all P models, certificate; group tables built
+   at start), over ``--requests`` sequential requests.
+2. Batched certification (:meth:`Ensemble.certify`, instances streamed in blocks as stacked
+   computations) against the reference a user without dpcert would write: load each
+   instance's file and run it on the batch, one instance at a time. Reported per image, with
+   the ratio, and checked to give the same votes.
+3. Peak memory (max RSS of a fresh process) of certifying a batch with a P = ``--big``
+   ensemble. The big ensemble is made by repeating the run's instances with small random
+   perturbations (weights only matter for the votes, not for memory or time).
+
+Run (after training the run, see docs/benchmarks.md):
+    python benchmarks/bench_serve.py runs/fashion-mnist_sigma3_best --data-dir data/fashion-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def http_latency(run_dir: Path, images: np.ndarray, requests: int) -> tuple[float, float, float]:
+    import uvicorn
+
+    from dpcert.workflows.ensemble import load_ensemble
+    from dpcert.workflows.serve import create_app
+
+    t0 = time.perf_counter()
+    app = create_app(load_ensemble(run_dir))
+    start_s = time.perf_counter() - t0
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not (srv.started and srv.servers):
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}/certify"
+    bodies = [_png(images[i % len(images)]) for i in range(requests)]
+    times = []
+    for i, body in enumerate(bodies):
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"})
+        t = time.perf_counter()
+        with urllib.request.urlopen(req) as resp:
+            json.loads(resp.read())
+        if i >= 3:  # the first requests warm caches and allocators
+            times.append(time.perf_counter() - t)
+    srv.should_exit = True
+    times.sort()
+    return statistics.median(times), times[int(0.9 * len(times))], start_s
+
+
+def one_by_one(run_dir: Path, x: np.ndarray, instances: int) -> np.ndarray:
+    """The reference: each instance's file loaded and run alone on the batch; votes (N, L)."""
+    import torch
+
+    from dpcert.learning.inference import score_instances
+    from dpcert.store import load_tensors
+    from dpcert.workflows.ensemble import load_ensemble, model_path
+
+    info = load_ensemble(run_dir).info
+    xin = torch.from_numpy(info.input.to_model_input(x))
+    votes = np.zeros((len(x), info.num_classes), np.int64)
+    for i in range(instances):
+        params, _ = load_tensors(model_path(run_dir, i))
+        p = {k: torch.from_numpy(v)[None] for k, v in params.items()}
+        s = score_instances(info.model, p, xin, in_channels=info.input.shape[0],
+                            num_classes=info.num_classes)[0]
+        np.add.at(votes, (np.arange(len(x)), s.argmax(1)), 1)
+    return votes
+
+
+def big_memory(run_dir: Path, big: int, batch: int, data_dir: str) -> tuple[float, float]:
+    """Peak RSS (MB) and seconds of certifying ``batch`` inputs with a P = ``big`` ensemble,
+    in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.safetensors"
+        code = f"""
+import json, hashlib, numpy as np
+from safetensors.numpy import save
+from dpcert.workflows.ensemble import load_ensemble, EnsembleInfo, FORMAT
+from dpcert.store import tensors_digest
+import dataclasses
+ens = load_ensemble({str(run_dir)!r})
+p = ens.info.instances
+base = ens._source.read(0, p)
+rng = np.random.default_rng(0)
+reps = -(-{big} // p)
+stacked = {{k: np.concatenate([v] * reps)[:{big}] for k, v in base.items()}}
+for v in stacked.values():
+    v += rng.normal(0, 1e-3, v.shape).astype(np.float32)
+info = dataclasses.replace(ens.info, instances={big})
+header = json.dumps(info.to_dict(), sort_keys=True)
+digests = json.dumps([tensors_digest({{n: a[i] for n, a in stacked.items()}})
+                      for i in range({big})])
+meta = {{"dpcert": header, "instance_sha256": digests,
+        "header_sha256": hashlib.sha256((header + digests).encode()).hexdigest()}}
+open({str(path)!r}, "wb").write(save(stacked, metadata=meta))
+"""
+        subprocess.run([sys.executable, "-c", code], check=True)
+        measure = f"""
+import resource, time
+import numpy as np
+from dpcert.learning.data import load_dataset
+from dpcert.workflows.ensemble import load_ensemble
+x = load_dataset({load_name(run_dir)!r}, {data_dir!r}).x_test[:{batch}]
+t = time.perf_counter()
+cert = load_ensemble({str(path)!r}).certify(x)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+        out = subprocess.run([sys.executable, "-c", measure], check=True, capture_output=True,
+                             text=True).stdout.split()
+        return float(out[1]), float(out[0])
+
+
+def load_name(run_dir: Path) -> str:
+    return json.loads((run_dir / "ensemble.json").read_text())["dataset"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--data-dir", default=None, help="the dataset's folder (test images)")
+    ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=1000, help="images in the batched test")
+    ap.add_argument("--reference-instances", type=int, default=100,
+                    help="instances the one-by-one reference runs (its time is scaled to P)")
+    ap.add_argument("--big", type=int, default=10_000)
+    args = ap.parse_args()
+
+    from dpcert.learning.data import load_dataset
+    from dpcert.workflows.ensemble import load_ensemble
+
+    data = load_dataset(load_name(args.run_dir), args.data_dir)
+    images = (data.x_test[: max(args.batch, 64), 0] * 255).round().astype(np.uint8)
+    ens = load_ensemble(args.run_dir)
+    p = ens.info.instances
+    print(f"machine: {machine()}")
+    print(f"ensemble: {ens}")
+
+    med, p90, start = http_latency(args.run_dir, images, args.requests)
+    print(f"HTTP POST /certify, one PNG: median {med * 1e3:.1f} ms, p90 {p90 * 1e3:.1f} ms "
+          f"over {args.requests - 3} requests (server start incl. tables: {start:.1f} s)")
+
+    x = data.x_test[: args.batch]
+    ens.load()
+    ens.certify(x[:8])  # tables and features warm
+    t = time.perf_counter()
+    _, pred = ens.certify_with_votes(x)
+    batched = (time.perf_counter() - t) / len(x)
+    k = min(args.reference_instances, p)
+    t = time.perf_counter()
+    ref_votes = one_by_one(args.run_dir, x, k)
+    reference = (time.perf_counter() - t) / len(x) * p / k
+    same = np.array_equal(ref_votes, load_ensemble(args.run_dir).predict(x).votes) if k == p \
+        else "n/a (reference ran a subset)"
+    print(f"batched certify: {batched * 1e3:.2f} ms/image ({len(x)} images, P = {p}); "
+          f"one-by-one reference: {reference * 1e3:.2f} ms/image (measured on {k} instances, "
+          f"scaled to P); ratio {reference / batched:.1f}x; same votes: {same}")
+
+    rss, secs = big_memory(args.run_dir, args.big, args.batch, args.data_dir)
+    print(f"P = {args.big}: certified {args.batch} images in {secs:.1f} s, peak RSS {rss:.0f} MB "
+          f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

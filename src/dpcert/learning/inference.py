@@ -1,0 +1,69 @@
+"""Trained instances as plain arrays, and scoring inputs with them.
+
+A trained instance is kept as a dict of float32 numpy arrays (its parameters), so that any
+storage format can hold it and nothing torch-specific (no pickle) is ever loaded. This module
+turns the engines' stacked tensors into such dicts and back: :func:`instance_params` after
+training, :func:`score_instances` to run K stored instances on inputs as one stacked
+computation — the same prediction functions the engines use at the end of training, so a
+stored instance scores exactly as it did then.
+
+Parameter names: the linear model has ``weight`` (D, L) and ``bias`` (L,), the bias already
+scaled by the bias feature (b = s beta); image models have their ``named_parameters`` names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpcert.errors import UserError
+
+
+def instance_params(stacked: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    """Split stacked parameters {name: (K, ...)} into K per-instance float32 dicts."""
+    host = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in stacked.items()}
+    k = next(iter(host.values())).shape[0]
+    return [{name: np.ascontiguousarray(a[i]) for name, a in host.items()} for i in range(k)]
+
+
+def stack_params(params: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """K per-instance dicts with the same names and shapes -> {name: (K, ...)}."""
+    names = sorted(params[0])
+    for p in params[1:]:
+        if sorted(p) != names or any(p[n].shape != params[0][n].shape for n in names):
+            raise UserError("stored instances have different parameter names or shapes")
+    return {n: np.stack([p[n] for p in params]) for n in names}
+
+
+def expected_shapes(model: str, in_channels: int, num_classes: int,
+                    feature_dim: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of one instance of ``model`` (the linear model needs ``feature_dim``)."""
+    if model == "linear":
+        if feature_dim is None:
+            raise UserError("the linear model's parameter shapes need the feature dimension")
+        return {"weight": (feature_dim, num_classes), "bias": (num_classes,)}
+    from dpcert.learning.models import build_model
+    from dpcert.learning.stacked import on_host
+
+    with on_host(0):
+        base = build_model(model, in_channels, num_classes)
+    return {k: tuple(v.shape) for k, v in base.named_parameters()}
+
+
+@torch.no_grad()
+def score_instances(model: str, params: dict[str, torch.Tensor], x: torch.Tensor, *,
+                    in_channels: int, num_classes: int) -> np.ndarray:
+    """Softmax scores (K, N, L), float32 on the host, of K stored instances on inputs x.
+
+    ``params`` are stacked (K, ...) tensors on x's device; x is (N, D) features for the linear
+    model, (N, C, H, W) images otherwise."""
+    if model == "linear":
+        from dpcert.learning.linear import predict_linear
+
+        return predict_linear(params["weight"], params["bias"], x)
+    from dpcert.learning.models import build_model
+    from dpcert.learning.stacked import Stacked, on_host, predict_stacked
+
+    with on_host(0):
+        base = build_model(model, in_channels, num_classes)
+    return predict_stacked(Stacked(base.to(x.device).eval(), params), x)

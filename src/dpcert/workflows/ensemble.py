@@ -1,0 +1,411 @@
+"""A kept, certified ensemble: load it, run it on any input, certify each prediction.
+
+A run keeps every trained instance (``instances/inst_NNNNNN.safetensors``: float32
+parameters and their checksum, written atomically beside the unit's scores) and describes the
+whole ensemble in ``ensemble.json``: model family, number of labels, the input specification
+(:class:`~dpcert.learning.inputs.InputSpec`: image shape, raw pixel range, feature map), and
+the training settings; ``mechanism.json`` holds the mechanism record. That is everything
+needed to rebuild and run the instances without the training data.
+
+:func:`load_ensemble` opens a run directory or a file written by :func:`export_ensemble`
+(one safetensors file: every parameter stacked over instances, the description and the
+per-instance checksums in its header). :class:`Ensemble` streams the instances in blocks, so
+P = 10,000 fits in memory, verifies each instance's checksum as it reads it (a damaged or
+altered model is refused, never used), and certifies with the same functions as ``dpcert
+certify`` — so certifying a run's own test set through a loaded ensemble reproduces the run's
+``certificates.csv``.
+
+What the checksums do and do not give: they detect damaged and accidentally altered files.
+Whoever can write the file can also rewrite its checksums; to know that a file is the one
+you trained, compare its sha256 (printed by ``dpcert export``) with the one you recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpcert.certification.accounting import AccountingSpec, GroupBounds, default_cache_dir
+from dpcert.certification.certify import (
+    Certificates,
+    certified_accuracy,
+    confidence_bounds,
+    search_radius,
+)
+from dpcert.certification.mechanism import MechanismRecord
+from dpcert.errors import UserError
+from dpcert.learning.inputs import InputSpec
+from dpcert.store import atomic_write_text, load_tensors, tensors_digest
+
+ENSEMBLE_FILE = "ensemble.json"
+FORMAT, VERSION = "dpcert-ensemble", 1
+#: Radii at which the test-set certified accuracy curve is kept in an ensemble's description.
+CURVE_POINTS = 64
+#: Parameters read per block when streaming instances (bytes of float32).
+BLOCK_BYTES = 1 << 26
+
+
+def model_path(run_dir: Path, instance: int) -> Path:
+    return Path(run_dir) / "instances" / f"inst_{instance:06d}.safetensors"
+
+
+def keeps_models(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` keeps its trained models (runs written by dpcert 0.1 did
+    not: they hold only each instance's test-set scores)."""
+    return (Path(run_dir) / ENSEMBLE_FILE).exists()
+
+
+def model_ok(run_dir: Path, instance: int) -> bool:
+    return load_tensors(model_path(run_dir, instance)) is not None
+
+
+@dataclass(frozen=True)
+class EnsembleInfo:
+    """What an ensemble is: enough to rebuild, run and certify it (a JSON object on disk)."""
+
+    dataset: str
+    model: str
+    num_classes: int
+    instances: int
+    input: InputSpec
+    mechanism: MechanismRecord
+    eta: float
+    max_radius: int
+    training: dict = field(default_factory=dict)
+    #: certified accuracy of the run's own test set: {"radii": [...], "ca": [...], ...}
+    test_curve: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "dataset": self.dataset,
+                "model": self.model, "num_classes": self.num_classes,
+                "instances": self.instances, "input": self.input.to_dict(),
+                "mechanism": self.mechanism.to_dict(), "eta": self.eta,
+                "max_radius": self.max_radius, "training": self.training,
+                "test_curve": self.test_curve}
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> EnsembleInfo:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise UserError(f"{where} does not describe a dpcert ensemble")
+        if d.get("version") != VERSION:
+            raise UserError(f"{where} is ensemble format version {d.get('version')!r}; this "
+                            f"dpcert reads version {VERSION}")
+        try:
+            return cls(dataset=str(d["dataset"]), model=str(d["model"]),
+                       num_classes=int(d["num_classes"]), instances=int(d["instances"]),
+                       input=InputSpec.from_dict(d["input"]),
+                       mechanism=MechanismRecord.from_dict(d["mechanism"]),
+                       eta=float(d["eta"]), max_radius=int(d["max_radius"]),
+                       training=dict(d.get("training") or {}), test_curve=d.get("test_curve"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{where} is damaged: {err}") from None
+
+
+def write_info(run_dir: Path, info: EnsembleInfo) -> None:
+    atomic_write_text(Path(run_dir) / ENSEMBLE_FILE,
+                      json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _read_info(run_dir: Path) -> EnsembleInfo:
+    path = Path(run_dir) / ENSEMBLE_FILE
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err})") from None
+    info = EnsembleInfo.from_dict(d, str(path))
+    # The mechanism that certifies is the run's record, not a copy that could drift.
+    mech = MechanismRecord.load(Path(run_dir) / "mechanism.json")
+    if mech != info.mechanism:
+        raise UserError(f"{path} and mechanism.json disagree; the run directory is damaged")
+    return info
+
+
+def test_curve(run_dir: Path, max_radius: int) -> dict | None:
+    """Certified accuracy of a run's test set from its certificates.csv and labels.npy."""
+    csv, labels = Path(run_dir) / "certificates.csv", Path(run_dir) / "labels.npy"
+    if not (csv.exists() and labels.exists()):
+        return None
+    rows = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    cert = Certificates(rows[:, 1], rows[:, 2], np.zeros(len(rows)), np.zeros(len(rows)))
+    top = int(max(1, rows[:, 2].max()))
+    radii = np.unique(np.linspace(0, min(top, max_radius), CURVE_POINTS).round().astype(int))
+    ca = certified_accuracy(cert, np.load(labels), radii)
+    return {"radii": radii.tolist(), "ca": [round(float(c), 6) for c in ca],
+            "method": "pld, sound, votes", "test_points": len(rows)}
+
+
+# -- where the instances come from -------------------------------------------------------------
+
+
+class _RunDirSource:
+    """Instances of a run directory, one safetensors file each."""
+
+    def __init__(self, run_dir: Path, info: EnsembleInfo) -> None:
+        self.run_dir, self.info = Path(run_dir), info
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        from dpcert.learning.inference import stack_params
+
+        params = []
+        for i in range(start, stop):
+            got = load_tensors(model_path(self.run_dir, i))
+            if got is None:
+                raise UserError(f"model of instance {i} in {self.run_dir} is missing, damaged or "
+                                "fails its checksum; refusing to use it (rerun dpcert run on "
+                                "the same directory to retrain it)")
+            params.append(got[0])
+        return stack_params(params)
+
+
+class _ExportSource:
+    """Instances of an exported file: parameters stacked (P, ...), read a slice at a time."""
+
+    def __init__(self, path: Path, digests: list[str], names: list[str]) -> None:
+        self.path, self.digests, self.names = Path(path), digests, names
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                block = {n: f.get_slice(n)[start:stop] for n in self.names}
+        except (OSError, SafetensorError, ValueError) as err:
+            raise UserError(f"cannot read models from {self.path}: {err}") from None
+        for j, i in enumerate(range(start, stop)):
+            if tensors_digest({n: a[j] for n, a in block.items()}) != self.digests[i]:
+                raise UserError(f"model of instance {i} in {self.path} fails its checksum; "
+                                "the file is damaged or altered, refusing to use it")
+        return block
+
+
+def _open_export(path: Path) -> tuple[EnsembleInfo, _ExportSource]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as err:
+        raise UserError(f"{path} is not a readable dpcert ensemble file: {err}") from None
+    try:
+        header = meta["dpcert"]
+        digests = json.loads(meta["instance_sha256"])
+        if hashlib.sha256((header + meta["instance_sha256"]).encode()).hexdigest() != meta[
+                "header_sha256"]:
+            raise UserError(f"{path}: the ensemble description fails its checksum; refusing")
+        info = EnsembleInfo.from_dict(json.loads(header), str(path))
+    except (KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a dpcert ensemble file (header: {err})") from None
+    if len(digests) != info.instances or any(s[0] != info.instances for s in shapes.values()):
+        raise UserError(f"{path}: the number of instances does not match its description")
+    return info, _ExportSource(path, digests, sorted(shapes))
+
+
+# -- the ensemble --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Votes (N, L) int64 — instance i votes for the argmax of its float32 scores — and mean
+    softmax scores (N, L); ``scores`` (P, N, L) float32 when asked for."""
+
+    votes: np.ndarray
+    mean_scores: np.ndarray
+    scores: np.ndarray | None = None
+
+
+class Ensemble:
+    """P kept instances, their input specification and mechanism record (see module docs).
+
+    Use :func:`load_ensemble` to get one. ``device``: where the instances run ("cpu" or
+    "cuda"). Thread-safe: a server may call :meth:`certify` from several threads."""
+
+    def __init__(self, info: EnsembleInfo, source, *, device: str = "cpu",
+                 origin: str = "") -> None:
+        self.info, self._source, self.device, self.origin = info, source, device, origin
+        self._resident: list[dict] | None = None
+        self._bounds: dict[AccountingSpec, GroupBounds] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"Ensemble({self.info.instances} x {self.info.model} on {self.info.dataset}, "
+                f"{self.info.input.describe()}, from {self.origin})")
+
+    @property
+    def mechanism(self) -> MechanismRecord:
+        return self.info.mechanism
+
+    def _block_size(self) -> int:
+        first = self._source.read(0, 1)
+        per = sum(a[0].nbytes for a in first.values())
+        return max(1, min(self.info.instances, BLOCK_BYTES // max(1, per)))
+
+    def _blocks(self) -> Iterator[dict]:
+        import torch
+
+        if self._resident is not None:
+            yield from self._resident
+            return
+        k, p = self._block_size(), self.info.instances
+        for start in range(0, p, k):
+            block = self._source.read(start, min(p, start + k))
+            yield {n: torch.from_numpy(a).to(self.device) for n, a in block.items()}
+
+    def load(self) -> Ensemble:
+        """Read and verify every instance once and keep them on the device (a server does
+        this at start: each request then runs on resident weights). Returns self."""
+        self._resident = None
+        self._resident = list(self._blocks())
+        return self
+
+    def model_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in any accepted form (:class:`~dpcert.learning.inputs.InputSpec`) -> what the
+        instances take (images or features)."""
+        return self.info.input.to_model_input(np.asarray(x))
+
+    def predict(self, x: np.ndarray, *, keep_scores: bool = False,
+                progress: bool = False) -> Prediction:
+        """Run every instance on inputs ``x``: votes and mean scores per input."""
+        import torch
+
+        from dpcert.learning.inference import score_instances
+
+        xin = torch.from_numpy(self.model_input(x)).to(self.device)
+        n, labels = len(xin), self.info.num_classes
+        votes = np.zeros((n, labels), np.int64)
+        total = np.zeros((n, labels), np.float64)
+        kept = []
+        bar = _bar(progress, self.info.instances)
+        rows = np.arange(n)
+        for block in self._blocks():
+            s = score_instances(self.info.model, block, xin,
+                                in_channels=self.info.input.shape[0], num_classes=labels)
+            if s.shape[1:] != (n, labels):
+                raise UserError(f"the stored models give {s.shape[2]} labels, the ensemble "
+                                f"describes {labels}")
+            for si in s:  # votes from float32 scores, as the run counted them
+                np.add.at(votes, (rows, si.argmax(axis=1)), 1)
+            total += s.sum(axis=0, dtype=np.float64)
+            if keep_scores:
+                kept.append(s)
+            if bar is not None:
+                bar.update(len(s))
+        if bar is not None:
+            bar.close()
+        return Prediction(votes, total / self.info.instances,
+                          np.concatenate(kept) if keep_scores else None)
+
+    def group_bounds(self, spec: AccountingSpec) -> GroupBounds:
+        """The group tables of this mechanism under ``spec``, built once and kept."""
+        with self._lock:
+            if spec not in self._bounds:
+                self._bounds[spec] = GroupBounds(self.mechanism, spec,
+                                                 cache_dir=default_cache_dir())
+            return self._bounds[spec]
+
+    def certify(self, x: np.ndarray, *, eta: float | None = None, accounting: str = "pld",
+                group: str = "sound", inference: str = "multinomial", bound: str | None = None,
+                max_radius: int | None = None, progress: bool = False) -> Certificates:
+        """Prediction and certified radius per input (radius -1: abstain), as
+        :func:`dpcert.certify` gives them for this ensemble's outputs on ``x``. Defaults:
+        the run's eta and largest radius, PLD accounting, sound group privacy, votes."""
+        return self.certify_with_votes(x, eta=eta, accounting=accounting, group=group,
+                                       inference=inference, bound=bound,
+                                       max_radius=max_radius, progress=progress)[0]
+
+    def certify_with_votes(self, x: np.ndarray, *, eta: float | None = None,
+                           accounting: str = "pld", group: str = "sound",
+                           inference: str = "multinomial", bound: str | None = None,
+                           max_radius: int | None = None, progress: bool = False
+                           ) -> tuple[Certificates, Prediction]:
+        """:meth:`certify`, also returning the :class:`Prediction` it rests on."""
+        spec = AccountingSpec(accounting=accounting, group=group,
+                              max_radius=self.info.max_radius if max_radius is None
+                              else max_radius)
+        eta = self.info.eta if eta is None else eta
+        pred = self.predict(x, keep_scores=inference == "scores", progress=progress)
+        outputs = pred.votes if inference == "multinomial" else pred.scores
+        conf = confidence_bounds(outputs, inference=inference, eta=eta, bound=bound)
+        bounds = self.group_bounds(spec)
+        with self._lock:  # the tables grow in place as larger radii are probed
+            radius = search_radius(conf, bounds, max_radius=spec.max_radius)
+        return Certificates(conf.prediction, radius, conf.p_lower, conf.p_upper), pred
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="running instances", unit="inst", leave=False)
+
+
+def load_ensemble(path: str | Path, *, device: str = "cpu") -> Ensemble:
+    """A kept ensemble from a run directory or an exported file (``dpcert export``).
+
+    Raises :class:`~dpcert.errors.UserError` for anything that is not a complete, intact
+    ensemble — including runs made before models were kept, which can still certify their
+    own test set (``dpcert certify``) but cannot predict new inputs."""
+    from dpcert.errors import check_device
+
+    check_device(device)
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} is not a dpcert run directory (no config.json)")
+        if not keeps_models(path):
+            raise UserError(f"{path} was trained by a dpcert that kept no models: it can "
+                            "certify its own test set (dpcert certify) but not predict new "
+                            "inputs; retrain into a new directory to get models")
+        info = _read_info(path)
+        curve = test_curve(path, info.max_radius)
+        if curve is not None:
+            info = dataclasses.replace(info, test_curve=curve)
+        return Ensemble(info, _RunDirSource(path, info), device=device, origin=str(path))
+    if not path.exists():
+        raise UserError(f"no ensemble at {path} (neither a run directory nor a file)")
+    info, source = _open_export(path)
+    return Ensemble(info, source, device=device, origin=str(path))
+
+
+def export_ensemble(run_dir: str | Path, out: str | Path, *, progress: bool = False) -> str:
+    """Write a run's ensemble into one portable safetensors file; returns the file's sha256.
+
+    Every parameter is stacked over instances (P, ...), float32; the header holds the
+    description (model, input specification, mechanism, training settings, test-set curve),
+    each instance's checksum and a checksum of the header. Each instance is verified as it is
+    read. The file is written atomically."""
+    from safetensors.numpy import save
+
+    ens = load_ensemble(run_dir)
+    if not isinstance(ens._source, _RunDirSource):
+        raise UserError(f"{run_dir} is already an exported file; copy it instead")
+    p = ens.info.instances
+    k = ens._block_size()
+    bar = _bar(progress, p)
+    blocks = []
+    for start in range(0, p, k):
+        blocks.append(ens._source.read(start, min(p, start + k)))
+        if bar is not None:
+            bar.update(min(p, start + k) - start)
+    if bar is not None:
+        bar.close()
+    stacked = {n: np.concatenate([b[n] for b in blocks]) for n in blocks[0]}
+    del blocks
+    digests = [tensors_digest({n: a[i] for n, a in stacked.items()}) for i in range(p)]
+    header = json.dumps(ens.info.to_dict(), sort_keys=True)
+    digest_json = json.dumps(digests)
+    meta = {"dpcert": header, "instance_sha256": digest_json,
+            "header_sha256": hashlib.sha256((header + digest_json).encode()).hexdigest()}
+    blob = save(stacked, metadata=meta)
+    from dpcert.store import atomic_write
+
+    atomic_write(Path(out), lambda h: h.write(blob))
+    return hashlib.sha256(blob).hexdigest()

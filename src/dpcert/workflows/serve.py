@@ -1,0 +1,191 @@
+"""``dpcert serve``: a kept ensemble behind HTTP (an ASGI app: FastAPI, run by uvicorn).
+
+Endpoints:
+
+* ``POST /certify`` — a JSON body ``{"inputs": [...]}`` (a batch in any form
+  :class:`~dpcert.learning.inputs.InputSpec` accepts, as nested lists) or ``{"images":
+  ["<base64 PNG/JPEG>", ...]}``, or one encoded image as the raw body (``Content-Type:
+  image/png``, ``image/jpeg``, ...). Answers ``{"results": [...], "eta": ..., "mechanism":
+  ..., ...}``: per input the prediction, its certified radius (-1: abstain), the top two
+  labels' votes, all votes, and the confidence bounds the certificate rests on.
+* ``GET /health`` — liveness; ``GET /ensemble`` — what is loaded (dataset, P, learner,
+  input, mechanism, the test-set certified accuracy curve).
+* ``GET /`` — a page to upload or draw an image and see its certificate.
+
+The ensemble is loaded, verified and kept in memory once at start, and the group tables are
+built up to the largest radius any input could certify, so a request costs the instances'
+forward passes and a table look-up. Bad requests get a 4xx answer with a JSON ``error``
+message and change nothing; the server listens on loopback unless told otherwise.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
+# (``request: Request``) at run time, from names local to create_app.
+import base64
+import binascii
+import json
+from importlib import resources
+
+import numpy as np
+
+from dpcert.certification.accounting import AccountingSpec
+from dpcert.certification.certify import confidence_bounds, search_radius
+from dpcert.errors import UserError
+from dpcert.learning.inputs import decode_image
+from dpcert.workflows.ensemble import Ensemble
+
+#: Largest request body accepted (bytes) and largest batch of inputs.
+MAX_BODY = 16 << 20
+MAX_BATCH = 1024
+
+
+def _require_web():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("dpcert serve needs FastAPI and uvicorn: pip install 'dpcert[serve]'"
+                        ) from None
+
+
+def warm_up(ens: Ensemble, spec: AccountingSpec, eta: float) -> None:
+    """Build the group tables every possible answer needs: a unanimous vote certifies the
+    largest radius any input can, so certifying one builds all tables up to it."""
+    votes = np.zeros((1, ens.info.num_classes), np.int64)
+    votes[0, 0] = ens.info.instances
+    conf = confidence_bounds(votes, inference="multinomial", eta=eta)
+    search_radius(conf, ens.group_bounds(spec), max_radius=spec.max_radius)
+
+
+def result_rows(cert, pred) -> list[dict]:
+    """Per input: prediction, radius, the top two labels and their votes, all votes, bounds."""
+    rows = []
+    for i in range(len(cert)):
+        v = pred.votes[i]
+        order = np.argsort(-v, kind="stable")
+        rows.append({"prediction": int(cert.prediction[i]), "radius": int(cert.radius[i]),
+                     "certified": bool(cert.radius[i] >= 0),
+                     "top_label": int(order[0]), "top_votes": int(v[order[0]]),
+                     "runner_up": int(order[1]), "runner_up_votes": int(v[order[1]]),
+                     "votes": v.tolist(), "p_lower": float(cert.p_lower[i]),
+                     "p_upper": float(cert.p_upper[i])})
+    return rows
+
+
+def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pld",
+               max_radius: int | None = None, max_batch: int = MAX_BATCH,
+               max_body: int = MAX_BODY):
+    """The ASGI app serving ``ens`` (loaded and warmed up here)."""
+    _require_web()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    eta = ens.info.eta if eta is None else eta
+    spec = AccountingSpec(accounting=accounting, max_radius=max_radius or ens.info.max_radius)
+    ens.load()
+    warm_up(ens, spec, eta)
+    info = ens.info.to_dict()
+    settings = {"eta": eta, "accounting": accounting, "group": "sound",
+                "inference": "multinomial", "max_radius": spec.max_radius}
+    app = FastAPI(title="dpcert", description="Certified predictions against training-data "
+                  "poisoning", docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # the server keeps answering
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "instances": ens.info.instances}
+
+    @app.get("/ensemble")
+    def ensemble() -> dict:
+        return {**info, "serving": settings}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return resources.files("dpcert.workflows").joinpath("page.html").read_text()
+
+    def _inputs(body: bytes, content_type: str) -> np.ndarray:
+        if content_type.startswith("image/"):
+            return decode_image(body, ens.info.input, "the uploaded image")[None]
+        if not content_type.startswith("application/json"):
+            raise UserError("send JSON ({\"inputs\": [...]} or {\"images\": [...]}) or one "
+                            f"image (Content-Type image/png or image/jpeg), not {content_type!r}")
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"the body is not valid JSON ({err})") from None
+        if not isinstance(doc, dict) or len({"inputs", "images"} & set(doc)) != 1:
+            raise UserError("the JSON body must be an object with one key: inputs (arrays) or "
+                            "images (base64-encoded image files)")
+        if "images" in doc:
+            images = doc["images"]
+            if not isinstance(images, list) or not images:
+                raise UserError("images must be a non-empty list of base64 strings")
+            if len(images) > max_batch:
+                raise UserError(f"at most {max_batch} inputs per request, got {len(images)}")
+            out = []
+            for j, s in enumerate(images):
+                try:
+                    raw = base64.b64decode(s, validate=True)
+                except (binascii.Error, TypeError, ValueError):
+                    raise UserError(f"images[{j}] is not base64") from None
+                out.append(decode_image(raw, ens.info.input, f"images[{j}]"))
+            return np.stack(out)
+        items = doc["inputs"]
+        if not isinstance(items, list) or not items:
+            raise UserError("inputs must be a non-empty list of arrays")
+        if len(items) > max_batch:
+            raise UserError(f"at most {max_batch} inputs per request, got {len(items)}")
+        try:
+            x = np.asarray(items)
+        except ValueError:
+            x = np.asarray([0], dtype=object)
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise UserError("inputs must be arrays of numbers, all of the same shape")
+        return x
+
+    def _certify(body: bytes, content_type: str) -> dict:
+        x = _inputs(body, content_type)
+        cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
+                                            max_radius=spec.max_radius)
+        return {"results": result_rows(cert, pred), **settings,
+                "mechanism": info["mechanism"], "instances": ens.info.instances}
+
+    @app.post("/certify")
+    async def certify(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            return error(413, f"request body over {max_body} bytes")
+        body, seen = bytearray(), 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen <= max_body:
+                body += chunk
+            elif seen > 4 * max_body:
+                break  # read on a little so that the client gets the answer; then stop
+        if seen > max_body:
+            return error(413, f"request body over {max_body} bytes")
+        if not body:
+            return error(400, "empty request body")
+        content_type = request.headers.get("content-type", "").lower()
+        try:
+            return await run_in_threadpool(_certify, bytes(body), content_type)
+        except UserError as err:
+            return error(400, str(err))
+        except MemoryError:
+            return error(413, "the batch is too large for this server's memory")
+
+    return app
+
+
+def serve(ens: Ensemble, *, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
+    """Run the app with uvicorn until interrupted."""
+    _require_web()
+    import uvicorn
+
+    uvicorn.run(create_app(ens, **settings), host=host, port=port, log_level="info")

@@ -1,0 +1,223 @@
+"""`dpcert serve`: answers equal Ensemble.certify, bad requests get one 4xx JSON error and
+change nothing, concurrent clients on loopback get correct answers, and the page works in a
+real browser (Debian's headless Chromium, driven by Playwright)."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpcert.learning.data import load_digits
+from dpcert.workflows.ensemble import load_ensemble
+from dpcert.workflows.run import RunConfig, run
+from dpcert.workflows.serve import create_app
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("served")
+    run(RunConfig(instances=30, steps=60, sample_rate=0.05, noise_multiplier=2.0, workers=2,
+                  eta=0.05, max_radius=20), out, progress=False)
+    ens = load_ensemble(out)
+    app = create_app(ens, max_batch=64, max_body=1 << 20)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (srv.started and srv.servers):
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", load_ensemble(out)
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _post(url, body: bytes, content_type="application/json"):
+    req = urllib.request.Request(url + "/certify", data=body, method="POST",
+                                 headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _get(url, path):
+    with urllib.request.urlopen(url + path, timeout=30) as resp:
+        return resp.status, resp.read()
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_answers_equal_ensemble_certify(server):
+    url, ens = server
+    x = load_digits().x_test[:20]
+    status, doc = _post(url, json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200
+    cert, pred = ens.certify_with_votes(x)
+    assert [r["prediction"] for r in doc["results"]] == cert.prediction.tolist()
+    assert [r["radius"] for r in doc["results"]] == cert.radius.tolist()
+    assert [r["votes"] for r in doc["results"]] == pred.votes.tolist()
+    assert doc["eta"] == ens.info.eta and doc["mechanism"] == ens.mechanism.to_dict()
+    r0 = doc["results"][0]
+    assert r0["top_votes"] == max(r0["votes"]) and r0["top_votes"] >= r0["runner_up_votes"]
+
+
+def test_image_uploads_equal_the_decoded_image(server):
+    url, ens = server
+    img = (load_digits().x_test[3, 0] * 255).astype(np.uint8)
+    png = _png(img)
+    status, raw_doc = _post(url, png, "image/png")
+    assert status == 200
+    expected = ens.certify((img / 255.0).astype(np.float32)[None])
+    assert raw_doc["results"][0]["radius"] == int(expected.radius[0])
+    assert raw_doc["results"][0]["prediction"] == int(expected.prediction[0])
+    status, b64_doc = _post(url, json.dumps({"images": [base64.b64encode(png).decode()] * 2}
+                                            ).encode())
+    assert status == 200 and b64_doc["results"] == raw_doc["results"] * 2
+
+
+@pytest.mark.parametrize(("body", "ctype", "code", "message"), [
+    (b"{not json", "application/json", 400, "not valid JSON"),
+    (b'{"inputs": []}', "application/json", 400, "non-empty"),
+    (b'{"inputs": [[1, 2], [3]]}', "application/json", 400, "same shape"),
+    (json.dumps({"inputs": np.zeros((2, 5, 5)).tolist()}).encode(), "application/json", 400,
+     "shape"),
+    (json.dumps({"inputs": np.zeros((65, 8, 8)).tolist()}).encode(), "application/json", 400,
+     "at most 64"),
+    (json.dumps({"inputs": np.full((1, 8, 8), 3.5).tolist()}).encode(), "application/json",
+     400, r"[0, 1]"),
+    (b'{"images": ["%%%"]}', "application/json", 400, "base64"),
+    (b"GIF89a broken", "image/png", 400, "not a readable image"),
+    (b"", "application/json", 400, "empty"),
+    (b"a,b", "text/csv", 400, "Content-Type"),
+])
+def test_bad_requests_get_one_json_error_and_the_server_keeps_answering(
+        server, body, ctype, code, message):
+    url, _ = server
+    status, doc = _post(url, body, ctype)
+    assert status == code and message in doc["error"]
+    status, health = _get(url, "/health")
+    assert status == 200 and json.loads(health)["status"] == "ok"
+
+
+def _raw_exchange(url: str, head: bytes, body_chunks: list[bytes]) -> bytes:
+    """Send a request by hand, tolerate the server closing early, return what it answered."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        try:
+            sock.sendall(head)
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may refuse before the whole body is sent
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_oversized_bodies_are_refused_with_413(server):
+    url, _ = server
+    # declared too large: refused before the body is read
+    answer = _raw_exchange(url, b"POST /certify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 99999999\r\n"
+                           b"Connection: close\r\n\r\n", [])
+    assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer
+    # streamed without a length: refused once the limit is passed
+    chunk = b"x" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 20 + [b"0\r\n\r\n"]
+    answer = _raw_exchange(url, b"POST /certify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nTransfer-Encoding: chunked\r\n"
+                           b"Connection: close\r\n\r\n", chunks)
+    assert answer.startswith(b"HTTP/1.1 413")
+    status, health = _get(url, "/health")
+    assert status == 200
+
+
+def test_concurrent_clients_get_correct_answers(server):
+    url, ens = server
+    x = load_digits().x_test[:32]
+    cert = ens.certify(x)
+
+    def one(i):
+        status, doc = _post(url, json.dumps({"inputs": x[i:i + 1].tolist()}).encode())
+        return status, doc["results"][0]["prediction"], doc["results"][0]["radius"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(32)))
+    assert got == [(200, int(p), int(r)) for p, r in zip(cert.prediction, cert.radius,
+                                                             strict=True)]
+
+
+def test_ensemble_description(server):
+    url, ens = server
+    status, body = _get(url, "/ensemble")
+    info = json.loads(body)
+    assert status == 200 and info["instances"] == ens.info.instances
+    assert info["test_curve"]["radii"][0] == 0 and len(info["test_curve"]["ca"]) >= 2
+    assert info["input"]["shape"] == [1, 8, 8]
+
+
+@pytest.mark.skipif(not (Path(CHROMIUM).exists() or os.environ.get("DPCERT_REQUIRE_BROWSER")),
+                    reason="headless Chromium not installed (CI installs it)")
+def test_page_in_a_real_browser(server, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    shot = tmp_path / "page.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('about').textContent.includes('×')")
+        box = page.locator("#pad").bounding_box()
+        page.mouse.move(box["x"] + 112, box["y"] + 30)
+        page.mouse.down()
+        for y in range(30, 200, 8):  # a vertical stroke: a "1"
+            page.mouse.move(box["x"] + 112, box["y"] + y)
+        page.mouse.up()
+        page.click("#send")
+        page.wait_for_function("document.getElementById('answer').textContent"
+                               ".startsWith('Prediction')", timeout=30000)
+        answer = page.text_content("#answer")
+        bars = page.locator("#hist .bar").count()
+        page.screenshot(path=str(shot))
+        browser.close()
+    assert bars == 10 and ("certified radius" in answer or "abstain" in answer)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    pad = img[int(box["y"]):int(box["y"] + box["height"]), int(box["x"]):int(box["x"]
+                                                                               + box["width"])]
+    white = (pad.min(axis=2) > 240).mean()
+    assert 0.02 < white < 0.5  # the stroke is on the black pad
+    # the vote histogram is drawn: pixels of the top label's green bar
+    green = ((abs(img[..., 0] - 0x0a) < 20) & (abs(img[..., 1] - 0x6b) < 20)
+             & (abs(img[..., 2] - 0x2d) < 20))
+    assert green.sum() > 50
