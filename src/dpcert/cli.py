@@ -167,6 +167,7 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
     """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
 
     def action() -> None:
+        _check_method_flags(method)
         if per_model and method != "fa":
             raise UserError("--per-model applies to --method fa only")
         if per_model:
@@ -182,6 +183,33 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
                      max_radius, paper_delta, output, labels, cache_dir, no_cache, quiet)
 
     _run_user(action)
+
+
+#: Options of ``certify`` that only one kind of defence reads.
+_DP_ONLY = ("sample_rate", "noise_multiplier", "steps", "dataset_size", "subset_size",
+            "mechanism", "inference", "accounting", "group", "bound", "paper_delta",
+            "cache_dir", "no_cache")
+_BASELINE_ONLY = {"train_size": ("bagging",), "subsample_size": ("bagging",),
+                  "spread": ("fa",), "per_model": ("fa",), "num_classes": ("fa",),
+                  "shifts": ("fa",)}
+
+
+def _check_method_flags(method: str) -> None:
+    """Options the chosen --method ignores are an error, not silently dropped."""
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+    if method != "dp":
+        bad = [n for n in _DP_ONLY if given(n)]
+        if bad:
+            raise UserError(f"--method {method} does not use the DP options "
+                            f"{', '.join('--' + n.replace('_', '-') for n in bad)}")
+    for name, methods in _BASELINE_ONLY.items():
+        if given(name) and method not in methods:
+            raise UserError(f"--{name.replace('_', '-')} applies to --method "
+                            f"{' / '.join(methods)} only, not {method}")
 
 
 def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
@@ -298,47 +326,65 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 
 @main.command("run")
 @click.argument("config", required=False, type=click.Path(path_type=Path))
-@click.option("--dataset",
-              type=click.Choice(DATASETS))
+@click.option("--dataset", type=click.Choice(DATASETS),
+              help="Training and test data [default: digits, embedded].")
 @click.option("--data-dir", help="Folder (IDX / CIFAR batches) or .npz file of the dataset.")
-@click.option("--model", type=click.Choice(MODEL_NAMES))
-@click.option("--instances", type=int, help="Number P of DP-SGD instances.")
-@click.option("--sample-rate", type=float)
-@click.option("--noise-multiplier", type=float)
-@click.option("--steps", type=int)
-@click.option("--clip-norm", type=float)
-@click.option("--lr", type=float)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]))
-@click.option("--subset-size", type=int, help="Train each instance on a random subset.")
+@click.option("--model", type=click.Choice(MODEL_NAMES),
+              help="Model family [default: digits_cnn; linear needs --features].")
+@click.option("--instances", type=int, help="Number P of DP-SGD instances [default: 100].")
+@click.option("--sample-rate", type=float,
+              help="Poisson sampling rate q: each example joins each step's batch with this "
+                   "probability [default: 0.05].")
+@click.option("--noise-multiplier", type=float,
+              help="sigma: noise N(0, sigma^2 C^2) on the clipped gradient sum; larger sigma, "
+                   "larger radii, noisier models [default: 3].")
+@click.option("--steps", type=int, help="DP-SGD steps T per instance [default: 300].")
+@click.option("--clip-norm", type=float,
+              help="Per-example gradient clipping norm C [default: 1].")
+@click.option("--lr", type=float, help="Learning rate [default: 0.01].")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]),
+              help="Optimiser of the DP-SGD steps [default: adam; the linear model: sgd].")
+@click.option("--subset-size", type=int,
+              help="Train each instance on its own random subset of this size [default: the "
+                   "whole training set].")
 @click.option("--features", type=click.Choice(FEATURE_NAMES),
               help="Fixed feature map applied to every image (with --model linear).")
 @click.option("--averaging", type=click.Choice(AVERAGING_NAMES),
               help="tail: average the iterates of the second half (linear model; free).")
 @click.option("--bias-feature", type=float,
               help="Linear model: value of the constant input feature that carries the bias "
-                   "(default 1; 0 = no bias). Privacy and certificate are unchanged.")
+                   "[default: 1, the ordinary bias; 0 = none]. The shipped ScatterNet recipes "
+                   "(configs/*_best.yaml) use 0.5, chosen on validation splits; the default "
+                   "stays 1 because the option exists for the linear model only. Privacy and "
+                   "certificate are unchanged.")
 @click.option("--augment-shift", type=int,
               help="Image models: train on random translations by up to this many pixels.")
 @click.option("--augment-copies", type=int,
               help="Translations per example, their gradients averaged before clipping "
                    "(one example's contribution: the certificate is unchanged).")
 @click.option("--seed", type=int, help="Master seed (default 0: reruns are identical).")
-@click.option("--eta", type=float)
-@click.option("--max-radius", type=int)
+@click.option("--eta", type=float,
+              help="Certificates hold with probability >= 1 - eta [default: 0.001].")
+@click.option("--max-radius", type=int, help="Largest radius searched [default: 1000].")
 @click.option("--workers", type=int, help="Training processes (default: one per core).")
 @click.option("--batch-instances", type=BatchInstances(),
               help="Train this many instances as one stacked computation, or 'auto': as "
                    "many as fit in half the free GPU memory (1 per process on CPU).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]),
+              help="Where instances train [default: cpu].")
 @click.option("--backend", type=click.Choice(["local", "ray"]),
               help="local: one process per core (default); ray: Ray tasks (pip install "
                    "'dpcert[ray]').")
 @click.option("--address", "ray_address",
               help="Ray cluster address (default: a private local cluster).")
-@click.option("--output", type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--output", type=click.Path(path_type=Path),
+              help="Run directory [default: runs/DATASET]; a rerun resumes it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_cmd(config, output, quiet, **options) -> None:
-    """Train DP instances, certify every test point, and report (digits by default)."""
+    """Train DP instances, certify every test point, and report (digits by default).
+
+    CONFIG: an optional YAML file of the same options (keys with underscores, e.g.
+    sample_rate: 0.001); options given here override it."""
 
     def action() -> None:
         from dpcert.workflows.run import RunConfig, load_config_file, run
@@ -364,7 +410,11 @@ def run_cmd(config, output, quiet, **options) -> None:
                    "config's dp.device, else cpu].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compare_cmd(config, output, device, quiet) -> None:
-    """Train and certify DP instances, DPA and Bagging on the same data; one report."""
+    """Train and certify the defences of CONFIG on the same data; one report.
+
+    Defences: dp (this project's DP ensemble), dpa (Deep Partition Aggregation), fa (Finite
+    Aggregation), roe (Run-off Election over DPA's models), bagging, and the statistical
+    baseline-DP bound of Ma et al."""
 
     def action() -> None:
         from dpcert.workflows.compare import CompareConfig, compare
@@ -515,7 +565,17 @@ def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device) -> None:
     _run_user(action)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"dpcert: warning: {message}", err=True)
+
+
 def _run_user(action) -> None:
+    import warnings
+
+    from dpcert.errors import InputWarning
+
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", InputWarning)
     try:
         action()
     except UserError as err:

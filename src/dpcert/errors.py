@@ -18,3 +18,20 @@ def check_device(device: str | None, *, asked: str = "--device cuda asked for",
 
         if not torch.cuda.is_available():
             raise UserError(f"{asked}, but no CUDA device is available{advice}")
+
+
+class InputWarning(UserWarning):
+    """Input that is valid but probably not what the user meant (e.g. transposed votes). The
+    CLI prints it as one line ``dpcert: warning: ...``."""
+
+
+def unknown_keys_error(unknown: set[str] | list[str], known, where: str) -> UserError:
+    """A one-line error naming each unknown key and the closest valid one."""
+    import difflib
+
+    parts = []
+    for key in sorted(map(str, unknown)):
+        close = difflib.get_close_matches(key, list(known), n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return UserError(f"unknown {where} {', '.join(parts)}; valid keys: "
+                     f"{', '.join(sorted(known))}")

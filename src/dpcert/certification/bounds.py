@@ -28,12 +28,13 @@ bound of the top one, so only the two lower bounds can fail: a = eta / 2.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-from dpcert.errors import UserError
+from dpcert.errors import InputWarning, UserError
 from dpcert.store import instance_blocks
 
 VOTE_METHODS = ("simuem", "paper")
@@ -89,6 +90,22 @@ def check_vote_counts(counts: np.ndarray) -> None:
         raise UserError("vote counts must be non-negative integers")
 
 
+def suspicious_votes(counts: np.ndarray) -> list[str]:
+    """Why vote counts (N, L) look unlike an ensemble's votes, if they do: every row should
+    count the votes of the same P instances, so all rows have one total."""
+    rows = counts.sum(axis=1)
+    if rows.size < 2 or rows.min() == rows.max():
+        return []
+    cols = counts.sum(axis=0)
+    if counts.shape[1] >= 2 and cols.min() == cols.max():
+        return [f"votes of shape {counts.shape} look transposed: the columns all sum to "
+                f"{cols[0]:g} but the rows do not; votes are (N points, L labels) — pass "
+                "votes.T if the rows are labels"]
+    return [f"rows have different vote totals ({rows.min():g} to {rows.max():g}); each row "
+            "should count the votes of the same P instances (each row is certified with its "
+            "own total)"]
+
+
 def check_unit_interval(scores: np.ndarray) -> None:
     """Refuse scores outside [0, 1], NaN or infinite (min/max are NaN if any value is): the
     Hoeffding and Bernstein bounds hold for [0, 1]-valued variables only."""
@@ -106,6 +123,8 @@ def vote_bounds(counts: np.ndarray, eta: float, method: str = "simuem") -> Confi
     total = counts.sum(axis=1, keepdims=True).astype(float)
     if np.any(total <= 0):
         raise UserError("every test point needs at least one vote")
+    for message in suspicious_votes(counts):
+        warnings.warn(message, InputWarning, stacklevel=3)
     n_labels = counts.shape[1]
     top = np.argmax(counts, axis=1)  # ties go to the smallest label
     c = counts.astype(float)

@@ -167,8 +167,8 @@ def confidence_bounds(outputs: np.ndarray, *, inference: str, eta: float,
 
 
 def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str = "multinomial",
-            accounting: str = "pld", group: str = "sound", eta: float = 1e-3,
-            bound: str | None = None, max_radius: int = 1000,
+            accounting: str | None = None, group: str | None = None, eta: float = 1e-3,
+            bound: str | None = None, max_radius: int | None = None,
             cache_dir: Path | None | str = "default", progress: bool = False,
             spec: AccountingSpec | None = None) -> Certificates:
     """Certify every test point of an ensemble's outputs.
@@ -181,21 +181,36 @@ def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str =
         group: "sound" (default) or "paper" (the published, unsound group privacy).
         eta: the certificates hold with probability >= 1 - eta over the training randomness.
         bound: confidence-bound method (see :mod:`dpcert.certification.bounds`); default per
-        inference. max_radius: largest radius searched.
+        inference.
+        max_radius: largest radius searched (default 1000).
         cache_dir: folder for the group tables; "default" uses $DPCERT_CACHE or
             ~/.cache/dpcert, None keeps them in memory.
         progress: show a progress bar.
-        spec: full accounting specification (overrides ``accounting``/``group``/``max_radius``).
+        spec: full accounting specification, instead of ``accounting``/``group``/
+            ``max_radius`` (giving both is an error where they disagree).
 
     Returns:
         :class:`Certificates` with prediction and radius per point (radius -1 = abstain).
     """
-    spec = spec or AccountingSpec(accounting=accounting, group=group, max_radius=max_radius)
+    spec = resolve_spec(spec, accounting=accounting, group=group, max_radius=max_radius)
     conf = confidence_bounds(outputs, inference=inference, eta=eta, bound=bound)
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
     bounds = GroupBounds(mechanism, spec, cache_dir=Path(cache) if cache is not None else None)
     radius = search_radius(conf, bounds, max_radius=spec.max_radius, progress=progress)
     return Certificates(conf.prediction, radius, conf.p_lower, conf.p_upper)
+
+
+def resolve_spec(spec: AccountingSpec | None, **given) -> AccountingSpec:
+    """``spec``, or one made from the keyword arguments that are not None; a keyword that
+    contradicts ``spec`` is an error rather than silently losing to it."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if spec is None:
+        return AccountingSpec(**given)
+    clash = {k: v for k, v in given.items() if getattr(spec, k) != v}
+    if clash:
+        desc = ", ".join(f"{k}={v!r} (spec: {getattr(spec, k)!r})" for k, v in clash.items())
+        raise UserError(f"certify got both spec= and {desc}; pass the setting in the spec only")
+    return spec
 
 
 def certified_radius_of_truth(cert: Certificates, labels: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 
 from dpcert.certification import baselines
 from dpcert.certification.certify import Certificates
-from dpcert.errors import UserError
+from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array
 from dpcert.workflows.dispatch import worker_pool
 from dpcert.workflows.run import run, stored_config, tally_votes
@@ -97,7 +97,8 @@ class CompareConfig:
             raise UserError("a compare config must be a mapping")
         unknown = set(data) - {"dp", *BASELINES, "methods", "calibrate", "dp_run"}
         if unknown:
-            raise UserError(f"unknown compare config keys: {sorted(unknown)}")
+            raise unknown_keys_error(unknown, {"dp", *BASELINES, "methods", "calibrate",
+                                               "dp_run"}, "compare config key")
         given = [k for k in BASELINES if k in data]
         methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
         if not isinstance(methods, list | tuple) or not methods:
@@ -132,10 +133,11 @@ def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:
             raise UserError(f"each {kind} setting must be a mapping, got {item!r}")
         if kind != "fa" and "spread" in item:
             raise UserError(f"spread applies to fa only, not {kind}")
-        try:
-            out.append(BaselineConfig(**item))
-        except TypeError as err:
-            raise UserError(f"invalid {kind} config: {err}") from None
+        unknown = set(item) - set(BaselineConfig.__dataclass_fields__)
+        if unknown:
+            raise unknown_keys_error(unknown, BaselineConfig.__dataclass_fields__,
+                                     f"key in the {kind} section:")
+        out.append(BaselineConfig(**item))
     return tuple(out)
 
 

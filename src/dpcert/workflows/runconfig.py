@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.certification.mechanism import MechanismRecord
-from dpcert.errors import UserError
+from dpcert.errors import UserError, unknown_keys_error
 from dpcert.learning.features import FEATURES as FEATURE_NAMES
 from dpcert.store import atomic_save_unit
 
@@ -130,7 +130,7 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise UserError(f"unknown config keys: {sorted(unknown)}")
+            raise unknown_keys_error(unknown, known, "config key")
         try:
             return cls(**data)
         except TypeError as err:
@@ -156,8 +156,10 @@ def load_config_file(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of option: value")
     return data
