@@ -266,3 +266,37 @@ def test_png_bytes_decode_like_files(tmp_path):
     Image.fromarray(img).save(buf, format="PNG")
     got = decode_image(buf.getvalue(), InputSpec((1, 8, 8), raw_max=16))
     np.testing.assert_array_equal(got[0], (img / 255.0).astype(np.float32))
+
+
+def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_path):
+    from dpcert.workflows.compare import CompareConfig, compare
+
+    cfg = CompareConfig.from_mapping({
+        "dp": {"instances": 4, "steps": 10, "workers": 2},
+        "methods": ["dpa", "roe", "fa", "bagging"],
+        "dpa": {"models": 12, "epochs": 3}, "roe": {"models": 12, "epochs": 3},
+        "fa": {"models": 6, "spread": 2, "epochs": 3},
+        "bagging": {"models": 10, "subsample": 120, "epochs": 3}})
+    compare(cfg, tmp_path, progress=False)
+    x_test = load_digits().x_test
+    for folder, csv, certify in (
+            ("dpa_k12", "certificates.csv", lambda e: e.certify(x_test)),
+            ("dpa_k12", "certificates_roe.csv", lambda e: e.certify_roe(x_test)),
+            ("fa_k6_d2", "certificates.csv", lambda e: e.certify(x_test)),
+            ("bagging_N10_k120", "certificates.csv", lambda e: e.certify(x_test))):
+        rows = np.loadtxt(tmp_path / folder / csv, delimiter=",", skiprows=1, dtype=np.int64)
+        ens = load_ensemble(tmp_path / folder)
+        assert ens.info.defence == folder.split("_")[0] and ens.info.mechanism is None
+        cert = certify(ens)
+        np.testing.assert_array_equal(cert.prediction, rows[:, 1], err_msg=f"{folder} {csv}")
+        np.testing.assert_array_equal(cert.radius, rows[:, 2], err_msg=f"{folder} {csv}")
+        if folder.startswith("dpa"):
+            assert (rows[:, 2] >= 1).mean() > 0.2  # certificates with teeth
+    with pytest.raises(UserError, match="takes its own certificate"):
+        load_ensemble(tmp_path / "dpa_k12").certify(x_test[:2], accounting="rdp")
+    # exported, a baseline ensemble certifies the same way
+    export_ensemble(tmp_path / "fa_k6_d2", tmp_path / "fa.safetensors")
+    again = load_ensemble(tmp_path / "fa.safetensors").certify(x_test)
+    rows = np.loadtxt(tmp_path / "fa_k6_d2" / "certificates.csv", delimiter=",", skiprows=1,
+                      dtype=np.int64)
+    np.testing.assert_array_equal(again.radius, rows[:, 2])

@@ -26,6 +26,32 @@ def instance_params(stacked: dict[str, torch.Tensor]) -> list[dict[str, np.ndarr
     return [{name: np.ascontiguousarray(a[i]) for name, a in host.items()} for i in range(k)]
 
 
+def module_params(model: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """One trained ``nn.Module`` of family ``model`` as a parameter dict in the layout
+    :func:`score_instances` reads (the linear family's ``nn.Linear`` weight is transposed to
+    the engine's (D, L))."""
+    params = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in
+              module.named_parameters()}
+    if model == "linear":
+        return {"weight": np.ascontiguousarray(params["weight"].T), "bias": params["bias"]}
+    return params
+
+
+def constant_params(model: str, in_channels: int, num_classes: int, *, label: int,
+                    logit: float = 30.0) -> dict[str, np.ndarray]:
+    """Parameters of a model that answers ``label`` on every input: all zero but the last
+    layer's bias, ``logit`` at ``label`` (a partition defence's model of an empty part, which
+    by convention votes for label 0). Its softmax is one-hot up to e^-logit."""
+    shapes = expected_shapes(model, in_channels, num_classes,
+                             feature_dim=in_channels if model == "linear" else None)
+    params = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+    last = list(params)[-1]
+    if params[last].shape != (num_classes,):
+        raise UserError(f"model {model!r} does not end in a bias of {num_classes} labels")
+    params[last][label] = logit
+    return params
+
+
 def stack_params(params: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """K per-instance dicts with the same names and shapes -> {name: (K, ...)}."""
     names = sorted(params[0])

@@ -17,7 +17,10 @@ for the same threat (radius = inserted + deleted training examples; a modificati
 A baseline section may list several settings. With ``calibrate: true`` each baseline keeps the
 setting whose clean accuracy is closest to the DP ensemble's (as in the paper's comparison);
 otherwise every setting is reported. Each trained model's test scores are a checksummed unit
-file, written atomically, reused on rerun; a setting's folder refuses other training values.
+file, written atomically, reused on rerun, and its parameters are kept beside it
+(``model_NNNNNN.safetensors``; the folder's ``ensemble.json`` says which certificate they
+take), so ``dpcert.load_ensemble(folder)`` certifies new inputs with the defence's own
+certificate. A setting's folder refuses other training values.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import numpy as np
 from dpcert.certification import baselines
 from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError, unknown_keys_error
-from dpcert.store import atomic_write_text, instance_blocks, load_array
-from dpcert.workflows.dispatch import worker_pool
+from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
+from dpcert.workflows.dispatch import worker_pool, write_trained
+from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, write_info
 from dpcert.workflows.run import run, stored_config, tally_votes
-from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
+from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit
 
 BASELINES = ("dpa", "fa", "bagging", "roe")
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
@@ -162,10 +166,11 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
 
 
 def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
-                out: str) -> int:
-    """Train baseline model i on its examples and write its unit file (runs in a worker)."""
+                out: str, keep_model: bool) -> int:
+    """Train baseline model i on its examples and write its files (runs in a worker)."""
     import torch
 
+    from dpcert.learning.inference import constant_params, module_params
     from dpcert.learning.reference import instance_generator, predict_scores, train_plain
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
@@ -174,9 +179,11 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
     if idx is None:
         idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen,
                             device=gen.device).numpy()
+    in_dim = data.x_train.shape[1]
     if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0
+        params = constant_params(cfg.model, in_dim, data.num_classes, label=0)
     else:
         device = torch.device(cfg.device)
         x = torch.tensor(data.x_train[idx], device=device)
@@ -185,7 +192,8 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
                             batch_size=setting.batch_size, lr=setting.lr,
                             optimizer=setting.optimizer, gen=gen)
         scores = predict_scores(model, torch.tensor(data.x_test, device=device))
-    write_unit(Path(out), scores)
+        params = module_params(cfg.model, model)
+    write_trained(Path(out), (scores, params), keep_model)
     return i
 
 
@@ -213,10 +221,15 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     # ROE aggregates DPA's models: same training, same folder, same identity.
     identity = {"kind": "dpa" if kind == "roe" else kind, **asdict(bc),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")}}
+    # A new folder keeps its models; one trained before models were kept resumes as it was.
+    keep = not (folder / "settings.json").exists() or keeps_models(folder)
     _guard_folder(folder, identity)
     m = bc.trained_models(kind)
+    if keep:
+        write_info(folder, baseline_info(kind, bc, run_cfg, m))
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
-    todo = [i for i in range(m) if read_unit(paths[i]) is None]
+    todo = [i for i in range(m) if read_unit(paths[i]) is None
+            or (keep and load_tensors(paths[i].with_suffix(".safetensors")) is None)]
     if todo:
         indices = training_indices(kind, bc, x_train)
         workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
@@ -225,7 +238,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
         bar = tqdm(total=m, initial=m - len(todo), desc=f"training {bc.name(kind)}",
                    unit="model", disable=not progress)
         jobs = [(asdict(run_cfg), asdict(bc), kind, i,
-                 None if indices is None else indices[i], str(paths[i])) for i in todo]
+                 None if indices is None else indices[i], str(paths[i]), keep) for i in todo]
         if workers == 1:
             for job in jobs:
                 _train_unit(*job)
@@ -242,21 +255,47 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     return np.stack(scores)
 
 
-def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,
-                     run_cfg: RunConfig) -> Certificates:
+def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
+                  ) -> EnsembleInfo:
+    """The description of a baseline setting's kept models (``ensemble.json`` in its folder):
+    which certificate they take and everything it needs."""
+    from dpcert.workflows.run import input_spec
+
+    data = load_run_data(run_cfg)
+    return EnsembleInfo(dataset=run_cfg.dataset, model=run_cfg.model,
+                        num_classes=data.num_classes, instances=models,
+                        input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,
+                        max_radius=run_cfg.max_radius, training={**asdict(bc)},
+                        defence="dpa" if kind == "roe" else kind,
+                        defence_params={"spread": bc.spread, "subsample": bc.subsample,
+                                        "train_size": len(data.y_train)})
+
+
+def baseline_certificate(kind: str, scores: np.ndarray, *, spread: int, train_size: int,
+                         subsample: int, eta: float, max_radius: int) -> Certificates:
+    """Certificates of a partition or bagging defence from its models' scores (M, N, L)."""
     votes = tally_votes(scores)
     if kind == "dpa":
         pred, radius = baselines.dpa_radius(votes)
     elif kind == "fa":
         pred, radius = baselines.fa_certificate(scores.argmax(axis=2).T, scores.shape[2],
-                                                bc.spread)
+                                                spread)
     elif kind == "roe":
         pred, radius = baselines.roe_certificate(scores)
+    elif kind == "bagging":
+        pred, radius = baselines.bagging_radius(votes, train_size=train_size,
+                                                subsample_size=subsample, eta=eta,
+                                                max_radius=max_radius)
     else:
-        pred, radius = baselines.bagging_radius(votes, train_size=n_train,
-                                                subsample_size=bc.subsample, eta=run_cfg.eta,
-                                                max_radius=run_cfg.max_radius)
-    return _cert(pred, np.minimum(radius, run_cfg.max_radius))
+        raise UserError(f"no certificate for defence {kind!r} ({', '.join(BASELINES)})")
+    return _cert(pred, np.minimum(radius, max_radius))
+
+
+def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,
+                     run_cfg: RunConfig) -> Certificates:
+    return baseline_certificate(kind, scores, spread=bc.spread, train_size=n_train,
+                                subsample=bc.subsample, eta=run_cfg.eta,
+                                max_radius=run_cfg.max_radius)
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:

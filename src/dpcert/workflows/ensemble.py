@@ -45,6 +45,8 @@ from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_write_text, load_tensors, tensors_digest
 
 ENSEMBLE_FILE = "ensemble.json"
+#: What kept models can be certified as: the DP ensemble, or a baseline defence's models.
+DEFENCES = ("dp", "dpa", "fa", "bagging")
 FORMAT, VERSION = "dpcert-ensemble", 1
 #: Radii at which the test-set certified accuracy curve is kept in an ensemble's description.
 CURVE_POINTS = 64
@@ -75,20 +77,32 @@ class EnsembleInfo:
     num_classes: int
     instances: int
     input: InputSpec
-    mechanism: MechanismRecord
+    #: the DP-SGD mechanism of every instance (None for the non-private baselines)
+    mechanism: MechanismRecord | None
     eta: float
     max_radius: int
     training: dict = field(default_factory=dict)
     #: certified accuracy of the run's own test set: {"radii": [...], "ca": [...], ...}
     test_curve: dict | None = None
+    #: which certificate the models take: "dp", or a baseline ("dpa", "fa", "bagging")
+    defence: str = "dp"
+    #: what a baseline's certificate needs besides the votes (spread, subsample, train_size)
+    defence_params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.defence not in DEFENCES:
+            raise UserError(f"unknown defence {self.defence!r} ({', '.join(DEFENCES)})")
+        if (self.mechanism is None) != (self.defence != "dp"):
+            raise UserError("a DP ensemble needs its mechanism record, a baseline has none")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "dataset": self.dataset,
                 "model": self.model, "num_classes": self.num_classes,
                 "instances": self.instances, "input": self.input.to_dict(),
-                "mechanism": self.mechanism.to_dict(), "eta": self.eta,
-                "max_radius": self.max_radius, "training": self.training,
-                "test_curve": self.test_curve}
+                "mechanism": None if self.mechanism is None else self.mechanism.to_dict(),
+                "eta": self.eta, "max_radius": self.max_radius, "training": self.training,
+                "test_curve": self.test_curve, "defence": self.defence,
+                "defence_params": self.defence_params}
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> EnsembleInfo:
@@ -98,12 +112,15 @@ class EnsembleInfo:
             raise UserError(f"{where} is ensemble format version {d.get('version')!r}; this "
                             f"dpcert reads version {VERSION}")
         try:
+            mech = d["mechanism"]
             return cls(dataset=str(d["dataset"]), model=str(d["model"]),
                        num_classes=int(d["num_classes"]), instances=int(d["instances"]),
                        input=InputSpec.from_dict(d["input"]),
-                       mechanism=MechanismRecord.from_dict(d["mechanism"]),
+                       mechanism=None if mech is None else MechanismRecord.from_dict(mech),
                        eta=float(d["eta"]), max_radius=int(d["max_radius"]),
-                       training=dict(d.get("training") or {}), test_curve=d.get("test_curve"))
+                       training=dict(d.get("training") or {}), test_curve=d.get("test_curve"),
+                       defence=str(d.get("defence", "dp")),
+                       defence_params=dict(d.get("defence_params") or {}))
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} is damaged: {err}") from None
 
@@ -120,10 +137,12 @@ def _read_info(run_dir: Path) -> EnsembleInfo:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is damaged ({err})") from None
     info = EnsembleInfo.from_dict(d, str(path))
-    # The mechanism that certifies is the run's record, not a copy that could drift.
-    mech = MechanismRecord.load(Path(run_dir) / "mechanism.json")
-    if mech != info.mechanism:
-        raise UserError(f"{path} and mechanism.json disagree; the run directory is damaged")
+    if info.defence == "dp":
+        # The mechanism that certifies is the run's record, not a copy that could drift.
+        mech = MechanismRecord.load(Path(run_dir) / "mechanism.json")
+        if mech != info.mechanism:
+            raise UserError(f"{path} and mechanism.json disagree; the run directory is "
+                            "damaged")
     return info
 
 
@@ -145,21 +164,22 @@ def test_curve(run_dir: Path, max_radius: int) -> dict | None:
 
 
 class _RunDirSource:
-    """Instances of a run directory, one safetensors file each."""
+    """Instances of a run directory (or a baseline setting's folder), one safetensors file
+    each."""
 
-    def __init__(self, run_dir: Path, info: EnsembleInfo) -> None:
-        self.run_dir, self.info = Path(run_dir), info
+    def __init__(self, run_dir: Path, paths: list[Path]) -> None:
+        self.run_dir, self.paths = Path(run_dir), paths
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         from dpcert.learning.inference import stack_params
 
         params = []
         for i in range(start, stop):
-            got = load_tensors(model_path(self.run_dir, i))
+            got = load_tensors(self.paths[i])
             if got is None:
                 raise UserError(f"model of instance {i} in {self.run_dir} is missing, damaged or "
-                                "fails its checksum; refusing to use it (rerun dpcert run on "
-                                "the same directory to retrain it)")
+                                "fails its checksum; refusing to use it (rerun the command "
+                                "that trained it on the same directory to retrain it)")
             params.append(got[0])
         return stack_params(params)
 
@@ -240,6 +260,8 @@ class Ensemble:
 
     @property
     def mechanism(self) -> MechanismRecord:
+        if self.info.mechanism is None:
+            raise UserError(f"a {self.info.defence} ensemble has no DP mechanism")
         return self.info.mechanism
 
     def _block_size(self) -> int:
@@ -326,6 +348,11 @@ class Ensemble:
                            max_radius: int | None = None, progress: bool = False
                            ) -> tuple[Certificates, Prediction]:
         """:meth:`certify`, also returning the :class:`Prediction` it rests on."""
+        if self.info.defence != "dp":
+            if (accounting, group, inference, bound) != ("pld", "sound", "multinomial", None):
+                raise UserError(f"a {self.info.defence} ensemble takes its own certificate; "
+                                "accounting, group, inference and bound are for DP ensembles")
+            return self._certify_baseline(x, eta, max_radius, progress)
         spec = AccountingSpec(accounting=accounting, group=group,
                               max_radius=self.info.max_radius if max_radius is None
                               else max_radius)
@@ -339,6 +366,31 @@ class Ensemble:
         return Certificates(conf.prediction, radius, conf.p_lower, conf.p_upper), pred
 
 
+    def _certify_baseline(self, x: np.ndarray, eta: float | None, max_radius: int | None,
+                          progress: bool, method: str | None = None
+                          ) -> tuple[Certificates, Prediction]:
+        from dpcert.workflows.compare import baseline_certificate
+
+        pred = self.predict(x, keep_scores=True, progress=progress)
+        assert pred.scores is not None
+        params = self.info.defence_params
+        cert = baseline_certificate(method or self.info.defence, pred.scores,
+                                    spread=int(params.get("spread", 1)),
+                                    train_size=int(params.get("train_size", 1)),
+                                    subsample=int(params.get("subsample", 1)),
+                                    eta=self.info.eta if eta is None else eta,
+                                    max_radius=self.info.max_radius if max_radius is None
+                                    else max_radius)
+        return cert, pred
+
+    def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:
+        """Run-off Election over a DPA ensemble's models (the same models, another
+        aggregation and certificate)."""
+        if self.info.defence != "dpa":
+            raise UserError("Run-off Election aggregates the models of a DPA ensemble")
+        return self._certify_baseline(x, None, max_radius, False, method="roe")[0]
+
+
 def _bar(enabled: bool, total: int):
     if not enabled:
         return None
@@ -348,7 +400,8 @@ def _bar(enabled: bool, total: int):
 
 
 def load_ensemble(path: str | Path, *, device: str = "cpu") -> Ensemble:
-    """A kept ensemble from a run directory or an exported file (``dpcert export``).
+    """A kept ensemble from a run directory, a baseline setting's folder of ``dpcert
+    compare`` (e.g. ``dpa_k50``), or an exported file (``dpcert export``).
 
     Raises :class:`~dpcert.errors.UserError` for anything that is not a complete, intact
     ensemble — including runs made before models were kept, which can still certify their
@@ -358,17 +411,23 @@ def load_ensemble(path: str | Path, *, device: str = "cpu") -> Ensemble:
     check_device(device)
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} is not a dpcert run directory (no config.json)")
+        is_run = (path / "config.json").exists()
+        if not is_run and not (path / "settings.json").exists():
+            raise UserError(f"{path} is neither a dpcert run directory (no config.json) nor "
+                            "a baseline folder of dpcert compare (no settings.json)")
         if not keeps_models(path):
             raise UserError(f"{path} was trained by a dpcert that kept no models: it can "
                             "certify its own test set (dpcert certify) but not predict new "
                             "inputs; retrain into a new directory to get models")
         info = _read_info(path)
-        curve = test_curve(path, info.max_radius)
-        if curve is not None:
-            info = dataclasses.replace(info, test_curve=curve)
-        return Ensemble(info, _RunDirSource(path, info), device=device, origin=str(path))
+        if is_run:
+            paths = [model_path(path, i) for i in range(info.instances)]
+            curve = test_curve(path, info.max_radius)
+            if curve is not None:
+                info = dataclasses.replace(info, test_curve=curve)
+        else:
+            paths = [path / f"model_{i:06d}.safetensors" for i in range(info.instances)]
+        return Ensemble(info, _RunDirSource(path, paths), device=device, origin=str(path))
     if not path.exists():
         raise UserError(f"no ensemble at {path} (neither a run directory nor a file)")
     info, source = _open_export(path)

@@ -155,20 +155,23 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     return record
 
 
+def input_spec(cfg: RunConfig, data) -> InputSpec:
+    """What the models of a run take as input. ``data`` is the run's dataset as trained on
+    (features if the run has a feature map)."""
+    if cfg.features is None:
+        return InputSpec.for_dataset(cfg.dataset, data.x_test.shape[1:], None, None)
+    from dpcert.learning.data import load_dataset
+
+    raw = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
+    return InputSpec.for_dataset(cfg.dataset, raw.x_test.shape[1:], cfg.features,
+                                 int(data.x_train.shape[1]))
+
+
 def ensemble_info(cfg: RunConfig, data, record: MechanismRecord) -> EnsembleInfo:
     """The description of a run's ensemble (``ensemble.json``): what its instances are and
-    what input they take. ``data`` is the run's dataset as trained on (features if any)."""
-    if cfg.features is None:
-        image_shape, feature_dim = data.x_test.shape[1:], None
-    else:
-        from dpcert.learning.data import load_dataset
-
-        raw = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-        image_shape, feature_dim = raw.x_test.shape[1:], int(data.x_train.shape[1])
+    what input they take."""
     return EnsembleInfo(dataset=cfg.dataset, model=cfg.model, num_classes=data.num_classes,
-                        instances=cfg.instances,
-                        input=InputSpec.for_dataset(cfg.dataset, image_shape, cfg.features,
-                                                    feature_dim),
+                        instances=cfg.instances, input=input_spec(cfg, data),
                         mechanism=record, eta=cfg.eta, max_radius=cfg.max_radius,
                         training=cfg.training())
 

@@ -56,6 +56,12 @@ def warm_up(ens: Ensemble, spec: AccountingSpec, eta: float) -> None:
     search_radius(conf, ens.group_bounds(spec), max_radius=spec.max_radius)
 
 
+def _number(value: float) -> float | None:
+    """A float for JSON; None where there is no number (the partition defences' certificates
+    rest on no confidence bound)."""
+    return float(value) if np.isfinite(value) else None
+
+
 def result_rows(cert, pred) -> list[dict]:
     """Per input: prediction, radius, the top two labels and their votes, all votes, bounds."""
     rows = []
@@ -66,8 +72,8 @@ def result_rows(cert, pred) -> list[dict]:
                      "certified": bool(cert.radius[i] >= 0),
                      "top_label": int(order[0]), "top_votes": int(v[order[0]]),
                      "runner_up": int(order[1]), "runner_up_votes": int(v[order[1]]),
-                     "votes": v.tolist(), "p_lower": float(cert.p_lower[i]),
-                     "p_upper": float(cert.p_upper[i])})
+                     "votes": v.tolist(), "p_lower": _number(cert.p_lower[i]),
+                     "p_upper": _number(cert.p_upper[i])})
     return rows
 
 
@@ -83,10 +89,13 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
     eta = ens.info.eta if eta is None else eta
     spec = AccountingSpec(accounting=accounting, max_radius=max_radius or ens.info.max_radius)
     ens.load()
-    warm_up(ens, spec, eta)
     info = ens.info.to_dict()
-    settings = {"eta": eta, "accounting": accounting, "group": "sound",
-                "inference": "multinomial", "max_radius": spec.max_radius}
+    if ens.info.defence == "dp":
+        warm_up(ens, spec, eta)
+        settings = {"defence": "dp", "eta": eta, "accounting": accounting, "group": "sound",
+                    "inference": "multinomial", "max_radius": spec.max_radius}
+    else:
+        settings = {"defence": ens.info.defence, "eta": eta, "max_radius": spec.max_radius}
     app = FastAPI(title="dpcert", description="Certified predictions against training-data "
                   "poisoning", docs_url=None, redoc_url=None)
 
