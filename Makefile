@@ -4,14 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench docs clean
 
+# torch first, pinned to the CPU wheel: the package accepts any recent torch, and an unpinned
+# resolution would pull a multi-GB CUDA build.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
 
 $(VENV)/.base: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e ".[digits,features,plots,fast,serve]"
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
@@ -28,6 +31,9 @@ test: $(VENV)/.test data/.fetched
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+docs: $(VENV)/.test
+	$(BIN)/mkdocs build --strict -d site
 
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -m slow

@@ -565,8 +565,16 @@ def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device) -> None:
     _run_user(action)
 
 
+_default_showwarning = __import__("warnings").showwarning
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"dpcert: warning: {message}", err=True)
+    from dpcert.errors import InputWarning
+
+    if issubclass(category, InputWarning):
+        click.echo(f"dpcert: warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def _run_user(action) -> None:

@@ -20,6 +20,11 @@ def check_device(device: str | None, *, asked: str = "--device cuda asked for",
             raise UserError(f"{asked}, but no CUDA device is available{advice}")
 
 
+def missing_extra(what: str, package: str, extra: str) -> UserError:
+    """The one-line error for an optional dependency that is not installed."""
+    return UserError(f"{what} needs {package}: pip install 'dpcert[{extra}]'")
+
+
 class InputWarning(UserWarning):
     """Input that is valid but probably not what the user meant (e.g. transposed votes). The
     CLI prints it as one line ``dpcert: warning: ...``."""

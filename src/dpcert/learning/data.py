@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.errors import UserError
+from dpcert.errors import UserError, missing_extra
 
 #: Largest IDX dimension product we accept (guards against hostile headers).
 _MAX_IDX_ITEMS = 1 << 31
@@ -56,7 +56,10 @@ class Dataset:
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's embedded 8x8 digits (1,797 images), a fixed stratified split."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise missing_extra("the digits dataset", "scikit-learn", "digits") from None
 
     bunch = sk_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.errors import UserError
+from dpcert.errors import UserError, missing_extra
 
 FEATURES = ("scatter",)
 #: Bump when the transform changes, so cached features are recomputed.
@@ -55,9 +55,8 @@ def _import_kymatio():
         scipy.special.sph_harm = sph_harm
     try:
         from kymatio.torch import Scattering2D
-    except ImportError as err:
-        raise UserError(f"features 'scatter' need kymatio: pip install kymatio==0.3.0 ({err})"
-                        ) from None
+    except ImportError:
+        raise missing_extra("features 'scatter'", "kymatio", "features") from None
     return Scattering2D
 
 

@@ -39,8 +39,19 @@ def ca_table(results: dict[str, Certificates], labels: np.ndarray,
 
 def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path,
                 title: str, curves: dict[str, object] | None = None) -> None:
-    """CA_r against r for every method (paper reproductions dashed), written atomically."""
-    import matplotlib
+    """CA_r against r for every method (paper reproductions dashed), written atomically.
+    Without matplotlib: no plot, and an :class:`~dpcert.errors.InputWarning` naming the
+    extra to install (the tables are written either way)."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+
+        from dpcert.errors import InputWarning
+
+        warnings.warn(f"{path.name} not drawn: plots need matplotlib: pip install "
+                      "'dpcert[plots]'", InputWarning, stacklevel=2)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
