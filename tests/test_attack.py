@@ -71,6 +71,23 @@ def test_attack_check_certified_survive_and_controls_flip(small_run):
     again, _ = attack_check(out, 150, targets=0, controls=3, attacks=("insert",),
                             progress=False)
     assert again == text
+    # an interrupted retrain: its ensemble file never written, half its instances missing;
+    # the rerun says its plan and trains only the missing instances
+    folder = out / "attack_check_r150"
+    job_file = sorted(folder.glob("insert_*.npz"))[0]
+    job_file.unlink()
+    instances = sorted((folder / job_file.stem).glob("inst_*.npz"))
+    assert len(instances) == 30
+    for f in instances[::2]:
+        f.unlink()
+    kept = {f: f.stat().st_mtime_ns for f in instances[1::2]}
+    lines = []
+    resumed, _ = attack_check(out, 150, targets=0, controls=3, attacks=("insert",),
+                              progress=False, log=lines.append)
+    assert resumed == text
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept
+    assert lines and "3 attacks (1 to do) x 30 instances = 30 instance trainings" in lines[0]
+    assert "min" in lines[0] and "finished instances are kept" in lines[0]
 
 
 def test_attack_check_errors(tmp_path, small_run):

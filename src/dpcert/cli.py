@@ -460,7 +460,8 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
         check_device(device)
         text, _ = attack_check(run_dir, radius, targets=targets, controls=controls,
                                attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
-                               seed=seed, workers=workers, device=device, progress=not quiet)
+                               seed=seed, workers=workers, device=device, progress=not quiet,
+                               log=lambda line: click.echo(line, err=True))
         click.echo(text)
         click.echo(f"details: {run_dir / f'attack_check_r{radius}'}")
 

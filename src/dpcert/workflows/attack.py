@@ -110,19 +110,50 @@ def _instance_on_target(cfg_dict: dict, job: Job, instance: int) -> np.ndarray:
     return train_group(cfg, [instance], one)[0][0]
 
 
-def retrain_jobs(cfg: RunConfig, jobs: list[Job], workers: int, done) -> None:
-    """Retrain the ensemble for every job; ``done(job, scores (P, L))`` as each completes."""
+def retrain_jobs(cfg: RunConfig, jobs: list[Job], workers: int, done,
+                 instance_file=None, on_instance=None) -> None:
+    """Retrain the ensemble for every job; ``done(job, scores (P, L))`` as each completes.
+
+    With ``instance_file(job, i) -> Path``, each retrained instance's scores are written
+    there atomically as soon as it finishes, and instances whose file is already there are
+    not retrained: an interrupted retrain resumes from its finished instances.
+    ``on_instance()`` is called for each instance trained or found."""
     cfg_dict = asdict(cfg)
+
+    def cached(job: Job, i: int) -> np.ndarray | None:
+        return None if instance_file is None else read_unit(instance_file(job, i))
+
+    def keep(job: Job, i: int, scores: np.ndarray, fresh: bool = True) -> np.ndarray:
+        if instance_file is not None and fresh:
+            write_unit(instance_file(job, i), scores)
+        if on_instance is not None:
+            on_instance()
+        return scores
+
     if workers == 1:
         for job in jobs:
-            done(job, np.stack([_instance_on_target(cfg_dict, job, i)
-                                for i in range(cfg.instances)]))
+            out = []
+            for i in range(cfg.instances):
+                got = cached(job, i)
+                out.append(keep(job, i, _instance_on_target(cfg_dict, job, i))
+                           if got is None else keep(job, i, got, fresh=False))
+            done(job, np.stack(out))
         return
     with worker_pool(workers) as pool:
-        pending = [(job, [pool.submit(_instance_on_target, cfg_dict, job, i)
-                          for i in range(cfg.instances)]) for job in jobs]
-        for job, futures in pending:
-            done(job, np.stack([f.result() for f in futures]))
+        pending = []
+        for job in jobs:
+            slots = []
+            for i in range(cfg.instances):
+                got = cached(job, i)
+                slots.append(got if got is not None
+                             else pool.submit(_instance_on_target, cfg_dict, job, i))
+            pending.append((job, slots))
+        for job, slots in pending:
+            out = []
+            for i, slot in enumerate(slots):
+                out.append(keep(job, i, slot, fresh=False) if isinstance(slot, np.ndarray)
+                           else keep(job, i, slot.result()))
+            done(job, np.stack(out))
 
 
 def choose_targets(radius_of: np.ndarray, prediction: np.ndarray, labels: np.ndarray, r: int,
@@ -138,11 +169,12 @@ def choose_targets(radius_of: np.ndarray, prediction: np.ndarray, labels: np.nda
 
 def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int | None = None,
                  attacks: tuple[str, ...] = ATTACKS, seed: int = 0, workers: int = 0,
-                 device: str | None = None, progress: bool = True
+                 device: str | None = None, progress: bool = True, log=None
                  ) -> tuple[str, list[Outcome]]:
     """Attack up to ``targets`` certified and ``controls`` (default: ``targets``) control
     points; returns the report (markdown) and every outcome. Writes
-    ``RUN_DIR/attack_check_r{radius}/``. ``device`` overrides the run's (retraining only)."""
+    ``RUN_DIR/attack_check_r{radius}/``. ``device`` overrides the run's (retraining only).
+    ``log(line)`` receives the plan (retrains, instance trainings, an estimate) first."""
     from tqdm import tqdm
 
     if not (isinstance(radius, int) and radius >= 1):
@@ -171,19 +203,24 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
             label = int(certs[index, 1])
             target_label = runner_up(votes, scores, index, label)
             jobs += [Job(group, index, a, label, target_label, radius) for a in attacks]
-    bar = tqdm(total=len(jobs), desc=f"attacks at r={radius}", unit="retrain",
-               disable=not progress)
 
     def unit(job: Job) -> Path:
         return out / f"{job.attack}_{job.index:06d}.npz"
 
-    def finish(job: Job, poisoned: np.ndarray) -> None:
-        write_unit(unit(job), poisoned)
-        bar.update()
+    def instance_file(job: Job, i: int) -> Path:
+        return out / f"{job.attack}_{job.index:06d}" / f"inst_{i:06d}.npz"
 
     todo = [job for job in jobs if read_unit(unit(job)) is None]
-    bar.update(len(jobs) - len(todo))
-    retrain_jobs(cfg, todo, workers, finish)
+    if log is not None:
+        log(_plan(jobs, todo, cfg, run_dir, workers))
+    bar = tqdm(total=len(jobs) * cfg.instances, initial=(len(jobs) - len(todo)) * cfg.instances,
+               desc=f"attacks at r={radius} (instances retrained)", unit="inst",
+               disable=not progress)
+
+    def finish(job: Job, poisoned: np.ndarray) -> None:
+        write_unit(unit(job), poisoned)
+
+    retrain_jobs(cfg, todo, workers, finish, instance_file, bar.update)
     bar.close()
     for job in jobs:
         poisoned = read_unit(unit(job))
@@ -195,6 +232,24 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     atomic_write_text(out / "outcomes.json", json.dumps(
         [asdict(o) | {"flipped": o.flipped} for o in outcomes], indent=1) + "\n")
     return text, outcomes
+
+
+def _plan(jobs: list[Job], todo: list[Job], cfg: RunConfig, run_dir: Path,
+          workers: int) -> str:
+    """What attack-check is about to do, and roughly how long it takes: the run's own
+    training time per instance (from its unit files' times) times the instances to train."""
+    units = sorted((Path(run_dir) / "instances").glob("inst_*.npz"),
+                   key=lambda f: f.stat().st_mtime)
+    per = None
+    if len(units) >= 4:
+        span = units[-1].stat().st_mtime - units[0].stat().st_mtime
+        per = span / (len(units) - 1)  # wall seconds per instance, at the run's parallelism
+    total = len(todo) * cfg.instances
+    line = (f"attack-check plan: {len(jobs)} attacks ({len(todo)} to do) x {cfg.instances} "
+            f"instances = {total} instance trainings on {workers} worker(s)")
+    if per is not None and total:
+        line += f"; about {total * per / 60:.0f} min, judging by the run's own training"
+    return line + ". Interrupted? Rerun the same command: finished instances are kept."
 
 
 def _load_run(run_dir: Path):
