@@ -566,6 +566,62 @@ def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device) -> None:
     _run_user(action)
 
 
+@main.command("plan")
+@click.option("--sample-rate", type=float, required=True, help="Poisson sampling rate q.")
+@click.option("--noise-multiplier", "noise_multipliers", required=True,
+              help="One sigma or several, comma-separated (e.g. 3,6,10).")
+@click.option("--steps", type=click.IntRange(1), required=True, help="DP-SGD steps T.")
+@click.option("--instances", type=click.IntRange(2), required=True,
+              help="Number P of instances the ensemble will have.")
+@click.option("--num-classes", type=click.IntRange(2), default=10, show_default=True,
+              help="Number of labels L.")
+@click.option("--eta", type=float, default=1e-3, show_default=True,
+              help="Certificates hold with probability >= 1 - eta.")
+@click.option("--accounting", type=click.Choice(ACCOUNTINGS), default="pld", show_default=True,
+              help="Privacy accounting (pld: tightest; rdp: fastest).")
+@click.option("--max-radius", type=click.IntRange(1), default=1000, show_default=True,
+              help="Largest radius searched.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows instead.")
+def plan_cmd(sample_rate, noise_multipliers, steps, instances, num_classes, eta, accounting,
+             max_radius, as_json) -> None:
+    """What each mechanism can certify, before training: the radius at top-label vote shares
+    1.0, 0.99, 0.95, 0.9 and 0.8 (the rest of the votes on one runner-up label) — the number
+    dpcert certify gives those votes — and the single-example (epsilon, delta = 1e-5)."""
+
+    def action() -> None:
+        import json
+
+        from dpcert.certification.planning import SHARES, plan
+
+        try:
+            sigmas = [float(v) for v in noise_multipliers.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--noise-multiplier takes numbers separated by commas, got "
+                            f"{noise_multipliers!r}") from None
+        if not sigmas:
+            raise UserError("--noise-multiplier names no value")
+        if not 0.0 < eta < 1.0:
+            raise UserError(f"--eta must lie in (0, 1), got {eta}")
+        rows = plan(sample_rate=sample_rate, noise_multipliers=sigmas, steps=steps,
+                    instances=instances, num_classes=num_classes, eta=eta,
+                    accounting=accounting, max_radius=max_radius)
+        if as_json:
+            click.echo(json.dumps(rows, indent=1))
+            return
+        click.echo(f"q = {sample_rate}, T = {steps}, P = {instances}, L = {num_classes}, "
+                   f"eta = {eta}, {accounting} accounting; radius by top-label vote share "
+                   "(-1: abstain)")
+        head = "| sigma | " + " | ".join(f"share {s:g}" for s in SHARES) + " | eps (delta 1e-5) |"
+        click.echo(head)
+        click.echo("|---" * (len(SHARES) + 2) + "|")
+        for sigma in sigmas:
+            sel = [r for r in rows if r["noise_multiplier"] == sigma]
+            click.echo(f"| {sigma:g} | " + " | ".join(str(r["radius"]) for r in sel)
+                       + f" | {sel[0]['epsilon']:.3g} |")
+
+    _run_user(action)
+
+
 _default_showwarning = __import__("warnings").showwarning
 
 
