@@ -156,6 +156,11 @@ class GroupBounds:
         return self.spec.group == "paper"
 
     @property
+    def built(self) -> int:
+        """Largest r whose pure table is built (sequential modes; 0 when none is)."""
+        return self._count - 1
+
+    @property
     def sequential(self) -> bool:
         """True when the bound at r needs the pure tables of every r' <= r (the chain over
         splits of mixed changes); False when a table can be computed for any r on its own."""

@@ -101,8 +101,9 @@ def _probe(bounds, r: int, sel: np.ndarray, lo_cell: np.ndarray, up_cell: np.nda
 
 
 def _best_radius(bounds, lo_cell: int, up_cell: int, max_radius: int, bar) -> int:
-    """Radius (<= max_radius) of one pair of cells: walk r upwards where tables are built in
-    order anyway, otherwise gallop (1, 2, 4, ...) and bisect."""
+    """Radius (<= max_radius) of one pair of cells: where tables must be built in order,
+    bisect the ones already built and walk r upwards beyond them; otherwise gallop (1, 2, 4,
+    ...) and bisect. Both rely on certification being monotone in r (the tables are)."""
     lc, uc = np.array([lo_cell]), np.array([up_cell])
 
     def ok(r: int) -> bool:
@@ -112,7 +113,16 @@ def _best_radius(bounds, lo_cell: int, up_cell: int, max_radius: int, bar) -> in
         return bool(_certified_at(bounds, r, lc, uc)[0])
 
     if getattr(bounds, "sequential", False):
-        r = 0
+        # Tables already built (a server's warm tables, a second call) are bisected; beyond
+        # them the walk builds each next table in order, as it must.
+        built = min(int(getattr(bounds, "built", 0)), max_radius)
+        if built >= 1 and not ok(built):
+            good, bad = 0, built
+            while bad - good > 1:
+                mid = (good + bad) // 2
+                good, bad = (mid, bad) if ok(mid) else (good, mid)
+            return good
+        r = built
         while r < max_radius and ok(r + 1):
             r += 1
         return r
@@ -181,7 +191,7 @@ def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str =
         group: "sound" (default) or "paper" (the published, unsound group privacy).
         eta: the certificates hold with probability >= 1 - eta over the training randomness.
         bound: confidence-bound method (see :mod:`dpcert.certification.bounds`); default per
-        inference.
+            inference.
         max_radius: largest radius searched (default 1000).
         cache_dir: folder for the group tables; "default" uses $DPCERT_CACHE or
             ~/.cache/dpcert, None keeps them in memory.

@@ -76,17 +76,35 @@ def expected_shapes(model: str, in_channels: int, num_classes: int,
     return {k: tuple(v.shape) for k, v in base.named_parameters()}
 
 
+def prepare(model: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked parameters laid out once for repeated scoring (a server's resident blocks).
+
+    The linear model's weights (K, D, L) become one (D, K L) matrix, so that scoring K
+    instances is a single matrix product. ``torch.einsum("nd,kdl->knl")``, which the engine's
+    :func:`~dpcert.learning.linear.predict_linear` uses, computes that same product but copies
+    the weights into this layout on every call (83 ms for 422 ScatterNet instances, against
+    4 ms for the product itself, on one input)."""
+    if model != "linear" or "weight_flat" in params:
+        return params
+    w = params["weight"]
+    k, d, n_labels = w.shape
+    return {**params, "weight_flat": w.permute(1, 0, 2).reshape(d, k * n_labels).contiguous()}
+
+
 @torch.no_grad()
 def score_instances(model: str, params: dict[str, torch.Tensor], x: torch.Tensor, *,
-                    in_channels: int, num_classes: int) -> np.ndarray:
+                    in_channels: int, num_classes: int, batch: int = 4096) -> np.ndarray:
     """Softmax scores (K, N, L), float32 on the host, of K stored instances on inputs x.
 
-    ``params`` are stacked (K, ...) tensors on x's device; x is (N, D) features for the linear
-    model, (N, C, H, W) images otherwise."""
+    ``params`` are stacked (K, ...) tensors on x's device, optionally :func:`prepare`-d; x is
+    (N, D) features for the linear model, (N, C, H, W) images otherwise."""
     if model == "linear":
-        from dpcert.learning.linear import predict_linear
-
-        return predict_linear(params["weight"], params["bias"], x)
+        params = prepare(model, params)
+        w, bias = params["weight_flat"], params["bias"]
+        k, n_labels = bias.shape
+        out = [torch.softmax((x[i:i + batch] @ w).view(-1, k, n_labels) + bias, dim=2)
+               for i in range(0, len(x), batch)]
+        return torch.cat(out).transpose(0, 1).cpu().numpy().astype(np.float32)
     from dpcert.learning.models import build_model
     from dpcert.learning.stacked import Stacked, on_host, predict_stacked
 

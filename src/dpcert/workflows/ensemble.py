@@ -272,13 +272,16 @@ class Ensemble:
     def _blocks(self) -> Iterator[dict]:
         import torch
 
+        from dpcert.learning.inference import prepare
+
         if self._resident is not None:
             yield from self._resident
             return
         k, p = self._block_size(), self.info.instances
         for start in range(0, p, k):
             block = self._source.read(start, min(p, start + k))
-            yield {n: torch.from_numpy(a).to(self.device) for n, a in block.items()}
+            yield prepare(self.info.model,
+                          {n: torch.from_numpy(a).to(self.device) for n, a in block.items()})
 
     def load(self) -> Ensemble:
         """Read and verify every instance once and keep them on the device (a server does
@@ -286,6 +289,10 @@ class Ensemble:
         self._resident = None
         self._resident = list(self._blocks())
         return self
+
+    def _in_channels(self) -> int:
+        spec = self.info.input
+        return spec.shape[0] if spec.shape is not None else int(spec.feature_dim or 0)
 
     def model_input(self, x: np.ndarray) -> np.ndarray:
         """``x`` in any accepted form (:class:`~dpcert.learning.inputs.InputSpec`) -> what the
@@ -308,7 +315,7 @@ class Ensemble:
         rows = np.arange(n)
         for block in self._blocks():
             s = score_instances(self.info.model, block, xin,
-                                in_channels=self.info.input.shape[0], num_classes=labels)
+                                in_channels=self._in_channels(), num_classes=labels)
             if s.shape[1:] != (n, labels):
                 raise UserError(f"the stored models give {s.shape[2]} labels, the ensemble "
                                 f"describes {labels}")
