@@ -300,3 +300,30 @@ def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_pat
     rows = np.loadtxt(tmp_path / "fa_k6_d2" / "certificates.csv", delimiter=",", skiprows=1,
                       dtype=np.int64)
     np.testing.assert_array_equal(again.radius, rows[:, 2])
+
+
+def test_your_own_feature_vectors_train_certify_and_serve(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 3
+    y_train, y_test = rng.integers(0, 3, 600), rng.integers(0, 3, 80)
+    x_train = (centres[y_train] + rng.normal(size=(600, 16))).astype(np.float32)
+    x_test = (centres[y_test] + rng.normal(size=(80, 16))).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", x_train=x_train, y_train=y_train, x_test=x_test,
+             y_test=y_test)
+    cfg = RunConfig(dataset="npz", data_dir=str(tmp_path / "mine.npz"), model="linear",
+                    optimizer="sgd", lr=0.5, instances=30, steps=100, sample_rate=0.05,
+                    noise_multiplier=2.0, eta=0.05, max_radius=20, workers=1)
+    run(cfg, tmp_path / "run", progress=False)
+    prediction, radius = _certs(tmp_path / "run")
+    assert (radius >= 1).mean() > 0.5  # separable clusters: most points certify
+    ens = load_ensemble(tmp_path / "run")
+    assert ens.info.input.shape is None and ens.info.input.feature_dim == 16
+    cert = ens.certify(x_test)
+    np.testing.assert_array_equal(cert.radius, radius)
+    with pytest.raises(UserError, match=r"feature vectors of shape \(N, 16\)"):
+        ens.certify(np.zeros((2, 1, 4, 4), np.float32))
+    with pytest.raises(UserError, match="linear model needs feature vectors|feature"):
+        RunConfig(model="linear", optimizer="sgd")  # digits images, no feature map
+    with pytest.raises(UserError, match="holds feature vectors"):
+        run(RunConfig(dataset="npz", data_dir=str(tmp_path / "mine.npz"), instances=2,
+                      steps=2), tmp_path / "cnn", progress=False)

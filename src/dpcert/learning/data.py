@@ -181,7 +181,8 @@ def load_cifar10(folder: Path) -> Dataset:
 
 
 def load_npz(path: Path) -> Dataset:
-    """Any .npz with x_train, y_train, x_test, y_test (images (n, H, W) or (n, C, H, W))."""
+    """Any .npz with x_train, y_train, x_test, y_test: images (n, H, W) or (n, C, H, W), or
+    your own feature vectors (n, D) (used as they are, for the linear model)."""
     try:
         z = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -193,6 +194,8 @@ def load_npz(path: Path) -> Dataset:
     if missing:
         raise UserError(f"{path} lacks arrays {missing}")
     x_tr, y_tr, x_te, y_te = (np.asarray(z[k]) for k in keys)
+    if x_tr.ndim == 2 or x_te.ndim == 2:
+        return _npz_features(path, x_tr, y_tr, x_te, y_te)
     out = []
     for x in (x_tr, x_te):
         if x.ndim == 3:
@@ -210,6 +213,26 @@ def load_npz(path: Path) -> Dataset:
     for y, x in ((y_tr, out[0]), (y_te, out[1])):
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
             raise UserError(f"{path}: labels must be non-negative integers, one per image")
+    return Dataset(path.stem, out[0], y_tr.astype(np.int64), out[1], y_te.astype(np.int64))
+
+
+def _npz_features(path: Path, x_tr, y_tr, x_te, y_te) -> Dataset:
+    """Feature vectors (n, D) from an .npz, finite float32, not rescaled."""
+    if x_tr.ndim != 2 or x_te.ndim != 2 or x_tr.shape[1] != x_te.shape[1] or x_tr.size == 0:
+        raise UserError(f"{path}: feature vectors must be (n, D) in both splits with the same "
+                        f"D, got {x_tr.shape} and {x_te.shape}")
+    out = []
+    for x in (x_tr, x_te):
+        if not np.issubdtype(x.dtype, np.number):
+            raise UserError(f"{path}: features must be numbers, got {x.dtype}")
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise UserError(f"{path}: features must be finite float32 numbers")
+        out.append(x)
+    for y, x in ((y_tr, out[0]), (y_te, out[1])):
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise UserError(f"{path}: labels must be non-negative integers, one per row")
     return Dataset(path.stem, out[0], y_tr.astype(np.int64), out[1], y_te.astype(np.int64))
 
 

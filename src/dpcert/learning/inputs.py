@@ -40,12 +40,18 @@ class InputSpec:
     made from integers in [0, raw_max], then ``features`` (None or a name of
     :mod:`dpcert.learning.features`) giving vectors of ``feature_dim`` numbers."""
 
-    shape: tuple[int, int, int]
+    #: None for an ensemble trained on the user's own feature vectors (an npz of (n, D))
+    shape: tuple[int, int, int] | None
     raw_max: int = 255
     features: str | None = None
     feature_dim: int | None = None
 
     def __post_init__(self) -> None:
+        if self.shape is None:
+            if self.feature_dim is None or self.features is not None:
+                raise UserError("an input without an image shape is a feature vector: give "
+                                "feature_dim and no feature map")
+            return
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise UserError(f"input shape must be (C, H, W), got {self.shape}")
@@ -68,17 +74,22 @@ class InputSpec:
                          feature_dim)
 
     def describe(self) -> str:
+        if self.shape is None:
+            return f"feature vectors ({self.feature_dim})"
         c, h, w = self.shape
         feats = f", then {self.features} features ({self.feature_dim})" if self.features else ""
         return f"{c}x{h}x{w} images in [0, 1] (raw integers 0..{self.raw_max}){feats}"
 
     def is_features(self, x: np.ndarray) -> bool:
-        return (self.features is not None and x.ndim == 2 and x.shape[1] == self.feature_dim
+        return (self.feature_dim is not None and x.ndim == 2 and x.shape[1] == self.feature_dim
                 and np.issubdtype(x.dtype, np.floating))
 
     def to_images(self, x: np.ndarray) -> np.ndarray:
         """Inputs as the reader's float32 images (N, C, H, W) in [0, 1]; UserError otherwise."""
         x = np.asarray(x)
+        if self.shape is None:
+            raise UserError(f"this ensemble takes feature vectors of shape (N, "
+                            f"{self.feature_dim}) as float numbers; got {x.dtype} {x.shape}")
         c, h, w = self.shape
         if x.ndim == 3 and c == 1:
             x = x[:, None]
@@ -130,6 +141,8 @@ def decode_image(data: bytes, spec: InputSpec, what: str = "image") -> np.ndarra
         raise UserError("reading image files needs Pillow: pip install 'dpcert[serve]'"
                         ) from None
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    if spec.shape is None:
+        raise UserError("this ensemble takes feature vectors, not images")
     c, h, w = spec.shape
     try:
         with Image.open(io.BytesIO(data)) as img:

@@ -137,6 +137,12 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
             desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise UserError(f"{run_dir} holds a run with other training settings ({desc}); "
                             "use another --output directory")
+    if data.x_train.ndim == 2 and cfg.model != "linear":
+        raise UserError(f"{cfg.data_dir} holds feature vectors {data.x_train.shape}: train "
+                        "them with model: linear")
+    if data.x_train.ndim != 2 and cfg.model == "linear":
+        raise UserError(f"{cfg.data_dir} holds images {data.x_train.shape}: the linear model "
+                        "needs feature vectors (features: scatter, or an npz of (n, D))")
     if cfg.subset_size is not None and cfg.subset_size > len(data.y_train):
         raise UserError(f"subset size {cfg.subset_size} exceeds the {len(data.y_train)} "
                         "training examples")
@@ -158,6 +164,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
 def input_spec(cfg: RunConfig, data) -> InputSpec:
     """What the models of a run take as input. ``data`` is the run's dataset as trained on
     (features if the run has a feature map)."""
+    if data.x_test.ndim == 2 and cfg.features is None:  # the user's own feature vectors
+        return InputSpec(None, feature_dim=int(data.x_test.shape[1]))
     if cfg.features is None:
         return InputSpec.for_dataset(cfg.dataset, data.x_test.shape[1:], None, None)
     from dpcert.learning.data import load_dataset

@@ -97,9 +97,12 @@ class RunConfig:
             if getattr(self, name) is not None and getattr(self, name) not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)} or absent, got "
                                 f"{getattr(self, name)!r}")
-        if (self.model == "linear") != (self.features is not None):
-            raise UserError("the linear model trains on fixed features and conv models on "
-                            "images: set model: linear together with features: scatter")
+        if self.features is not None and self.model != "linear":
+            raise UserError("features feed the linear model: set model: linear together "
+                            "with features: scatter (conv models train on images)")
+        if self.model == "linear" and self.features is None and self.dataset != "npz":
+            raise UserError("the linear model trains on feature vectors: set features: "
+                            "scatter, or give dataset: npz holding your own (n, D) features")
         if self.model == "linear" and self.optimizer != "sgd":
             raise UserError("the linear model trains with optimizer: sgd")
         if self.averaging is not None and self.model != "linear":
