@@ -60,3 +60,16 @@ def test_bad_requests_are_user_errors(images):
         features.transform(images, "pixels")
     with pytest.raises(UserError):
         features.scatter_features(np.zeros((3, 28, 28), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 28, 28), (2, 3, 32, 32), (3, 1, 8, 8)])
+def test_grouped_scattering_equals_kymatio(shape):
+    """The wavelets batched per scale give kymatio's own coefficients, in its order."""
+    import torch
+
+    sc = features._scattering(shape[-2:])
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ours = sc(x), features._scatter_by_groups(sc, x)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)

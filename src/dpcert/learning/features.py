@@ -71,13 +71,66 @@ def scatter_features(x: np.ndarray, *, batch: int = 2000, progress: bool = False
         raise UserError(f"scatter features need images (n, C, H, W) of at least 8x8, got "
                         f"shape {x.shape}")
     scattering = _scattering(tuple(x.shape[2:]))
+    transform_ = functools.partial(_scatter_by_groups, scattering)
     out = []
     for i in tqdm(range(0, len(x), batch), desc="scatter features", unit="batch",
                   disable=not progress, leave=False):
         with torch.no_grad():
-            s = scattering(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
+            s = transform_(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
             out.append(normalise(s.reshape(s.shape[0], -1, *s.shape[-2:])).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def _scatter_by_groups(sc, x):
+    """kymatio's 2-D scattering of x (..., H, W), computed with kymatio's own padding, filters
+    and backend operations, but for all wavelets of a scale at once.
+
+    kymatio 0.3 loops over the 16 first-order and 64 second-order wavelets in Python, one
+    small FFT at a time (about 150 tensor calls per image, 45 ms for one 28 x 28 image on a
+    2-core CPU: most of the time a server spends on a request). This runs the same
+    operations, in the same order for every coefficient, batched over the wavelets of each
+    scale (about 20 calls). Its output equals kymatio's (tested to 1e-6) and has its layout
+    (..., 1 + J L + L^2 J (J - 1) / 2, H / 2^J, W / 2^J), coefficients in kymatio's order."""
+    import torch
+
+    b = sc.backend
+    phi, psi = sc.load_filters()
+    big_j = sc.J
+    batch_shape = x.shape[:-2]
+    x = x.reshape((-1,) + tuple(x.shape[-2:]))
+    u0 = b.rfft(sc.pad(x))
+    out = [sc.unpad(b.irfft(b.subsample_fourier(b.cdgmm(u0, phi["levels"][0]), k=2 ** big_j)))
+           .unsqueeze(1)]
+    groups = {}
+    for n, f in enumerate(psi):
+        groups.setdefault(f["j"], []).append(n)
+    if list(sum(groups.values(), [])) != list(range(len(psi))):
+        raise RuntimeError("kymatio's wavelets are not ordered by scale")  # its layout changed
+    u1 = {}
+    for j1, ns in groups.items():
+        a = u0.unsqueeze(1) * torch.stack([psi[n]["levels"][0] for n in ns])
+        if j1 > 0:
+            a = b.subsample_fourier(a.contiguous(), k=2 ** j1)
+        u1[j1] = b.rfft(b.modulus(b.ifft(a.contiguous())))
+        s1 = b.subsample_fourier((u1[j1] * phi["levels"][j1]).contiguous(), k=2 ** (big_j - j1))
+        out.append(sc.unpad(b.irfft(s1)))
+    if sc.max_order >= 2:
+        for j1, ns1 in groups.items():
+            per_j2 = []
+            for j2, ns2 in groups.items():
+                if j2 <= j1:
+                    continue
+                a = u1[j1].unsqueeze(2) * torch.stack([psi[n]["levels"][j1] for n in ns2])
+                a = b.subsample_fourier(a.contiguous(), k=2 ** (j2 - j1))
+                u2 = b.rfft(b.modulus(b.ifft(a)))
+                s2 = b.subsample_fourier((u2 * phi["levels"][j2]).contiguous(),
+                                         k=2 ** (big_j - j2))
+                per_j2.append(sc.unpad(b.irfft(s2)))
+            if per_j2:
+                s2 = torch.cat(per_j2, dim=2)  # (B, n1, n2, h, w): n1-major, as kymatio
+                out.append(s2.reshape(s2.shape[0], -1, *s2.shape[-2:]))
+    s = torch.cat(out, dim=1)
+    return s.reshape(batch_shape + tuple(s.shape[-3:]))
 
 
 @functools.lru_cache(maxsize=4)
