@@ -115,7 +115,7 @@ def _scatter_by_groups(sc, x):
         s1 = b.subsample_fourier((u1[j1] * phi["levels"][j1]).contiguous(), k=2 ** (big_j - j1))
         out.append(sc.unpad(b.irfft(s1)))
     if sc.max_order >= 2:
-        for j1, ns1 in groups.items():
+        for j1 in groups:
             per_j2 = []
             for j2, ns2 in groups.items():
                 if j2 <= j1:
