@@ -166,7 +166,7 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
 
 
 def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
-                out: str, keep_model: bool) -> int:
+                out: str, keep_model: bool = True) -> int:
     """Train baseline model i on its examples and write its files (runs in a worker)."""
     import torch
 
