@@ -38,5 +38,5 @@ def unknown_keys_error(unknown: set[str] | list[str], known, where: str) -> User
     for key in sorted(map(str, unknown)):
         close = difflib.get_close_matches(key, list(known), n=1)
         parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return UserError(f"unknown {where} {', '.join(parts)}; valid keys: "
+    return UserError(f"unknown {where}: {', '.join(parts)}; valid keys: "
                      f"{', '.join(sorted(known))}")

@@ -102,7 +102,7 @@ class CompareConfig:
         unknown = set(data) - {"dp", *BASELINES, "methods", "calibrate", "dp_run"}
         if unknown:
             raise unknown_keys_error(unknown, {"dp", *BASELINES, "methods", "calibrate",
-                                               "dp_run"}, "compare config key")
+                                               "dp_run"}, "compare config keys")
         given = [k for k in BASELINES if k in data]
         methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
         if not isinstance(methods, list | tuple) or not methods:
@@ -140,7 +140,7 @@ def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:
         unknown = set(item) - set(BaselineConfig.__dataclass_fields__)
         if unknown:
             raise unknown_keys_error(unknown, BaselineConfig.__dataclass_fields__,
-                                     f"key in the {kind} section:")
+                                     f"keys in the {kind} section")
         out.append(BaselineConfig(**item))
     return tuple(out)
 

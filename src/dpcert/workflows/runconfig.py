@@ -133,7 +133,7 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise unknown_keys_error(unknown, known, "config key")
+            raise unknown_keys_error(unknown, known, "config keys")
         try:
             return cls(**data)
         except TypeError as err:
