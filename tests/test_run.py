@@ -143,6 +143,7 @@ def test_config_errors(tmp_path):
         RunConfig.from_mapping({"instances": 1})
 
 
+@pytest.mark.slow  # the docs tests train the demo run end to end and check its table
 def test_end_to_end_digits_certifies(tmp_path):
     cfg = RunConfig(instances=100, steps=300, sample_rate=0.05, noise_multiplier=2.0, eta=0.01)
     run(cfg, tmp_path, progress=False)

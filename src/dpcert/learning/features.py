@@ -43,6 +43,8 @@ FEATURES = ("scatter",)
 _VERSION = "scatter-j2-l8-gn9-l2-v1"
 #: Consecutive scattering channels standardised together.
 GROUP = 9
+#: Up to this many images, the wavelets of a scale are batched (:func:`_scatter_by_groups`).
+_FEW = 16
 
 
 def _import_kymatio():
@@ -71,7 +73,11 @@ def scatter_features(x: np.ndarray, *, batch: int = 2000, progress: bool = False
         raise UserError(f"scatter features need images (n, C, H, W) of at least 8x8, got "
                         f"shape {x.shape}")
     scattering = _scattering(tuple(x.shape[2:]))
-    transform_ = functools.partial(_scatter_by_groups, scattering)
+    # Batched over wavelets for a few images (a server's requests: 8x faster on one image);
+    # kymatio's own loop for many, where its per-filter calls are amortised and the grouped
+    # intermediates (images x 64 wavelets x padded maps) only cost memory bandwidth.
+    few = len(x) <= _FEW
+    transform_ = functools.partial(_scatter_by_groups, scattering) if few else scattering
     out = []
     for i in tqdm(range(0, len(x), batch), desc="scatter features", unit="batch",
                   disable=not progress, leave=False):
