@@ -251,6 +251,7 @@ class Ensemble:
                  origin: str = "") -> None:
         self.info, self._source, self.device, self.origin = info, source, device, origin
         self._resident: list[dict] | None = None
+        self._per_instance: int | None = None
         self._bounds: dict[AccountingSpec, GroupBounds] = {}
         self._lock = threading.Lock()
 
@@ -265,9 +266,12 @@ class Ensemble:
         return self.info.mechanism
 
     def _block_size(self) -> int:
-        first = self._source.read(0, 1)
-        per = sum(a[0].nbytes for a in first.values())
-        return max(1, min(self.info.instances, BLOCK_BYTES // max(1, per)))
+        """Instances per block: as many as fit in BLOCK_BYTES (instance 0 read once to size
+        them)."""
+        if self._per_instance is None:
+            first = self._source.read(0, 1)
+            self._per_instance = sum(a[0].nbytes for a in first.values())
+        return max(1, min(self.info.instances, BLOCK_BYTES // max(1, self._per_instance)))
 
     def _blocks(self) -> Iterator[dict]:
         import torch
