@@ -82,6 +82,7 @@ def one_by_one(run_dir: Path, x: np.ndarray, instances: int,
     from dpcert.learning.inference import score_instances
     from dpcert.store import load_tensors
     from dpcert.workflows.ensemble import load_ensemble, model_path
+    from dpcert.workflows.run import tally_votes
 
     info = load_ensemble(run_dir).info
     xin = torch.from_numpy(info.input.to_model_input(x) if features is None else features)
@@ -92,7 +93,7 @@ def one_by_one(run_dir: Path, x: np.ndarray, instances: int,
         channels = info.input.shape[0] if info.input.shape else 0
         s = score_instances(info.model, p, xin, in_channels=channels,
                             num_classes=info.num_classes)[0]
-        np.add.at(votes, (np.arange(len(x)), s.argmax(1)), 1)
+        votes += tally_votes(s[None])
     return votes
 
 
@@ -119,11 +120,9 @@ def big_memory(run_dir: Path, big: int, batch: int, data_dir: str) -> tuple[floa
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.safetensors"
         code = f"""
-import json, hashlib, numpy as np
-from safetensors.numpy import save
-from dpcert.workflows.ensemble import load_ensemble, EnsembleInfo, FORMAT
-from dpcert.store import tensors_digest
 import dataclasses
+import numpy as np
+from dpcert.workflows.ensemble import load_ensemble, write_export
 ens = load_ensemble({str(run_dir)!r})
 p = ens.info.instances
 base = ens._source.read(0, p)
@@ -132,13 +131,7 @@ reps = -(-{big} // p)
 stacked = {{k: np.concatenate([v] * reps)[:{big}] for k, v in base.items()}}
 for v in stacked.values():
     v += rng.normal(0, 1e-3, v.shape).astype(np.float32)
-info = dataclasses.replace(ens.info, instances={big})
-header = json.dumps(info.to_dict(), sort_keys=True)
-digests = json.dumps([tensors_digest({{n: a[i] for n, a in stacked.items()}})
-                      for i in range({big})])
-meta = {{"dpcert": header, "instance_sha256": digests,
-        "header_sha256": hashlib.sha256((header + digests).encode()).hexdigest()}}
-open({str(path)!r}, "wb").write(save(stacked, metadata=meta))
+write_export({str(path)!r}, stacked, dataclasses.replace(ens.info, instances={big}))
 """
         subprocess.run([sys.executable, "-c", code], check=True)
         measure = f"""

@@ -217,8 +217,7 @@ def _open_export(path: Path) -> tuple[EnsembleInfo, _ExportSource]:
     try:
         header = meta["dpcert"]
         digests = json.loads(meta["instance_sha256"])
-        if hashlib.sha256((header + meta["instance_sha256"]).encode()).hexdigest() != meta[
-                "header_sha256"]:
+        if _header_digest(header, meta["instance_sha256"]) != meta["header_sha256"]:
             raise UserError(f"{path}: the ensemble description fails its checksum; refusing")
         info = EnsembleInfo.from_dict(json.loads(header), str(path))
     except (KeyError, json.JSONDecodeError) as err:
@@ -309,6 +308,7 @@ class Ensemble:
         import torch
 
         from dpcert.learning.inference import score_instances
+        from dpcert.workflows.run import tally_votes
 
         xin = torch.from_numpy(self.model_input(x)).to(self.device)
         n, labels = len(xin), self.info.num_classes
@@ -316,15 +316,13 @@ class Ensemble:
         total = np.zeros((n, labels), np.float64)
         kept = []
         bar = _bar(progress, self.info.instances)
-        rows = np.arange(n)
         for block in self._blocks():
             s = score_instances(self.info.model, block, xin,
                                 in_channels=self._in_channels(), num_classes=labels)
             if s.shape[1:] != (n, labels):
                 raise UserError(f"the stored models give {s.shape[2]} labels, the ensemble "
                                 f"describes {labels}")
-            for si in s:  # votes from float32 scores, as the run counted them
-                np.add.at(votes, (rows, si.argmax(axis=1)), 1)
+            votes += tally_votes(s)  # from float32 scores, as the run counted them
             total += s.sum(axis=0, dtype=np.float64)
             if keep_scores:
                 kept.append(s)
@@ -452,8 +450,6 @@ def export_ensemble(run_dir: str | Path, out: str | Path, *, progress: bool = Fa
     description (model, input specification, mechanism, training settings, test-set curve),
     each instance's checksum and a checksum of the header. Each instance is verified as it is
     read. The file is written atomically."""
-    from safetensors.numpy import save
-
     ens = load_ensemble(run_dir)
     if not isinstance(ens._source, _RunDirSource):
         raise UserError(f"{run_dir} is already an exported file; copy it instead")
@@ -469,13 +465,26 @@ def export_ensemble(run_dir: str | Path, out: str | Path, *, progress: bool = Fa
         bar.close()
     stacked = {n: np.concatenate([b[n] for b in blocks]) for n in blocks[0]}
     del blocks
-    digests = [tensors_digest({n: a[i] for n, a in stacked.items()}) for i in range(p)]
-    header = json.dumps(ens.info.to_dict(), sort_keys=True)
-    digest_json = json.dumps(digests)
-    meta = {"dpcert": header, "instance_sha256": digest_json,
-            "header_sha256": hashlib.sha256((header + digest_json).encode()).hexdigest()}
-    blob = save(stacked, metadata=meta)
+    return write_export(out, stacked, ens.info)
+
+
+def _header_digest(header: str, digest_json: str) -> str:
+    return hashlib.sha256((header + digest_json).encode()).hexdigest()
+
+
+def write_export(out: str | Path, stacked: dict[str, np.ndarray], info: EnsembleInfo) -> str:
+    """Write parameters stacked over instances {name: (P, ...)} and ``info`` as an exported
+    ensemble file (atomically); returns the file's sha256."""
+    from safetensors.numpy import save
+
     from dpcert.store import atomic_write
 
+    p = info.instances
+    digests = [tensors_digest({n: a[i] for n, a in stacked.items()}) for i in range(p)]
+    header = json.dumps(info.to_dict(), sort_keys=True)
+    digest_json = json.dumps(digests)
+    meta = {"dpcert": header, "instance_sha256": digest_json,
+            "header_sha256": _header_digest(header, digest_json)}
+    blob = save(stacked, metadata=meta)
     atomic_write(Path(out), lambda h: h.write(blob))
     return hashlib.sha256(blob).hexdigest()
