@@ -8,7 +8,7 @@ from scipy import stats
 
 from dpcert.certification import outcomes, rdp
 from dpcert.certification.accounting import AccountingSpec, GroupBounds
-from dpcert.certification.bounds import ConfidenceBounds
+from dpcert.certification.bounds import ConfidenceBounds, vote_bounds
 from dpcert.certification.certify import (
     ABSTAIN,
     certified_accuracy,
@@ -275,3 +275,23 @@ def test_paper_mode_at_full_batch_probes_logarithmically_many_tables():
     radius = search_radius(vote_bounds(votes, 1e-3, "simuem"), gb, max_radius=10_000)
     assert list(radius) == [10_000, 10_000, 10_000, ABSTAIN]
     assert len(gb._probed) <= 2 * 15
+
+
+@pytest.mark.parametrize("mode", [("pld", "sound"), ("rdp", "sound"), ("adp", "sound")])
+def test_search_on_warm_tables_equals_linear_walk(table_cache, mode):
+    """With tables already built (a server's warm bounds), the search bisects them instead of
+    walking; the radii must still be the linear walk's."""
+    accounting, group = mode
+    mech = MechanismRecord(sample_rate=0.05, noise_multiplier=2.0, steps=30)
+    spec = AccountingSpec(accounting=accounting, group=group, max_radius=60)
+    warm = GroupBounds(mech, spec, cache_dir=table_cache)
+    unanimous = np.zeros((1, 4), int)
+    unanimous[0, 0] = 1000
+    top = search_radius(vote_bounds(unanimous, 1e-3, "simuem"), warm, max_radius=60)
+    assert warm.built >= top[0] > 0
+    conf = _random_conf(np.random.default_rng(7), 60)
+    fast = search_radius(conf, warm, max_radius=60)
+    slow = search_radius_linear(conf, GroupBounds(mech, spec, cache_dir=table_cache),
+                                max_radius=60)
+    np.testing.assert_array_equal(fast, slow)
+    assert len(set(fast.tolist())) > 3  # radii spread over the built range
