@@ -11,7 +11,8 @@ fi
 mkdir -p .gpu/whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .gpu/whl dp-accounting==0.6.0 dm-tree opacus==1.6.0 randomgen==2.5.1
+    --platform manylinux2014_x86_64 -d .gpu/whl dp-accounting==0.6.0 dm-tree opacus==1.6.0 randomgen==2.5.1 \
+    safetensors
 for d in mnist fashion-mnist; do
     mkdir -p ".gpu/$d"
     for f in data/"$d"/*-ubyte data/"$d"/*-ubyte.gz; do
