@@ -295,3 +295,90 @@ def test_search_on_warm_tables_equals_linear_walk(table_cache, mode):
                                 max_radius=60)
     np.testing.assert_array_equal(fast, slow)
     assert len(set(fast.tolist())) > 3  # radii spread over the built range
+
+
+# -- tables at a ladder of radii ------------------------------------------------------------
+
+
+def test_table_ladder_spacing():
+    from dpcert.certification.accounting import next_table_radius
+
+    ladder = [0]
+    while ladder[-1] < 5000:
+        ladder.append(next_table_radius(ladder[-1], 256))
+    gaps = np.diff(ladder)
+    assert ladder[:258] == list(range(258))  # every radius up to the resolution
+    big = np.asarray(ladder[:-1]) >= 256
+    assert np.all(gaps[big] <= np.asarray(ladder[:-1])[big] / 256 + 1)
+    assert len(ladder) < 256 + 256 * np.log(5000 / 256) + 10
+    assert next_table_radius(7000, 0) == 7001
+
+
+@pytest.mark.parametrize("accounting", ["pld", "rdp", "adp"])
+def test_ladder_radii_never_exceed_and_stay_close_to_every_radius_tables(table_cache,
+                                                                         accounting):
+    """Certifying r with the table above it only loses radius, and at most about 1/resolution
+    of it; a mechanism whose radii reach the hundreds with a coarse ladder (resolution 16).
+    Both searches share the cache: a table at a radius is the same whatever the ladder."""
+    mech = MechanismRecord(sample_rate=0.002, noise_multiplier=4.0, steps=50)
+    conf = _random_conf(np.random.default_rng(3), 80)
+    coarse_loss = {"pld_interval": 1e-3}  # cheaper PLD tables; the ladder is what is tested
+    spec = AccountingSpec(accounting=accounting, max_radius=2000, resolution=0, **coarse_loss)
+    exact = search_radius(conf, GroupBounds(mech, spec, cache_dir=table_cache, workers=1),
+                          max_radius=2000)
+    assert exact.max() > 100
+    coarse = search_radius(conf, GroupBounds(mech, AccountingSpec(
+        accounting=accounting, max_radius=2000, resolution=16, **coarse_loss),
+        cache_dir=table_cache,
+        workers=1), max_radius=2000)
+    assert np.all(coarse <= exact)
+    assert np.all(coarse >= np.where(exact > 16, np.floor(exact * (1 - 2 / 16)) - 1, exact))
+
+
+def test_split_reduction_equals_every_split(table_cache):
+    """The chain over the non-dominated splits equals the chain over every split a = 0..r."""
+    mech = MechanismRecord(sample_rate=0.002, noise_multiplier=4.0, steps=50)
+    gb = GroupBounds(mech, AccountingSpec(max_radius=400, resolution=8), cache_dir=table_cache,
+                     workers=1)
+    idx = np.arange(0, outcomes.GRID.size, 7)
+    for r in [5, 9, 40, 157, 400]:
+        low, up = gb.any_change(r, idx, idx)
+        rows = [gb.pure(k) for k in range(r + 1)]
+        ref_low = np.min([rows[a].lower[outcomes.floor_index(rows[r - a].lower[idx])]
+                          for a in range(r + 1)], axis=0)
+        ref_up = np.max([rows[a].upper[outcomes.ceil_index(rows[r - a].upper[idx])]
+                         for a in range(r + 1)], axis=0)
+        np.testing.assert_array_equal(low, ref_low)
+        np.testing.assert_array_equal(up, ref_up)
+
+
+def test_a_group_table_holds_for_every_smaller_group():
+    """What certifying r with a larger group's table rests on: the raw tables are looser for
+    larger groups, also across the growing PLD loss interval beyond r = 256. (Up to 1e-10:
+    each table is an upper bound with its own slack of about 1e-11 at the extreme tails, the
+    FFT allowance and truncated mass, which differ between discretisations.)"""
+    mech = MechanismRecord(sample_rate=0.0005, noise_multiplier=5.0, steps=100)
+    gb = GroupBounds(mech, AccountingSpec(), cache_dir=None, workers=1)
+    prev = outcomes.identity()
+    for r in [1, 50, 255, 256, 257, 300, 301, 600, 1200]:
+        raw = gb._compute(r)
+        assert np.all(raw.lower <= prev.lower + 1e-10) and np.all(raw.upper >= prev.upper - 1e-10)
+        prev = raw
+
+
+def test_parallel_tables_equal_serial(tmp_path):
+    mech = MechanismRecord(sample_rate=0.002, noise_multiplier=3.0, steps=20)
+    conf = _random_conf(np.random.default_rng(5), 40)
+    spec = AccountingSpec(max_radius=600, resolution=16, pld_interval=1e-3)
+    serial = GroupBounds(mech, spec, cache_dir=tmp_path / "a", workers=1)
+    parallel = GroupBounds(mech, spec, cache_dir=tmp_path / "b", workers=2)
+    r1 = search_radius(conf, serial, max_radius=600)
+    r2 = search_radius(conf, parallel, max_radius=600)
+    parallel.close()
+    np.testing.assert_array_equal(r1, r2)
+    assert parallel.built >= serial.built
+    n = len(serial._radii)
+    np.testing.assert_array_equal(serial._upper[:n], parallel._upper[:n])
+    # the tables computed by the workers were cached, and a second search reuses them
+    again = GroupBounds(mech, spec, cache_dir=tmp_path / "b", workers=1)
+    np.testing.assert_array_equal(search_radius(conf, again, max_radius=600), r1)

@@ -115,3 +115,34 @@ def test_conservative_evaluation_rounds_the_safe_way():
 def test_rdp_bounds_skip_infinite_orders():
     b = outcomes.from_rdp(np.array([2.0, 3.0]), np.array([np.inf, np.inf]))
     assert np.all(b.upper == 1) and np.all(b.lower == 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 60), st.integers(0, 2**32 - 1), st.booleans())
+def test_envelope_of_lines_picks_a_minimal_line(n, seed, ties):
+    """The lower envelope of lines equals evaluating every line everywhere (up to rounding in
+    the chosen line's own value), with repeated slopes and intercepts in the mix."""
+    rng = np.random.default_rng(seed)
+    slopes = rng.exponential(3.0, n) * rng.choice([-1.0, 1.0], n)
+    intercepts = rng.uniform(-1, 1, n)
+    if ties and n > 2:
+        slopes[1] = slopes[0]
+        intercepts[2] = intercepts[0]
+    x = np.concatenate([GRID, rng.uniform(0, 1, 50)])
+    i = outcomes._min_line_index(slopes, intercepts, x)
+    brute = np.min(slopes[None, :] * x[:, None] + intercepts[None, :], axis=1)
+    np.testing.assert_allclose(slopes[i] * x + intercepts[i], brute, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("r", [1, 20, 300])
+def test_profile_bounds_equal_every_line_evaluated(r):
+    """from_profile's envelope gives exactly the min / max over every (eps, delta) line."""
+    d = pld.group_privacy_profile(0.001, 2.0, r, 200, EPS_GRID)
+    b = outcomes.from_profile(EPS_GRID, d, complements=False)
+    ok = d < 1
+    e, dd = EPS_GRID[ok][None, :], d[ok][None, :]
+    p = GRID[:, None]
+    ref = outcomes.regularise(outcomes.OutcomeBound(
+        np.max(np.exp(-e) * (p - dd), axis=1), np.min(np.exp(e) * p + dd, axis=1)))
+    np.testing.assert_array_equal(b.upper, ref.upper)
+    np.testing.assert_array_equal(b.lower, ref.lower)

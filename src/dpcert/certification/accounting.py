@@ -32,11 +32,16 @@ stochastically largest and the bound valid for every split.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import weakref
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +87,12 @@ class AccountingSpec:
         pld_interval: loss discretisation of the PLD accountant.
         paper_delta: the single-example delta of the paper's ADP mode.
         max_radius: largest radius searched; enters the sub-dataset accounting.
+        orders: Rényi orders of the RDP accountings.
+        resolution: the sound modes keep a table at every radius up to ``resolution`` and
+            at relative spacing 1/``resolution`` beyond; a radius between two tables is
+            certified with the table above it (sound: a group bound holds for every smaller
+            group), which puts radii beyond ``resolution`` at most about 1/``resolution``
+            below those of a table at every radius. 0: a table at every radius.
     """
 
     accounting: str = "pld"
@@ -90,6 +101,7 @@ class AccountingSpec:
     paper_delta: float = 1e-5
     max_radius: int = 1000
     orders: tuple[float, ...] = field(default=tuple(rdp.DEFAULT_ORDERS.tolist()))
+    resolution: int = 256
 
     def __post_init__(self) -> None:
         if self.accounting not in ACCOUNTINGS:
@@ -100,6 +112,8 @@ class AccountingSpec:
             raise UserError("the paper has no PLD accounting; use --group sound with pld")
         if not (isinstance(self.max_radius, int) and self.max_radius >= 1):
             raise UserError(f"max radius must be a positive integer, got {self.max_radius!r}")
+        if not (isinstance(self.resolution, int) and self.resolution >= 0):
+            raise UserError(f"resolution must be an integer >= 0, got {self.resolution!r}")
         if not 0.0 < self.paper_delta < 1.0:
             raise UserError(f"paper delta must lie in (0, 1), got {self.paper_delta}")
 
@@ -111,6 +125,30 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpcert"
 
 
+def next_table_radius(r: int, resolution: int) -> int:
+    """Radius of the table after the one at r: every radius up to ``resolution``, then
+    relative spacing 1/``resolution`` (``resolution`` 0: every radius)."""
+    if resolution == 0 or r < resolution:
+        return r + 1
+    return r + -(-r // resolution)
+
+
+def default_workers() -> int:
+    """Processes that build group tables: $DPCERT_WORKERS, else the CPUs this process may use."""
+    env = os.environ.get("DPCERT_WORKERS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise UserError(f"DPCERT_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _table_job(record: MechanismRecord, spec: AccountingSpec, r: int) -> OutcomeBound:
+    return _sgm_pure(record, spec, r)
+
+
 class GroupBounds:
     """Outcome-bound tables for r changed examples, r = 0, 1, ..., of one mechanism.
 
@@ -118,22 +156,28 @@ class GroupBounds:
         record: what the training ran.
         spec: which accounting and group mode.
         cache_dir: where tables persist across runs (None: in memory only).
+        workers: processes that build tables in parallel (default :func:`default_workers`);
+            1 builds them in this process. Results do not depend on it.
     """
 
     def __init__(self, record: MechanismRecord, spec: AccountingSpec | None = None, *,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, workers: int | None = None) -> None:
         self.record = record
         self.spec = spec or AccountingSpec()
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self._pool: ProcessPoolExecutor | None = None
+        self._close_pool: weakref.finalize | None = None
         if record.uses_subsets and self.spec.group == "paper" and self.spec.accounting == "rdp":
             raise UserError("the paper's RDP sub-dataset amplification is not reproduced; "
                             "use --group sound (sound sub-dataset accounting) instead")
         self._cache = Path(cache_dir) / self.key if cache_dir is not None else None
-        # Sequential modes keep pure(0..R) as rows of two growable stacks, so that the chain
+        # Sequential modes keep pure tables at the radii self._radii (0, 1, ..., then the
+        # spacing of ``spec.resolution``) as rows of two growable stacks, so that the chain
         # over every split of r is one gather; independent modes keep only the probed tables.
         ident = outcomes.identity()
         self._lower = ident.lower[None, :].copy()
         self._upper = ident.upper[None, :].copy()
-        self._count = 1
+        self._radii: list[int] = [0]
         self._probed: dict[int, OutcomeBound] = {0: ident}
         self._direct: dict[int, OutcomeBound | None] = {}
         self._inner: _SgmTables | None = None
@@ -144,7 +188,9 @@ class GroupBounds:
     def key(self) -> str:
         spec = asdict(self.spec)
         if not self.record.uses_subsets:
-            del spec["max_radius"]  # it enters the tables only through sub-dataset accounting
+            # Both enter the tables only through sub-dataset accounting (the resolution
+            # chooses which radii get a table, not what a table at a radius holds).
+            del spec["max_radius"], spec["resolution"]
         blob = json.dumps({"record": self.record.accounting_key(), "spec": spec,
                            "code": CODE_FINGERPRINT},
                           sort_keys=True)
@@ -157,8 +203,8 @@ class GroupBounds:
 
     @property
     def built(self) -> int:
-        """Largest r whose pure table is built (sequential modes; 0 when none is)."""
-        return self._count - 1
+        """Largest r covered by the pure tables built so far (sequential modes; 0 when none)."""
+        return self._radii[-1]
 
     @property
     def sequential(self) -> bool:
@@ -166,37 +212,74 @@ class GroupBounds:
         splits of mixed changes); False when a table can be computed for any r on its own."""
         return not self.covers_any_change
 
+    def table_radius(self, r: int) -> int:
+        """Radius of the table that certifies r: the smallest table radius >= r."""
+        t = self._radii[-1]
+        if r <= t:
+            return self._radii[bisect.bisect_left(self._radii, r)]
+        while t < r:
+            t = next_table_radius(t, self.spec.resolution)
+        return t
+
     def pure(self, r: int) -> OutcomeBound:
         """Bound for r insertions or r deletions, non-decreasing in r by construction.
 
         Monotonicity is enforced by loosening each new table with the nearest table below it
         that exists (a bound for fewer changes, loosened, stays valid for r). In sequential
-        modes that is every r' < r; in independent modes the tables actually probed, which
-        coincides whenever the raw tables are monotone themselves (tested).
+        modes that is the previous table radius; in independent modes the tables actually
+        probed, which coincides whenever the raw tables are monotone themselves (tested).
+        In sequential modes r is certified with the table at :meth:`table_radius` (r): a
+        bound for a group of that size holds for every smaller group (the group's dominating
+        pair covers members whose gradient contribution is anything up to the clip norm,
+        zero included).
         """
         if self.sequential:
-            while self._count <= r:
-                s = self._count
-                table = outcomes.looser(self._load_or_compute(s), self._row(s - 1))
-                self._append(table)
-            return self._row(r)
+            self.build(r)
+            return self._row(bisect.bisect_left(self._radii, r))
         if r not in self._probed:
             below = max(k for k in self._probed if k < r)
             self._probed[r] = outcomes.looser(self._load_or_compute(r), self._probed[below])
         return self._probed[r]
 
-    def _row(self, r: int) -> OutcomeBound:
-        return OutcomeBound(self._lower[r], self._upper[r])
+    def build(self, r: int, *, ahead: int = 0) -> None:
+        """Build (or load) the pure tables up to the one that certifies r, in order; with
+        ``ahead`` > 0 also that many further tables, computed in parallel with the others
+        (a search that will need them soon saves a round of waiting on the slowest)."""
+        if self._radii[-1] >= r:
+            return
+        todo = [next_table_radius(self._radii[-1], self.spec.resolution)]
+        while todo[-1] < r:
+            todo.append(next_table_radius(todo[-1], self.spec.resolution))
+        for _ in range(ahead if self._parallel else 0):
+            todo.append(next_table_radius(todo[-1], self.spec.resolution))
+        for t, table in zip(todo, self._load_or_compute_many(todo), strict=True):
+            self._append(t, outcomes.looser(table, self._row(len(self._radii) - 1)))
 
-    def _append(self, table: OutcomeBound) -> None:
-        if self._count == len(self._lower):
-            grow = max(16, self._count)
+    @property
+    def _parallel(self) -> bool:
+        # Sub-dataset tables depend on the inner tables built so far: those stay serial.
+        return (self.workers > 1 and self._inner is None and self.sequential
+                and "fork" in multiprocessing.get_all_start_methods())
+
+    def close(self) -> None:
+        """Stop the table-building processes, if any were started (idempotent)."""
+        if self._close_pool is not None:
+            self._close_pool()
+        self._pool = self._close_pool = None
+
+    def _row(self, i: int) -> OutcomeBound:
+        return OutcomeBound(self._lower[i], self._upper[i])
+
+    def _append(self, radius: int, table: OutcomeBound) -> None:
+        count = len(self._radii)
+        if count == len(self._lower):
+            grow = max(16, count)
             pad = np.empty((grow, self._lower.shape[1]))
             self._lower = np.concatenate([self._lower, pad])
             self._upper = np.concatenate([self._upper, pad])
-        self._lower[self._count] = table.lower
-        self._upper[self._count] = table.upper
-        self._count += 1
+        self._lower[count] = table.lower
+        self._upper[count] = table.upper
+        self._radii.append(radius)
 
     def any_change(self, r: int, lower_idx: np.ndarray, upper_idx: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -206,14 +289,31 @@ class GroupBounds:
         if self.covers_any_change or r == 0:
             b = self.pure(r)
             return b.lower[lower_idx], b.upper[upper_idx]
-        self.pure(r)
-        low = _chain_worst_split(self._lower, r, lower_idx, np.minimum, outcomes.floor_index)
-        up = _chain_worst_split(self._upper, r, upper_idx, np.maximum, outcomes.ceil_index)
+        self.build(r)
+        outer, inner = self._split_rows(r)
+        low = _chain_worst_split(self._lower, outer, inner, lower_idx, np.minimum,
+                                 outcomes.floor_index)
+        up = _chain_worst_split(self._upper, outer, inner, upper_idx, np.maximum,
+                                outcomes.ceil_index)
         direct = self._direct_any_change(r)
         if direct is not None:
             low = np.maximum(low, direct.lower[lower_idx])
             up = np.minimum(up, direct.upper[upper_idx])
         return low, up
+
+    def _split_rows(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (insertions a, deletions r - a) of every split a = 0..r, reduced to the ones
+        not dominated by another: rows are non-decreasing in looseness and the chain is
+        monotone in both, so a split whose two rows are both <= another's never decides."""
+        radii = np.asarray(self._radii)
+        a = np.arange(r + 1)
+        pairs = np.unique(np.stack([np.searchsorted(radii, a), np.searchsorted(radii, r - a)]),
+                          axis=1)
+        order = np.lexsort((-pairs[1], -pairs[0]))  # outer row descending, then inner
+        outer, inner = pairs[0, order], pairs[1, order]
+        best_before = np.concatenate([[-1], np.maximum.accumulate(inner)[:-1]])
+        keep = inner > best_before
+        return outer[keep], inner[keep]
 
     # -- table construction ---------------------------------------------------------------
 
@@ -229,6 +329,38 @@ class GroupBounds:
         if path is not None:
             atomic_save_npz(path, lower=table.lower, upper=table.upper)
         return table
+
+    def _load_or_compute_many(self, radii: list[int]) -> list[OutcomeBound]:
+        """Tables at ``radii``: cached ones loaded, the rest computed, in parallel when
+        several are missing (each is a pure function of record, spec and r)."""
+        missing = [r for r in radii
+                   if self._cache is None or not (self._cache / f"r{r:06d}.npz").exists()]
+        if len(missing) < 2 or not self._parallel:
+            return [self._load_or_compute(r) for r in radii]
+        if self._pool is None:
+            # fork: the children need nothing but this module, and unlike spawn/forkserver it
+            # does not re-run the caller's script (a user's unguarded top-level code).
+            self._pool = ProcessPoolExecutor(self.workers,
+                                             mp_context=multiprocessing.get_context("fork"))
+            self._close_pool = weakref.finalize(self, self._pool.shutdown, wait=False,
+                                                cancel_futures=True)
+        futures = {r: self._pool.submit(_table_job, self.record, self.spec, r) for r in missing}
+        out = []
+        for r in radii:
+            if r not in futures:
+                out.append(self._load_or_compute(r))
+                continue
+            try:
+                table = futures[r].result()
+            except BrokenProcessPool:  # a worker died (e.g. out of memory): carry on here
+                self.close()
+                self.workers = 1
+                table = self._compute(r)
+            if self._cache is not None:
+                atomic_save_npz(self._cache / f"r{r:06d}.npz", lower=table.lower,
+                                upper=table.upper)
+            out.append(table)
+        return out
 
     def _compute(self, r: int) -> OutcomeBound:
         if self._inner is not None:
@@ -247,17 +379,17 @@ class GroupBounds:
 _CHAIN_CHUNK = 1 << 22
 
 
-def _chain_worst_split(stack: np.ndarray, r: int, idx: np.ndarray, worst, to_grid) -> np.ndarray:
-    """worst over a = 0..r of stack[a][to_grid(stack[r - a][idx])]: the bound for a insertions
-    after r - a deletions, at every grid index in ``idx`` (shape (M,)); ``stack`` holds the
-    pure tables of one side (lower or upper) as rows 0..r."""
+def _chain_worst_split(stack: np.ndarray, outer: np.ndarray, inner: np.ndarray, idx: np.ndarray,
+                       worst, to_grid) -> np.ndarray:
+    """worst over splits s of stack[outer[s]][to_grid(stack[inner[s]][idx])]: the bound for
+    the insertions (row outer[s]) after the deletions (row inner[s]) at every grid index in
+    ``idx`` (shape (M,)); ``stack`` holds the pure tables of one side (lower or upper)."""
     out = np.empty(len(idx))
-    per = max(1, _CHAIN_CHUNK // (r + 1))
-    a = np.arange(r + 1)[:, None]
+    per = max(1, _CHAIN_CHUNK // len(outer))
+    o, i = outer[:, None], inner[:, None]
     for start in range(0, len(idx), per):
         cols = idx[start:start + per]
-        inner = to_grid(stack[r - a, cols[None, :]])
-        out[start:start + per] = worst.reduce(stack[a, inner], axis=0)
+        out[start:start + per] = worst.reduce(stack[o, to_grid(stack[i, cols[None, :]])], axis=0)
     return out
 
 
@@ -275,7 +407,8 @@ def _sgm_pure(record: MechanismRecord, spec: AccountingSpec, r: int) -> OutcomeB
         return outcomes.from_profile(np.array([r * eps1]), np.array([min(1.0, r * delta1)]),
                                      complements=False)
     if spec.accounting == "pld":
-        delta = pld.group_privacy_profile(q, sigma, r, steps, EPS_GRID, interval=spec.pld_interval)
+        delta = pld.group_privacy_profile(q, sigma, r, steps, EPS_GRID,
+                                          interval=pld_interval(spec.pld_interval, r))
         return outcomes.from_profile(EPS_GRID, delta)
     orders = np.asarray(spec.orders)
     eps_rdp = rdp.group_rdp(q, sigma, r, orders, steps=steps, cap=RDP_CAP)
@@ -284,6 +417,22 @@ def _sgm_pure(record: MechanismRecord, spec: AccountingSpec, r: int) -> OutcomeB
     deltas = np.logspace(-15, -0.5, 60)
     eps = rdp.rdp_to_adp_epsilon(eps_rdp, orders, deltas)
     return outcomes.tighter(outcomes.from_profile(eps, deltas), _adp_group_privacy(record, spec, r))
+
+
+#: Group size beyond which the PLD loss interval grows with r.
+INTERVAL_SCALE_FROM = 256
+
+
+def pld_interval(base: float, r: int) -> float:
+    """Loss discretisation of the r-group PLD: ``base`` up to r = 256, then base * r / 256.
+
+    The loss range of one step grows about linearly with r, so this keeps the number of loss
+    buckets (and the cost of a table) about constant; the pessimistic discretisation is an
+    upper bound at any interval, and at the radii where such groups are certified the
+    coarser grid moves the bounds by about 1e-5 (measured) against the 1e-3 that a step of
+    r/256 in the radius moves them.
+    """
+    return base * max(1.0, r / INTERVAL_SCALE_FROM)
 
 
 def _single_profile(record: MechanismRecord, spec: AccountingSpec) -> np.ndarray:

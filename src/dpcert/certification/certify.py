@@ -114,18 +114,27 @@ def _best_radius(bounds, lo_cell: int, up_cell: int, max_radius: int, bar) -> in
 
     if getattr(bounds, "sequential", False):
         # Tables already built (a server's warm tables, a second call) are bisected; beyond
-        # them the walk builds each next table in order, as it must.
-        built = min(int(getattr(bounds, "built", 0)), max_radius)
-        if built >= 1 and not ok(built):
-            good, bad = 0, built
-            while bad - good > 1:
-                mid = (good + bad) // 2
-                good, bad = (mid, bad) if ok(mid) else (good, mid)
-            return good
-        r = built
-        while r < max_radius and ok(r + 1):
-            r += 1
-        return r
+        # them the walk builds the next table in order, as it must, and tests its radius;
+        # radii between two tables are certified with the upper one's, so the first failing
+        # table radius is bisected from its predecessor without building anything.
+        good, bad = 0, min(int(getattr(bounds, "built", 0)), max_radius)
+        if bad == 0 or ok(bad):
+            good = bad
+            ahead = 2 * getattr(bounds, "workers", 1) - 1
+            while good < max_radius:
+                nxt = min(bounds.table_radius(good + 1), max_radius)
+                if hasattr(bounds, "build"):
+                    bounds.build(nxt, ahead=ahead)
+                if not ok(nxt):
+                    bad = nxt
+                    break
+                good = nxt
+            else:
+                return good
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if ok(mid) else (good, mid)
+        return good
     good, bad = 0, max_radius + 1
     r = 1
     while r <= max_radius:
@@ -180,7 +189,7 @@ def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str =
             accounting: str | None = None, group: str | None = None, eta: float = 1e-3,
             bound: str | None = None, max_radius: int | None = None,
             cache_dir: Path | None | str = "default", progress: bool = False,
-            spec: AccountingSpec | None = None) -> Certificates:
+            spec: AccountingSpec | None = None, workers: int | None = None) -> Certificates:
     """Certify every test point of an ensemble's outputs.
 
     Args:
@@ -198,6 +207,8 @@ def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str =
         progress: show a progress bar.
         spec: full accounting specification, instead of ``accounting``/``group``/
             ``max_radius`` (giving both is an error where they disagree).
+        workers: processes building group tables (default: $DPCERT_WORKERS, else the
+            usable CPUs); certificates do not depend on it.
 
     Returns:
         :class:`Certificates` with prediction and radius per point (radius -1 = abstain).
@@ -205,8 +216,12 @@ def certify(outputs: np.ndarray, mechanism: MechanismRecord, *, inference: str =
     spec = resolve_spec(spec, accounting=accounting, group=group, max_radius=max_radius)
     conf = confidence_bounds(outputs, inference=inference, eta=eta, bound=bound)
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
-    bounds = GroupBounds(mechanism, spec, cache_dir=Path(cache) if cache is not None else None)
-    radius = search_radius(conf, bounds, max_radius=spec.max_radius, progress=progress)
+    bounds = GroupBounds(mechanism, spec, cache_dir=Path(cache) if cache is not None else None,
+                         workers=workers)
+    try:
+        radius = search_radius(conf, bounds, max_radius=spec.max_radius, progress=progress)
+    finally:
+        bounds.close()
     return Certificates(conf.prediction, radius, conf.p_lower, conf.p_upper)
 
 

@@ -85,6 +85,34 @@ def with_complements(b: OutcomeBound) -> OutcomeBound:
     return regularise(OutcomeBound(lower, upper))
 
 
+def _min_line_index(slopes: np.ndarray, intercepts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """For each x, the index of a line attaining min_i slopes_i x + intercepts_i; shape x.
+
+    The lower envelope of the lines (a monotone convex-hull sweep over slopes, written here
+    because numpy/scipy have no envelope of lines): O(E log E + X log E) instead of the
+    O(E X) of evaluating every line everywhere. Callers evaluate the chosen line with their
+    own formula; since every line is a valid bound on its own, a rounding slip in the sweep
+    can only pick a slightly looser line, never an invalid one.
+    """
+    order = np.lexsort((intercepts, -slopes))  # slope descending, then intercept ascending
+    hull: list[int] = []
+    for i in order:
+        a, b = slopes[i], intercepts[i]
+        if hull and a == slopes[hull[-1]]:
+            continue  # same slope, larger intercept: never below
+        while len(hull) >= 2:
+            j, k = hull[-2], hull[-1]
+            # k is useless if the new line overtakes j no later than k does
+            if (intercepts[k] - intercepts[j]) * (slopes[j] - a) < \
+                    (b - intercepts[j]) * (slopes[j] - slopes[k]):
+                break
+            hull.pop()
+        hull.append(int(i))
+    h = np.asarray(hull)
+    breaks = (intercepts[h[1:]] - intercepts[h[:-1]]) / (slopes[h[:-1]] - slopes[h[1:]])
+    return h[np.searchsorted(breaks, x)]
+
+
 def from_profile(eps: np.ndarray, delta: np.ndarray, *, complements: bool = True
                  ) -> OutcomeBound:
     """Bounds from a family of (eps_i, delta_i) guarantees valid in both directions.
@@ -97,11 +125,13 @@ def from_profile(eps: np.ndarray, delta: np.ndarray, *, complements: bool = True
     ok = np.isfinite(eps) & (delta < 1.0)  # other pairs say nothing
     if not np.any(ok):
         return trivial()
-    eps, delta = eps[ok][None, :], delta[ok][None, :]
-    p = GRID[:, None]
+    eps, delta = eps[ok], delta[ok]
     with np.errstate(over="ignore"):
-        upper = np.min(np.where(p > 0, np.exp(eps) * p, 0.0) + delta, axis=1)
-    lower = np.max(np.exp(-eps) * (p - delta), axis=1)
+        up_slope, lo_slope = np.exp(eps), np.exp(-eps)
+    i = _min_line_index(up_slope, delta, GRID)
+    j = _min_line_index(-lo_slope, lo_slope * delta, GRID)  # max of lines = -min of -lines
+    upper = up_slope[i] * GRID + delta[i]
+    lower = lo_slope[j] * (GRID - delta[j])
     b = regularise(OutcomeBound(lower, upper))
     return with_complements(b) if complements else b
 
