@@ -354,13 +354,13 @@ def test_split_reduction_equals_every_split(table_cache):
 
 def test_a_group_table_holds_for_every_smaller_group():
     """What certifying r with a larger group's table rests on: the raw tables are looser for
-    larger groups, also across the growing PLD loss interval beyond r = 256. (Up to 1e-10:
+    larger groups, also across the growing PLD loss interval beyond r = 32. (Up to 1e-10:
     each table is an upper bound with its own slack of about 1e-11 at the extreme tails, the
     FFT allowance and truncated mass, which differ between discretisations.)"""
     mech = MechanismRecord(sample_rate=0.0005, noise_multiplier=5.0, steps=100)
     gb = GroupBounds(mech, AccountingSpec(), cache_dir=None, workers=1)
     prev = outcomes.identity()
-    for r in [1, 50, 255, 256, 257, 300, 301, 600, 1200]:
+    for r in [1, 31, 32, 33, 50, 255, 256, 257, 300, 301, 600, 1200]:
         raw = gb._compute(r)
         assert np.all(raw.lower <= prev.lower + 1e-10) and np.all(raw.upper >= prev.upper - 1e-10)
         prev = raw

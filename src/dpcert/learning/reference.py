@@ -51,8 +51,11 @@ def _seeded_model(name: str, in_channels: int, num_classes: int,
         return build_model(name, in_channels, num_classes)
 
 
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+def _optimizer(name: str, params, lr: float, weight_decay: float = 0.0
+               ) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
 def _subset(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
@@ -123,12 +126,12 @@ def predict_scores(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> np.n
 
 def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                 epochs: int, batch_size: int, lr: float, optimizer: str,
-                gen: torch.Generator) -> nn.Module:
+                gen: torch.Generator, weight_decay: float = 0.0) -> nn.Module:
     """Ordinary (non-private) minibatch training, for the aggregation baselines (DPA, Bagging,
     Finite Aggregation), with all randomness drawn from ``gen`` (on the host; the model
-    trains on x's device)."""
+    trains on x's device). A batch size >= len(y) makes every epoch one full-batch step."""
     model = _seeded_model(model_name, x.shape[1], num_classes, gen).to(x.device)
-    opt = _optimizer(optimizer, model.parameters(), lr)
+    opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen, device=gen.device).to(x.device)
         for i in range(0, len(y), batch_size):
@@ -137,3 +140,25 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model
+
+
+def prototype_params(x: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """Nearest-class-mean classifier on feature vectors x (n, D), as linear parameters.
+
+    argmin_c |x - mu_c|^2 = argmax_c (2 mu_c . x - |mu_c|^2), so the classifier is the linear
+    model with weight 2 mu / tau (D, L) and bias -|mu|^2 / tau (L,); tau (the mean squared
+    distance of the examples to their class mean) only sets how soft its softmax scores are.
+    A label absent from x gets bias -1e30: never predicted. A sample-efficient learner for
+    partition defences (every model sees few examples).
+    """
+    x = np.asarray(x, np.float64)
+    counts = np.bincount(y, minlength=num_classes)
+    means = np.zeros((num_classes, x.shape[1]))
+    np.add.at(means, y, x)
+    present = counts > 0
+    means[present] /= counts[present, None]
+    spread = float(np.mean(np.sum((x - means[y]) ** 2, axis=1)))
+    tau = spread if spread > 0 else 1.0
+    bias = np.where(present, -np.sum(means**2, axis=1) / tau, -1e30)
+    return {"weight": np.ascontiguousarray((2.0 * means / tau).T, dtype=np.float32),
+            "bias": bias.astype(np.float32)}

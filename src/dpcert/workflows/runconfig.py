@@ -57,6 +57,7 @@ class RunConfig:
     augment_shift: int = 0  # image models: random translations by up to this many pixels
     augment_copies: int = 1  # ... this many per example, averaged before clipping
     seed: int = 0
+    validation: int = 0  # > 0: train on all but the last N training examples, evaluate on them
     # certification and execution (do not change trained instances)
     eta: float = 1e-3
     max_radius: int = 1000
@@ -71,7 +72,7 @@ class RunConfig:
     TRAINING_FIELDS = ("dataset", "model", "instances", "sample_rate", "noise_multiplier",
                        "steps", "clip_norm", "lr", "optimizer", "subset_size", "features",
                        "averaging", "bias_feature", "augment_shift", "augment_copies",
-                       "seed")
+                       "seed", "validation")
 
     def __post_init__(self) -> None:
         for name, choices in (("dataset", DATASETS), ("model", MODEL_NAMES),
@@ -80,7 +81,8 @@ class RunConfig:
             if getattr(self, name) not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)}, got "
                                 f"{getattr(self, name)!r}")
-        checks = [("instances", 2), ("seed", 0), ("max_radius", 1), ("workers", 0),
+        checks = [("instances", 2), ("seed", 0), ("validation", 0), ("max_radius", 1),
+                  ("workers", 0),
                   ("augment_shift", 0), ("augment_copies", 1)]
         if self.batch_instances != "auto":
             checks.append(("batch_instances", 1))
@@ -148,7 +150,22 @@ def load_run_data(cfg: RunConfig):
     them; loaded once per process."""
     from dpcert.learning.data import load_dataset_cached
 
-    return load_dataset_cached(cfg.dataset, cfg.data_dir, cfg.features)
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir, cfg.features)
+    return validation_split(data, cfg.validation) if cfg.validation else data
+
+
+def validation_split(data, holdout: int):
+    """The training set split in two: the last ``holdout`` examples become the evaluation set
+    (in place of the test set, which is then never read), the rest the training set."""
+    from dpcert.learning.data import Dataset
+
+    n = len(data.y_train)
+    if not 0 < holdout < n:
+        raise UserError(f"validation must hold out between 1 and {n - 1} of the {n} training "
+                        f"examples, got {holdout}")
+    return Dataset(f"{data.name} (validation split)", data.x_train[:n - holdout],
+                   data.y_train[:n - holdout], data.x_train[n - holdout:],
+                   data.y_train[n - holdout:])
 
 
 def load_config_file(path: Path) -> dict:
