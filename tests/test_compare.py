@@ -65,13 +65,14 @@ def test_compare_small_digits(tmp_path):
     })
     assert cfg.methods == ("dp", "dpa", "fa", "bagging")
     text = compare(cfg, tmp_path, progress=False)
-    for name in ("dp (pld, sound)", "dpa (k=5)", "fa (k=3, d=2)", "bagging (N=5, k=50)",
+    for name in ("dp (pld, sound)", "dpa (k=5, epochs=1)", "fa (k=3, d=2, epochs=1)",
+                 "bagging (N=5, k=50, epochs=1)",
                  "baseline-DP"):
         assert name in text
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
-    assert len(list((tmp_path / "dpa_k5").glob("model_*.npz"))) == 5
-    assert len(list((tmp_path / "fa_k3_d2").glob("model_*.npz"))) == 6
-    rows = (tmp_path / "fa_k3_d2" / "certificates.csv").read_text().splitlines()
+    assert len(list((tmp_path / "dpa_k5_epochs1").glob("model_*.npz"))) == 5
+    assert len(list((tmp_path / "fa_k3_d2_epochs1").glob("model_*.npz"))) == 6
+    rows = (tmp_path / "fa_k3_d2_epochs1" / "certificates.csv").read_text().splitlines()
     assert rows[0] == "index,prediction,radius,label" and len(rows) == 360
     again = compare(cfg, tmp_path, progress=False)  # reuses every trained unit
     assert again == text
@@ -87,11 +88,17 @@ def test_compare_small_digits(tmp_path):
         compare(CompareConfig.from_mapping({"dp_run": str(tmp_path / "dp"), "methods": ["dp"],
                                             "dp": {"steps": 11}}), tmp_path / "x",
                 progress=False)
-    # the same setting with other training values is refused, not silently reused
+    # other training values are another setting, in their own folder
     other = CompareConfig.from_mapping({"dp": {"instances": 4, "steps": 10, "workers": 1},
-                                        "dpa": {"models": 5, "epochs": 2}})
+                                        "methods": ["dpa"], "dpa": {"models": 5, "epochs": 2}})
+    assert "dpa (k=5, epochs=2)" in compare(other, tmp_path, progress=False)
+    assert len(list((tmp_path / "dpa_k5_epochs2").glob("model_*.npz"))) == 5
+    # a setting's folder trained on other data is refused, not silently reused
+    seeded = CompareConfig.from_mapping({"dp": {"instances": 4, "steps": 10, "workers": 1,
+                                                "seed": 3}, "methods": ["dpa"],
+                                         "dpa": {"models": 5, "epochs": 1}})
     with pytest.raises(UserError, match="other settings"):
-        compare(other, tmp_path, progress=False)
+        compare(seeded, tmp_path, progress=False)
 
 
 def test_roe_reuses_the_dpa_models(tmp_path):
@@ -101,16 +108,17 @@ def test_roe_reuses_the_dpa_models(tmp_path):
     dpa = compare(CompareConfig.from_mapping({**base, "methods": ["dpa"],
                                               "dpa": {"models": 5, "epochs": 1}}),
                   tmp_path, progress=False)
-    units = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dpa_k5").glob("model_*")}
+    units = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dpa_k5_epochs1").glob("model_*")}
     text = compare(CompareConfig.from_mapping({**base, "methods": ["dpa", "roe"],
                                                "dpa": {"models": 5, "epochs": 1},
                                                "roe": {"models": 5, "epochs": 1}}),
                    tmp_path, progress=False)
-    assert "roe (k=5)" in text and "dpa (k=5)" in text and "dpa (k=5)" in dpa
+    assert "roe (k=5, epochs=1)" in text and "dpa (k=5, epochs=1)" in text
+    assert "dpa (k=5, epochs=1)" in dpa
     assert {p.name: p.stat().st_mtime_ns
-            for p in (tmp_path / "dpa_k5").glob("model_*")} == units  # not retrained
-    scores = np.stack([read_unit(tmp_path / "dpa_k5" / f"model_{i:06d}.npz") for i in range(5)])
-    rows = np.loadtxt(tmp_path / "dpa_k5" / "certificates_roe.csv", delimiter=",", skiprows=1,
+            for p in (tmp_path / "dpa_k5_epochs1").glob("model_*")} == units  # not retrained
+    scores = np.stack([read_unit(tmp_path / "dpa_k5_epochs1" / f"model_{i:06d}.npz") for i in range(5)])
+    rows = np.loadtxt(tmp_path / "dpa_k5_epochs1" / "certificates_roe.csv", delimiter=",", skiprows=1,
                       dtype=np.int64)
     pred, radius = baselines.roe_certificate(scores)
     np.testing.assert_array_equal(rows[:, 1], pred)
@@ -126,16 +134,16 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
     parallel = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 2},
                                                    "methods": ["dpa"], "dpa": settings}),
                        tmp_path / "b", progress=False)
-    assert serial == parallel and "dpa (k=2)" in serial and "dpa (k=6)" in serial
+    assert serial == parallel and "dpa (k=2, epochs=1)" in serial and "dpa (k=6, epochs=1)" in serial
     for i in range(6):
-        a = np.load(tmp_path / "a" / "dpa_k6" / f"model_{i:06d}.npz")["scores"]
-        b = np.load(tmp_path / "b" / "dpa_k6" / f"model_{i:06d}.npz")["scores"]
+        a = np.load(tmp_path / "a" / "dpa_k6_epochs1" / f"model_{i:06d}.npz")["scores"]
+        b = np.load(tmp_path / "b" / "dpa_k6_epochs1" / f"model_{i:06d}.npz")["scores"]
         np.testing.assert_allclose(a, b, atol=1e-5)
     text = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 1}, "dpa": settings,
                                                "calibrate": True}),
                    tmp_path / "a", progress=False)
     table = text.split("Calibration")[0]
-    assert ("dpa (k=2)" in table) != ("dpa (k=6)" in table)  # exactly one setting kept
+    assert ("dpa (k=2, epochs=1)" in table) != ("dpa (k=6, epochs=1)" in table)  # exactly one setting kept
     assert text.count("| yes |") == 1
 
 
@@ -162,3 +170,72 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
 def test_compare_config_errors(bad):
     with pytest.raises(UserError):
         CompareConfig.from_mapping(bad)
+
+
+def test_setting_folders_and_identity_keep_old_folders_valid():
+    plain = BaselineConfig(models=5, epochs=1)
+    assert plain.folder("dpa") == "dpa_k5_epochs1" and plain.name("dpa") == "dpa (k=5, epochs=1)"
+    assert BaselineConfig(models=5).folder("dpa") == "dpa_k5"
+    assert "learner" not in BaselineConfig(models=5).identity()  # as before the option
+    proto = BaselineConfig(models=5, learner="prototype", epochs=3)
+    assert proto.folder("dpa") == "dpa_k5_learnerprototype"  # epochs do not matter to it
+    full = BaselineConfig(models=5, learner="full-batch", steps=50, weight_decay=1e-4)
+    assert full.name("fa") == "fa (k=5, d=1, learner=full-batch, steps=50, weight_decay=0.0001)"
+    with pytest.raises(UserError, match="learner"):
+        BaselineConfig(learner="svm")
+
+
+def test_prototype_learner_is_the_nearest_class_mean():
+    from dpcert.learning.reference import prototype_params
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = rng.choice([0, 2, 3], size=40)  # label 1 absent
+    params = prototype_params(x, y, 4)
+    test = rng.normal(size=(200, 6)).astype(np.float32) * 2
+    pred = np.argmax(test @ params["weight"] + params["bias"], axis=1)
+    means = np.stack([x[y == c].mean(axis=0) if np.any(y == c) else np.full(6, np.inf)
+                      for c in range(4)])
+    dist = ((test[:, None, :] - means[None]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(pred, np.argmin(dist, axis=1))
+    assert 1 not in pred
+
+
+def test_choice_and_envelope_by_hand():
+    from dpcert.workflows.compare import choose, envelope
+
+    val = {"a": np.array([0.9, 0.5, 0.0, 0.0]), "b": np.array([0.8, 0.6, 0.3, 0.0])}
+    c = choose(val)
+    assert c.best == "b"  # mean 0.425 vs 0.35
+    assert list(c.per_radius) == ["a", "b", "b", "b"]  # r = 3: nobody certifies -> best
+    test = {"a": np.array([0.7, 0.1, 0.0, 0.0]), "b": np.array([0.75, 0.4, 0.2, 0.05])}
+    np.testing.assert_allclose(envelope(c.per_radius, test)(np.array([0, 1, 2, 3])),
+                               [0.7, 0.4, 0.2, 0.05])  # validation's pick, not test's best
+
+
+def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
+    """Choices depend on the training set only: with the test set scrambled, tuning.md is
+    the same; only the final certification (compare.md) sees the change. The validation
+    certificates are on the last N training examples."""
+    from dpcert.learning import data as data_mod
+
+    cfg = CompareConfig.from_mapping({
+        "dp": {"instances": 4, "steps": 10, "workers": 1, "max_radius": 20},
+        "dp_grid": [{"noise_multiplier": 2.0}, {"noise_multiplier": 4.0}],
+        "dpa": [{"models": 5, "epochs": 1}, {"models": 5, "learner": "full-batch",
+                                             "steps": 20}],
+        "validation": 300, "tune_radius": 5})
+    first = compare(cfg, tmp_path / "a", progress=False)
+    real = data_mod.load_dataset_cached("digits")
+    rows = np.loadtxt(tmp_path / "a" / "validation" / "dpa_k5_epochs1" / "certificates.csv",
+                      delimiter=",", skiprows=1, dtype=np.int64)
+    np.testing.assert_array_equal(rows[:, 3], real.y_train[-300:])
+    rng = np.random.default_rng(1)
+    scrambled = data_mod.Dataset(real.name, real.x_train, real.y_train,
+                                 rng.permutation(real.x_test), rng.permutation(real.y_test))
+    monkeypatch.setattr(data_mod, "load_dataset_cached", lambda *a, **k: scrambled)
+    second = compare(cfg, tmp_path / "b", progress=False)
+    assert (tmp_path / "a" / "tuning.md").read_text() == (tmp_path / "b" / "tuning.md").read_text()
+    assert first != second
+    assert "dpa envelope" in first and "envelope of all defences" in first
+    assert "Protocol: every setting was trained on the first 1138" in first

@@ -137,6 +137,13 @@ def main() -> None:
 @click.option("--bound", type=click.Choice(["simuem", "bernstein", "hoeffding", "paper"]),
               help="Confidence bound (default: simuem for votes, bernstein for scores).")
 @click.option("--max-radius", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--resolution", type=click.IntRange(0), default=256, show_default=True,
+              help="Group tables at every radius up to this and at relative spacing "
+                   "1/resolution beyond (radii there at most ~1/resolution below a table at "
+                   "every radius; always sound); 0: a table at every radius.")
+@click.option("--workers", type=click.IntRange(1),
+              help="Processes building group tables [default: $DPCERT_WORKERS, else one per "
+                   "usable CPU].")
 @click.option("--paper-delta", type=float, default=1e-5, show_default=True,
               help="Single-example delta of --accounting adp --group paper.")
 @click.option("--output", type=click.Path(path_type=Path), required=True,
@@ -161,9 +168,9 @@ def main() -> None:
 @click.option("--no-cache", is_flag=True, help="Do not read or write the table cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
-                mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
-                output, labels, cache_dir, no_cache, quiet, method, train_size,
-                subsample_size, spread, per_model, num_classes, shifts) -> None:
+                mechanism, inference, accounting, group, eta, bound, max_radius, resolution,
+                workers, paper_delta, output, labels, cache_dir, no_cache, quiet, method,
+                train_size, subsample_size, spread, per_model, num_classes, shifts) -> None:
     """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
 
     def action() -> None:
@@ -180,7 +187,8 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
         else:
             _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size,
                      subset_size, mechanism, inference, accounting, group, eta, bound,
-                     max_radius, paper_delta, output, labels, cache_dir, no_cache, quiet)
+                     max_radius, paper_delta, output, labels, cache_dir, no_cache, quiet,
+                     resolution, workers)
 
     _run_user(action)
 
@@ -188,7 +196,7 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
 #: Options of ``certify`` that only one kind of defence reads.
 _DP_ONLY = ("sample_rate", "noise_multiplier", "steps", "dataset_size", "subset_size",
             "mechanism", "inference", "accounting", "group", "bound", "paper_delta",
-            "cache_dir", "no_cache")
+            "cache_dir", "no_cache", "resolution", "workers")
 _BASELINE_ONLY = {"train_size": ("bagging",), "subsample_size": ("bagging",),
                   "spread": ("fa",), "per_model": ("fa",), "num_classes": ("fa",),
                   "shifts": ("fa",)}
@@ -214,13 +222,14 @@ def _check_method_flags(method: str) -> None:
 
 def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
              mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
-             output, labels_path, cache_dir, no_cache, quiet) -> None:
+             output, labels_path, cache_dir, no_cache, quiet, resolution=256,
+             workers=None) -> None:
     if not 0.0 < eta < 1.0:
         raise UserError(f"--eta must lie in (0, 1), got {eta}")
     record = resolve_mechanism(mechanism, sample_rate, noise_multiplier, steps, dataset_size,
                                subset_size)
     spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius,
-                          paper_delta=paper_delta)
+                          paper_delta=paper_delta, resolution=resolution)
     _check_output(output)
     outputs = validate_outputs(load_array(input_path, "input"), inference)
     n_points = outputs.shape[0] if inference == "multinomial" else outputs.shape[1]
@@ -230,7 +239,7 @@ def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, sub
                    "NOT a valid certificate (DESIGN.md section 2)", err=True)
     cache = None if no_cache else (cache_dir or "default")
     cert = certify(outputs, record, inference=inference, eta=eta, bound=bound, spec=spec,
-                   cache_dir=cache, progress=not quiet and sys.stderr.isatty())
+                   cache_dir=cache, progress=not quiet and sys.stderr.isatty(), workers=workers)
     _write_results(cert, labels, output)
 
 
@@ -363,6 +372,10 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
               help="Translations per example, their gradients averaged before clipping "
                    "(one example's contribution: the certificate is unchanged).")
 @click.option("--seed", type=int, help="Master seed (default 0: reruns are identical).")
+@click.option("--validation", type=int,
+              help="Hold out the last N training examples: train on the rest and certify "
+                   "on them instead of the test set, which is then not read [default: 0, "
+                   "off].")
 @click.option("--eta", type=float,
               help="Certificates hold with probability >= 1 - eta [default: 0.001].")
 @click.option("--max-radius", type=int, help="Largest radius searched [default: 1000].")
@@ -414,7 +427,9 @@ def compare_cmd(config, output, device, quiet) -> None:
 
     Defences: dp (this project's DP ensemble), dpa (Deep Partition Aggregation), fa (Finite
     Aggregation), roe (Run-off Election over DPA's models), bagging, and the statistical
-    baseline-DP bound of Ma et al."""
+    baseline-DP bound of Ma et al. With `validation: N` in CONFIG, every listed setting is
+    tuned on the last N training examples and only the chosen ones are certified on the test
+    set (tuning.md says what was chosen and why)."""
 
     def action() -> None:
         from dpcert.workflows.compare import CompareConfig, compare
@@ -429,7 +444,8 @@ def compare_cmd(config, output, device, quiet) -> None:
         check_device(cfg.dp.get("device") if isinstance(cfg.dp, dict) else None)
         out = output or Path("runs") / f"compare-{Path(config).stem}"
         click.echo(compare(cfg, out, progress=not quiet))
-        click.echo(f"comparison directory: {out} (compare.md, compare.png)")
+        extra = ", tuning.md" if cfg.validation else ""
+        click.echo(f"comparison directory: {out} (compare.md, compare.png{extra})")
 
     _run_user(action)
 

@@ -420,7 +420,7 @@ def _sgm_pure(record: MechanismRecord, spec: AccountingSpec, r: int) -> OutcomeB
 
 
 #: Group size beyond which the PLD loss interval grows with r.
-INTERVAL_SCALE_FROM = 32
+INTERVAL_SCALE_FROM = 128
 
 
 def pld_interval(base: float, r: int) -> float:
