@@ -232,19 +232,25 @@ def table_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tables")
 
 
-@settings(max_examples=25, deadline=None)
+# derandomize: a fixed set of examples, so the test's time does not swing with the draw (a
+# random draw of slow PLD mechanisms once took 240 s instead of 20 s)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(st.sampled_from(MODES), st.floats(0.005, 1.0), st.floats(0.7, 6.0),
-       st.integers(1, 60), st.integers(1, 60), st.integers(0, 2**32 - 1))
-def test_bisection_equals_linear_walk(table_cache, mode, q, sigma, steps, max_radius, seed):
+       st.integers(1, 60), st.integers(1, 60), st.integers(0, 2**32 - 1),
+       st.sampled_from([0, 4, 256]))
+def test_bisection_equals_linear_walk(table_cache, mode, q, sigma, steps, max_radius, seed,
+                                      resolution):
     accounting, group = mode
     mech = MechanismRecord(sample_rate=q, noise_multiplier=sigma, steps=steps)
     conf = _random_conf(np.random.default_rng(seed), 40)
-    spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius)
+    # a coarse PLD loss grid keeps the tables cheap: the search is what is tested here
+    spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius,
+                          resolution=resolution, pld_interval=1e-3)
     # Both searches read the same raw tables (disk cache), so each is computed once.
-    fast = search_radius(conf, GroupBounds(mech, spec, cache_dir=table_cache),
+    fast = search_radius(conf, GroupBounds(mech, spec, cache_dir=table_cache, workers=1),
                          max_radius=max_radius)
-    slow = search_radius_linear(conf, GroupBounds(mech, spec, cache_dir=table_cache),
-                                max_radius=max_radius)
+    slow = search_radius_linear(conf, GroupBounds(mech, spec, cache_dir=table_cache,
+                                                  workers=1), max_radius=max_radius)
     np.testing.assert_array_equal(fast, slow)
 
 
