@@ -280,10 +280,10 @@ def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_pat
     compare(cfg, tmp_path, progress=False)
     x_test = load_digits().x_test
     for folder, csv, certify in (
-            ("dpa_k12", "certificates.csv", lambda e: e.certify(x_test)),
-            ("dpa_k12", "certificates_roe.csv", lambda e: e.certify_roe(x_test)),
-            ("fa_k6_d2", "certificates.csv", lambda e: e.certify(x_test)),
-            ("bagging_N10_k120", "certificates.csv", lambda e: e.certify(x_test))):
+            ("dpa_k12_epochs3", "certificates.csv", lambda e: e.certify(x_test)),
+            ("dpa_k12_epochs3", "certificates_roe.csv", lambda e: e.certify_roe(x_test)),
+            ("fa_k6_d2_epochs3", "certificates.csv", lambda e: e.certify(x_test)),
+            ("bagging_N10_k120_epochs3", "certificates.csv", lambda e: e.certify(x_test))):
         rows = np.loadtxt(tmp_path / folder / csv, delimiter=",", skiprows=1, dtype=np.int64)
         ens = load_ensemble(tmp_path / folder)
         assert ens.info.defence == folder.split("_")[0] and ens.info.mechanism is None
@@ -293,11 +293,11 @@ def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_pat
         if folder.startswith("dpa"):
             assert (rows[:, 2] >= 1).mean() > 0.2  # certificates with teeth
     with pytest.raises(UserError, match="takes its own certificate"):
-        load_ensemble(tmp_path / "dpa_k12").certify(x_test[:2], accounting="rdp")
+        load_ensemble(tmp_path / "dpa_k12_epochs3").certify(x_test[:2], accounting="rdp")
     # exported, a baseline ensemble certifies the same way
-    export_ensemble(tmp_path / "fa_k6_d2", tmp_path / "fa.safetensors")
+    export_ensemble(tmp_path / "fa_k6_d2_epochs3", tmp_path / "fa.safetensors")
     again = load_ensemble(tmp_path / "fa.safetensors").certify(x_test)
-    rows = np.loadtxt(tmp_path / "fa_k6_d2" / "certificates.csv", delimiter=",", skiprows=1,
+    rows = np.loadtxt(tmp_path / "fa_k6_d2_epochs3" / "certificates.csv", delimiter=",", skiprows=1,
                       dtype=np.int64)
     np.testing.assert_array_equal(again.radius, rows[:, 2])
 
