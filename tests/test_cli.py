@@ -272,3 +272,22 @@ def test_compare_config_asking_for_cuda_without_cuda_is_a_one_line_error(tmp_pat
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "no CUDA device" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_certify_resolution_and_workers(votes, tmp_path):
+    """Table-building processes change nothing; a coarse table ladder only lowers radii; both
+    options are DP options."""
+    outs = {}
+    for name, extra in (("serial", ["--workers", "1", "--resolution", "0"]),
+                        ("parallel", ["--workers", "2", "--resolution", "0"]),
+                        ("coarse", ["--workers", "2", "--resolution", "3"])):
+        outs[name] = tmp_path / f"{name}.csv"
+        res = run(votes, *MECH_ARGS, "--max-radius", "40", "--output", outs[name],
+                  "--cache-dir", tmp_path / name, *extra)
+        assert res.returncode == 0, res.stderr
+    radius = {k: np.loadtxt(p, delimiter=",", skiprows=1, dtype=np.int64)[:, 2]
+              for k, p in outs.items()}
+    np.testing.assert_array_equal(radius["serial"], radius["parallel"])
+    assert np.all(radius["coarse"] <= radius["serial"]) and radius["serial"].max() > 3
+    res = run(votes, "--method", "dpa", "--resolution", "3", "--output", tmp_path / "d.csv")
+    assert res.returncode == 2 and "--resolution" in res.stderr
