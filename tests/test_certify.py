@@ -98,6 +98,24 @@ def test_full_batch_radius_matches_exact_gaussian_condition(sigma):
     assert np.all(ours >= exact - 1)
 
 
+def test_full_batch_radii_beyond_the_table_ladder_stay_below_the_exact_gaussian_condition():
+    """The analytic case again, at radii 68-372: beyond r = 256 radii are certified with the
+    table ladder and beyond r = 128 with the coarser PLD loss interval. Sound (never above
+    the exact radius) and within 3% (a table at every radius loses 1.5% here, the price of
+    the loss and p grids; a coarse loss grid keeps the test fast)."""
+    sigma = 200.0
+    mech = MechanismRecord(sample_rate=1.0, noise_multiplier=sigma, steps=4)
+    gb = GroupBounds(mech, AccountingSpec(accounting="pld", max_radius=1000, pld_interval=1e-3))
+    p1 = np.array([0.7, 0.9, 0.99, 0.999, 0.9999])
+    p2 = np.array([0.2, 0.05, 0.01, 0.001, 0.0001])
+    exact = np.floor((stats.norm.ppf(p1) - stats.norm.ppf(p2)) * sigma / (2 * np.sqrt(4)) - 1e-12)
+    assert exact.max() > 300
+    ours = radii(gb, p1, p2, 1000)
+    gb.close()
+    assert np.all(ours <= exact)
+    assert np.all(ours >= np.floor(exact * 0.97))
+
+
 def test_paper_adp_matches_public_code_condition():
     spec = AccountingSpec(accounting="adp", group="paper", max_radius=300)
     gb = GroupBounds(MECH, spec)
