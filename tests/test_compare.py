@@ -117,8 +117,9 @@ def test_roe_reuses_the_dpa_models(tmp_path):
     assert "dpa (k=5, epochs=1)" in dpa
     assert {p.name: p.stat().st_mtime_ns
             for p in (tmp_path / "dpa_k5_epochs1").glob("model_*")} == units  # not retrained
-    scores = np.stack([read_unit(tmp_path / "dpa_k5_epochs1" / f"model_{i:06d}.npz") for i in range(5)])
-    rows = np.loadtxt(tmp_path / "dpa_k5_epochs1" / "certificates_roe.csv", delimiter=",", skiprows=1,
+    folder = tmp_path / "dpa_k5_epochs1"
+    scores = np.stack([read_unit(folder / f"model_{i:06d}.npz") for i in range(5)])
+    rows = np.loadtxt(folder / "certificates_roe.csv", delimiter=",", skiprows=1,
                       dtype=np.int64)
     pred, radius = baselines.roe_certificate(scores)
     np.testing.assert_array_equal(rows[:, 1], pred)
@@ -134,7 +135,8 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
     parallel = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 2},
                                                    "methods": ["dpa"], "dpa": settings}),
                        tmp_path / "b", progress=False)
-    assert serial == parallel and "dpa (k=2, epochs=1)" in serial and "dpa (k=6, epochs=1)" in serial
+    assert serial == parallel
+    assert "dpa (k=2, epochs=1)" in serial and "dpa (k=6, epochs=1)" in serial
     for i in range(6):
         a = np.load(tmp_path / "a" / "dpa_k6_epochs1" / f"model_{i:06d}.npz")["scores"]
         b = np.load(tmp_path / "b" / "dpa_k6_epochs1" / f"model_{i:06d}.npz")["scores"]
@@ -143,7 +145,8 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
                                                "calibrate": True}),
                    tmp_path / "a", progress=False)
     table = text.split("Calibration")[0]
-    assert ("dpa (k=2, epochs=1)" in table) != ("dpa (k=6, epochs=1)" in table)  # exactly one setting kept
+    # exactly one setting kept
+    assert ("dpa (k=2, epochs=1)" in table) != ("dpa (k=6, epochs=1)" in table)
     assert text.count("| yes |") == 1
 
 

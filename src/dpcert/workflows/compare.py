@@ -257,7 +257,7 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
     """Train baseline model i on its examples and write its files (runs in a worker)."""
     import torch
 
-    from dpcert.learning.inference import constant_params, module_params
+    from dpcert.learning.inference import constant_params, module_params, score_instances
     from dpcert.learning.reference import (
         instance_generator,
         predict_scores,
@@ -278,8 +278,10 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
         params = constant_params(cfg.model, in_dim, data.num_classes, label=0)
     elif setting.learner == "prototype":
         params = prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes)
-        logits = data.x_test @ params["weight"] + params["bias"]
-        scores = torch.softmax(torch.from_numpy(logits), dim=1).numpy().astype(np.float32)
+        # scored by the same routine that scores the kept model later (same rounding)
+        stacked = {k: torch.from_numpy(v[None]) for k, v in params.items()}
+        scores = score_instances("linear", stacked, torch.from_numpy(data.x_test),
+                                 in_channels=in_dim, num_classes=data.num_classes)[0]
     else:
         device = torch.device(cfg.device)
         x = torch.tensor(data.x_train[idx], device=device)
