@@ -403,13 +403,10 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
-    from dpcert.certification.certify import certificates_csv
-
     if cfg.validation:
         return compare_tuned(cfg, out, progress)
     run_cfg = RunConfig.from_mapping(cfg.dp)
-    data = load_run_data(run_cfg)  # run() reuses it
-    labels = data.y_test
+    labels = load_run_data(run_cfg).y_test  # run() reuses the loaded data
     results: dict[str, Certificates] = {}
     curves: dict[str, object] = {}
     if "dp" in cfg.methods:
@@ -425,12 +422,8 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
             continue
         certs = {}
         for bc in cfg.settings[kind]:
-            scores = train_models(kind, bc, run_cfg, data.x_train, out / bc.folder(kind),
-                                  progress)
-            cert = certify_baseline(kind, bc, scores, len(data.y_train), run_cfg)
-            name = "certificates_roe.csv" if kind == "roe" else "certificates.csv"
-            atomic_write_text(out / bc.folder(kind) / name, certificates_csv(cert, labels))
-            certs[bc.name(kind)] = cert
+            certs[bc.name(kind)] = _evaluate(kind, bc, run_cfg, out / bc.folder(kind),
+                                             progress)
         if cfg.calibrate:
             target = _clean(results["dp (pld, sound)"], labels)
             best = min(certs, key=lambda k: abs(_clean(certs[k], labels) - target))
@@ -526,7 +519,8 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     cands = _candidates(cfg)
     if not cands:
         raise UserError("nothing to compare: list at least one method")
-    val_labels = load_run_data(val_cfg).y_test
+    val_data = load_run_data(val_cfg)
+    val_labels = val_data.y_test
     val: dict[str, dict[str, np.ndarray]] = {}
     val_certs: dict[str, Certificates] = {}
     for kind, name, folder, setting in cands:
@@ -535,9 +529,8 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
         val.setdefault(kind, {})[name] = certified_accuracy(cert, val_labels, radii)
     choices = {kind: choose(curves) for kind, curves in val.items()}
     overall = choose({name: c for curves in val.values() for name, c in curves.items()})
-    needed = {choices[k].best for k in choices} | set(overall.per_radius)
-    for k in choices:
-        needed |= set(choices[k].per_radius)
+    needed = set(overall.per_radius).union(
+        *({c.best, *c.per_radius} for c in choices.values()))
     labels = load_run_data(base).y_test
     results: dict[str, Certificates] = {}
     test_curves: dict[str, np.ndarray] = {}
@@ -555,7 +548,7 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     tuning = _tuning_report(cfg, val, val_certs, val_labels, choices, overall, top)
     atomic_write_text(out / "tuning.md", tuning)
     protocol = [
-        f"Protocol: every setting was trained on the first {len(load_run_data(val_cfg).y_train)}"
+        f"Protocol: every setting was trained on the first {len(val_data.y_train)}"
         f" training examples and certified on the last {cfg.validation} (validation); each "
         f"defence's row is its setting with the best mean validation CA over radii "
         f"0..{top}, trained again on the full training set and certified on the test set, "
