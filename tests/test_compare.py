@@ -182,6 +182,8 @@ def test_setting_folders_and_identity_keep_old_folders_valid():
     assert "learner" not in BaselineConfig(models=5).identity()  # as before the option
     proto = BaselineConfig(models=5, learner="prototype", epochs=3)
     assert proto.folder("dpa") == "dpa_k5_learnerprototype"  # epochs do not matter to it
+    assert BaselineConfig(models=5, learner="prototype-cosine").name("roe") == \
+        "roe (k=5, learner=prototype-cosine)"
     full = BaselineConfig(models=5, learner="full-batch", steps=50, weight_decay=1e-4)
     assert full.name("fa") == "fa (k=5, d=1, learner=full-batch, steps=50, weight_decay=0.0001)"
     with pytest.raises(UserError, match="learner"):
@@ -202,6 +204,17 @@ def test_prototype_learner_is_the_nearest_class_mean():
     dist = ((test[:, None, :] - means[None]) ** 2).sum(axis=2)
     np.testing.assert_array_equal(pred, np.argmin(dist, axis=1))
     assert 1 not in pred
+    # by angle: the label whose mean makes the smallest angle with the input
+    params = prototype_params(x, y, 4, metric="cosine")
+    pred = np.argmax(test @ params["weight"] + params["bias"], axis=1)
+    present = np.isfinite(means[:, 0])
+    unit = np.where(present[:, None], means, 0) / np.linalg.norm(
+        np.where(present[:, None], means, 1), axis=1, keepdims=True)
+    cos = (test @ unit.T) / np.linalg.norm(test, axis=1, keepdims=True)
+    np.testing.assert_array_equal(pred, np.argmax(np.where(present, cos, -np.inf), axis=1))
+    assert 1 not in pred and len(set(pred)) == 3
+    with pytest.raises(UserError, match="metric"):
+        prototype_params(x, y, 4, metric="manhattan")
 
 
 def test_choice_and_envelope_by_hand():

@@ -329,8 +329,9 @@ def test_your_own_feature_vectors_train_certify_and_serve(tmp_path):
                       steps=2), tmp_path / "cnn", progress=False)
 
 
-def test_prototype_baseline_models_reproduce_their_certificates(tmp_path):
-    """A DPA setting with the nearest-class-mean learner keeps linear models whose loaded
+@pytest.mark.parametrize("learner", ["prototype", "prototype-cosine"])
+def test_prototype_baseline_models_reproduce_their_certificates(tmp_path, learner):
+    """A DPA setting with a nearest-class-mean learner keeps linear models whose loaded
     ensemble certifies the test set exactly as the comparison did."""
     from dpcert.learning.data import load_dataset_cached
     from dpcert.workflows.compare import CompareConfig, compare
@@ -338,12 +339,13 @@ def test_prototype_baseline_models_reproduce_their_certificates(tmp_path):
     cfg = CompareConfig.from_mapping({
         "dp": {"model": "linear", "features": "scatter", "optimizer": "sgd", "instances": 2,
                "steps": 2, "workers": 1},
-        "methods": ["dpa"], "dpa": {"models": 30, "learner": "prototype"}})
+        "methods": ["dpa"], "dpa": {"models": 30, "learner": learner}})
     compare(cfg, tmp_path, progress=False)
-    rows = np.loadtxt(tmp_path / "dpa_k30_learnerprototype" / "certificates.csv",
+    folder = tmp_path / f"dpa_k30_learner{learner}"
+    rows = np.loadtxt(folder / "certificates.csv",
                       delimiter=",", skiprows=1, dtype=np.int64)
     features = load_dataset_cached("digits", None, "scatter").x_test
-    cert = load_ensemble(tmp_path / "dpa_k30_learnerprototype").certify(features)
+    cert = load_ensemble(folder).certify(features)
     np.testing.assert_array_equal(cert.prediction, rows[:, 1])
     np.testing.assert_array_equal(cert.radius, rows[:, 2])
     assert rows[:, 2].max() >= 3 and np.mean(rows[:, 1] == rows[:, 3]) > 0.8

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dpcert.errors import UserError
 from dpcert.learning import ghost
 from dpcert.learning.models import build_model
 from dpcert.learning.stacked import DpSgd, on_host
@@ -142,23 +143,36 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
     return model
 
 
-def prototype_params(x: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+def prototype_params(x: np.ndarray, y: np.ndarray, num_classes: int,
+                     metric: str = "euclidean") -> dict[str, np.ndarray]:
     """Nearest-class-mean classifier on feature vectors x (n, D), as linear parameters.
 
-    argmin_c |x - mu_c|^2 = argmax_c (2 mu_c . x - |mu_c|^2), so the classifier is the linear
-    model with weight 2 mu / tau (D, L) and bias -|mu|^2 / tau (L,); tau (the mean squared
-    distance of the examples to their class mean) only sets how soft its softmax scores are.
-    A label absent from x gets bias -1e30: never predicted. A sample-efficient learner for
-    partition defences (every model sees few examples).
+    ``euclidean``: argmin_c |x - mu_c|^2 = argmax_c (2 mu_c . x - |mu_c|^2), the linear model
+    with weight 2 mu / tau (D, L) and bias -|mu|^2 / tau (L,); tau (the mean squared distance
+    of the examples to their class mean) only sets how soft its softmax scores are.
+    ``cosine``: argmax_c cos(x, mu_c) = argmax_c (mu_c / |mu_c|) . x, weight mu / |mu| / tau
+    and bias 0, tau the mean of 1 - cos(x_i, mu_{y_i}). A label absent from x gets bias
+    -1e30: never predicted. Sample-efficient learners for partition defences (every model
+    sees few examples).
     """
+    if metric not in ("euclidean", "cosine"):
+        raise UserError(f"prototype metric must be euclidean or cosine, got {metric!r}")
     x = np.asarray(x, np.float64)
     counts = np.bincount(y, minlength=num_classes)
     means = np.zeros((num_classes, x.shape[1]))
     np.add.at(means, y, x)
     present = counts > 0
     means[present] /= counts[present, None]
-    spread = float(np.mean(np.sum((x - means[y]) ** 2, axis=1)))
-    tau = spread if spread > 0 else 1.0
-    bias = np.where(present, -np.sum(means**2, axis=1) / tau, -1e30)
-    return {"weight": np.ascontiguousarray((2.0 * means / tau).T, dtype=np.float32),
+    if metric == "euclidean":
+        spread = float(np.mean(np.sum((x - means[y]) ** 2, axis=1)))
+        weight, bias = 2.0 * means, -np.sum(means**2, axis=1)
+    else:
+        norms = np.linalg.norm(means, axis=1)
+        weight = means / np.where(norms > 0, norms, 1.0)[:, None]
+        x_norms = np.linalg.norm(x, axis=1)
+        cos = np.sum(x * weight[y], axis=1) / np.where(x_norms > 0, x_norms, 1.0)
+        spread, bias = float(np.mean(1.0 - cos)), np.zeros(num_classes)
+    tau = spread if spread > 1e-12 else 1.0
+    bias = np.where(present, bias / tau, -1e30)
+    return {"weight": np.ascontiguousarray((weight / tau).T, dtype=np.float32),
             "bias": bias.astype(np.float32)}

@@ -48,7 +48,9 @@ BASELINES = ("dpa", "fa", "bagging", "roe")
 _SEED_OFFSET = 7919
 
 
-LEARNERS = ("minibatch", "full-batch", "prototype")
+LEARNERS = ("minibatch", "full-batch", "prototype", "prototype-cosine")
+#: The learners that fit no parameters: nearest class mean by distance or by angle.
+PROTOTYPES = {"prototype": "euclidean", "prototype-cosine": "cosine"}
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ class BaselineConfig:
     models), Bagging bags N. ``learner``: how each model is fitted to its examples —
     ``minibatch`` (``epochs`` passes in batches of ``batch_size``), ``full-batch`` (``steps``
     optimiser steps on all of the model's examples at once: a budget in steps, whatever the
-    part's size), or ``prototype`` (nearest class mean on the features; no training, linear
-    model only)."""
+    part's size), ``prototype`` (nearest class mean on the features; no training, linear
+    model only) or ``prototype-cosine`` (nearest class mean by angle)."""
 
     models: int = 50
     subsample: int = 200  # bagging: examples per bag
@@ -90,7 +92,7 @@ class BaselineConfig:
         """The training values that differ from the defaults and matter for the learner."""
         used = {"minibatch": ("epochs", "batch_size", "lr", "optimizer", "weight_decay"),
                 "full-batch": ("steps", "lr", "optimizer", "weight_decay"),
-                "prototype": ()}[self.learner]
+                "prototype": (), "prototype-cosine": ()}[self.learner]
         default = BaselineConfig()
         return {k: getattr(self, k) for k in ("learner", *used)
                 if getattr(self, k) != getattr(default, k)}
@@ -276,8 +278,9 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0
         params = constant_params(cfg.model, in_dim, data.num_classes, label=0)
-    elif setting.learner == "prototype":
-        params = prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes)
+    elif setting.learner in PROTOTYPES:
+        params = prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes,
+                                  metric=PROTOTYPES[setting.learner])
         # scored by the same routine that scores the kept model later (same rounding)
         stacked = {k: torch.from_numpy(v[None]) for k, v in params.items()}
         scores = score_instances("linear", stacked, torch.from_numpy(data.x_test),
@@ -320,8 +323,8 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     from tqdm import tqdm
 
     # ROE aggregates DPA's models: same training, same folder, same identity.
-    if bc.learner == "prototype" and run_cfg.model != "linear":
-        raise UserError("the prototype learner needs feature vectors: model: linear")
+    if bc.learner in PROTOTYPES and run_cfg.model != "linear":
+        raise UserError(f"the {bc.learner} learner needs feature vectors: model: linear")
     identity = {"kind": "dpa" if kind == "roe" else kind, **bc.identity(),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")},
                 **({"validation": run_cfg.validation} if run_cfg.validation else {})}
