@@ -250,3 +250,19 @@ def test_roe_input_errors():
         baselines.roe_certificate(np.zeros((3, 4)))
     with pytest.raises(UserError):
         baselines.roe_certificate(np.zeros((3, 4, 1)))
+
+
+def test_roe_in_blocks_of_points_equals_all_at_once(monkeypatch):
+    """Run-off Election certifies blocks of test points to bound its memory; every point is
+    its own election, so any block size gives the same answer (here 1, 3 and all 50)."""
+    rng = np.random.default_rng(3)
+    scores = rng.dirichlet(np.ones(4) * 0.3, size=(40, 50)).astype(np.float32)
+    scores[:, :, 1] += 0.2 * rng.random((40, 50)).astype(np.float32)  # some large margins
+    whole = baselines.roe_certificate(scores)
+    assert 0 < whole[1].max() < 40 and len(set(whole[0])) > 1
+    for block_points in (1, 3):
+        monkeypatch.setattr(baselines, "ROE_BLOCK_ELEMENTS", 40 * 4 * block_points)
+        pred, radius = baselines.roe_certificate(scores)
+        np.testing.assert_array_equal(pred, whole[0])
+        np.testing.assert_array_equal(radius, whole[1])
+    assert baselines.roe_certificate(scores[:, :0])[1].shape == (0,)

@@ -177,10 +177,28 @@ def roe_certificate(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Every successful attack is one of A, B1, B2, so the least bound is sound (tested against a
     brute force over every set of corrupted models and every ranking they could output).
     """
-    scores = np.asarray(scores, dtype=float)
+    scores = np.asarray(scores)
     if scores.ndim != 3 or scores.shape[0] < 1 or scores.shape[2] < 2:
         raise UserError(f"ROE needs per-model scores of shape (models, N, labels >= 2), got "
                         f"{scores.shape}")
+    # Every test point is its own election: blocks of points bound the (k, block, L) int64
+    # intermediates (k = 5000 models over 10,000 points would otherwise need tens of GB).
+    k, n, n_labels = scores.shape
+    block = max(1, ROE_BLOCK_ELEMENTS // (k * n_labels))
+    parts = [_roe_block(np.asarray(scores[:, i:i + block], dtype=float))
+             for i in range(0, n, block)]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([p[0] for p in parts]).astype(np.int64),
+            np.concatenate([p[1] for p in parts]))
+
+
+#: Largest models x points x labels array one block of Run-off Election holds.
+ROE_BLOCK_ELEMENTS = 2**24
+
+
+def _roe_block(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`roe_certificate` of scores (k, n, L) held in memory at once."""
     ranks = model_rankings(scores)
     y, o, counts = roe_election(ranks)
     n, n_labels = counts.shape

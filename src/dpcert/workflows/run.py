@@ -227,10 +227,12 @@ def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
     return text
 
 
-def run(cfg: RunConfig, run_dir: Path, progress: bool = True) -> str:
+def run(cfg: RunConfig, run_dir: Path, progress: bool = True, methods=METHODS) -> str:
+    """Train (resuming), aggregate and certify a run; ``methods``: which certificates (the
+    first one is written as certificates.csv). Returns the report's markdown."""
     record = prepare_run_dir(cfg, run_dir)
     train_all(cfg, run_dir, progress)
     votes, scores = aggregate(cfg, run_dir)
     labels = np.load(run_dir / "labels.npy")
-    results = certify_all(cfg, run_dir, record, votes, scores, labels)
+    results = certify_all(cfg, run_dir, record, votes, scores, labels, methods)
     return report(results, labels, run_dir, cfg)
