@@ -9,7 +9,7 @@ import numpy as np
 from dpcert.certification.certify import Certificates, certified_accuracy, radius_summary
 
 #: Radii shown in tables (those up to the largest certified radius).
-TABLE_RADII = (0, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
+TABLE_RADII = (0, 1, 2, 3, 5, 10, 20, 50, 100, 200, 300, 400, 500, 600, 800, 1000)
 
 
 def table_radii(results: dict[str, Certificates]) -> list[int]:
