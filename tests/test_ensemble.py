@@ -329,9 +329,9 @@ def test_your_own_feature_vectors_train_certify_and_serve(tmp_path):
                       steps=2), tmp_path / "cnn", progress=False)
 
 
-@pytest.mark.parametrize("learner", ["prototype", "prototype-cosine"])
+@pytest.mark.parametrize("learner", ["prototype", "prototype-cosine", "nearest-neighbour"])
 def test_prototype_baseline_models_reproduce_their_certificates(tmp_path, learner):
-    """A DPA setting with a nearest-class-mean learner keeps linear models whose loaded
+    """A DPA setting with a learner that fits no parameters keeps models whose loaded
     ensemble certifies the test set exactly as the comparison did."""
     from dpcert.learning.data import load_dataset_cached
     from dpcert.workflows.compare import CompareConfig, compare

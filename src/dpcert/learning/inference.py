@@ -91,13 +91,47 @@ def prepare(model: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {**params, "weight_flat": w.permute(1, 0, 2).reshape(d, k * n_labels).contiguous()}
 
 
+#: The nearest-neighbour family: a model is its examples (``examples`` (n, D), ``labels``
+#: (n,) as floats, -1 for padding rows) and a softness ``scale`` (1,).
+NEAREST = "nearest-neighbour"
+#: Largest models x inputs x examples distance block one nearest-neighbour call holds.
+_NEAREST_BLOCK = 1 << 24
+
+
+def _score_nearest(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes: int
+                   ) -> np.ndarray:
+    """Softmax scores (K, N, L) of K nearest-neighbour models on features x (N, D): the logit
+    of label c is -scale * (squared distance to the model's nearest example of label c);
+    labels without examples get probability 0, and a model with no examples answers label 0
+    (a partition defence's empty part)."""
+    e, lab, scale = params["examples"], params["labels"], params["scale"]
+    k, n = lab.shape
+    e2 = (e * e).sum(-1)
+    step = max(1, _NEAREST_BLOCK // max(1, k * n))
+    out = []
+    for i in range(0, len(x), step):
+        xb = x[i:i + step]
+        d2 = ((xb * xb).sum(-1)[None, :, None] - 2 * torch.einsum("nd,kmd->knm", xb, e)
+              + e2[:, None, :]).clamp_min(0)
+        best = torch.stack([torch.where((lab == c)[:, None, :], d2, torch.inf).amin(-1)
+                            for c in range(num_classes)], dim=-1)
+        logits = -best * scale[:, None, :]
+        empty = torch.isinf(best).all(-1)
+        logits[..., 0] = torch.where(empty, torch.zeros_like(logits[..., 0]), logits[..., 0])
+        out.append(torch.softmax(logits, dim=-1))
+    return torch.cat(out, dim=1).cpu().numpy().astype(np.float32)
+
+
 @torch.no_grad()
 def score_instances(model: str, params: dict[str, torch.Tensor], x: torch.Tensor, *,
                     in_channels: int, num_classes: int, batch: int = 4096) -> np.ndarray:
     """Softmax scores (K, N, L), float32 on the host, of K stored instances on inputs x.
 
     ``params`` are stacked (K, ...) tensors on x's device, optionally :func:`prepare`-d; x is
-    (N, D) features for the linear model, (N, C, H, W) images otherwise."""
+    (N, D) features for the linear and nearest-neighbour models, (N, C, H, W) images
+    otherwise."""
+    if model == NEAREST:
+        return _score_nearest(params, x, num_classes)
     if model == "linear":
         params = prepare(model, params)
         w, bias = params["weight_flat"], params["bias"]

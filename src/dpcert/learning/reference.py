@@ -143,6 +143,30 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
     return model
 
 
+def nearest_neighbour_params(x: np.ndarray, y: np.ndarray, rows: int
+                             ) -> dict[str, np.ndarray]:
+    """A nearest-neighbour classifier on feature vectors x (n, D): the examples themselves,
+    padded to ``rows`` >= n (label -1, never matched) so that every model of a defence has the
+    same shapes. ``scale`` = 1 / tau, tau the mean squared distance of the examples to their
+    class mean (1 if zero), only sets how soft the scores are
+    (:func:`dpcert.learning.inference.score_instances` scores it)."""
+    x = np.asarray(x, np.float32)
+    if rows < len(x):
+        raise UserError(f"a nearest-neighbour model of {len(x)} examples needs rows >= "
+                        f"{len(x)}, got {rows}")
+    examples = np.zeros((rows, x.shape[1]), np.float32)
+    labels = np.full(rows, -1.0, np.float32)
+    examples[:len(x)], labels[:len(x)] = x, y
+    tau = 1.0
+    if len(x):
+        classes, inverse = np.unique(y, return_inverse=True)
+        means = np.stack([x[inverse == i].mean(axis=0) for i in range(len(classes))])
+        spread = float(np.mean(np.sum((x - means[inverse]) ** 2, axis=1)))
+        tau = spread if spread > 1e-12 else 1.0
+    return {"examples": examples, "labels": labels,
+            "scale": np.array([1.0 / tau], np.float32)}
+
+
 def prototype_params(x: np.ndarray, y: np.ndarray, num_classes: int,
                      metric: str = "euclidean") -> dict[str, np.ndarray]:
     """Nearest-class-mean classifier on feature vectors x (n, D), as linear parameters.

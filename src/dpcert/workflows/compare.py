@@ -48,7 +48,7 @@ BASELINES = ("dpa", "fa", "bagging", "roe")
 _SEED_OFFSET = 7919
 
 
-LEARNERS = ("minibatch", "full-batch", "prototype", "prototype-cosine")
+LEARNERS = ("minibatch", "full-batch", "prototype", "prototype-cosine", "nearest-neighbour")
 #: The learners that fit no parameters: nearest class mean by distance or by angle.
 PROTOTYPES = {"prototype": "euclidean", "prototype-cosine": "cosine"}
 
@@ -60,7 +60,8 @@ class BaselineConfig:
     ``minibatch`` (``epochs`` passes in batches of ``batch_size``), ``full-batch`` (``steps``
     optimiser steps on all of the model's examples at once: a budget in steps, whatever the
     part's size), ``prototype`` (nearest class mean on the features; no training, linear
-    model only) or ``prototype-cosine`` (nearest class mean by angle)."""
+    model only), ``prototype-cosine`` (nearest class mean by angle) or
+    ``nearest-neighbour`` (the label of the nearest example; the model keeps its examples)."""
 
     models: int = 50
     subsample: int = 200  # bagging: examples per bag
@@ -92,7 +93,7 @@ class BaselineConfig:
         """The training values that differ from the defaults and matter for the learner."""
         used = {"minibatch": ("epochs", "batch_size", "lr", "optimizer", "weight_decay"),
                 "full-batch": ("steps", "lr", "optimizer", "weight_decay"),
-                "prototype": (), "prototype-cosine": ()}[self.learner]
+                "prototype": (), "prototype-cosine": (), "nearest-neighbour": ()}[self.learner]
         default = BaselineConfig()
         return {k: getattr(self, k) for k in ("learner", *used)
                 if getattr(self, k) != getattr(default, k)}
@@ -255,13 +256,20 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
 
 
 def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
-                out: str, keep_model: bool = True) -> int:
-    """Train baseline model i on its examples and write its files (runs in a worker)."""
+                out: str, keep_model: bool = True, rows: int = 0) -> int:
+    """Train baseline model i on its examples and write its files (runs in a worker);
+    ``rows``: the nearest-neighbour models' common number of example rows."""
     import torch
 
-    from dpcert.learning.inference import constant_params, module_params, score_instances
+    from dpcert.learning.inference import (
+        NEAREST,
+        constant_params,
+        module_params,
+        score_instances,
+    )
     from dpcert.learning.reference import (
         instance_generator,
+        nearest_neighbour_params,
         predict_scores,
         prototype_params,
         train_plain,
@@ -274,7 +282,12 @@ def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | No
         idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen,
                             device=gen.device).numpy()
     in_dim = data.x_train.shape[1]
-    if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
+    if setting.learner == NEAREST:  # an empty part's model has no examples: it answers 0
+        params = nearest_neighbour_params(data.x_train[idx], data.y_train[idx], rows)
+        stacked = {k: torch.from_numpy(v[None]) for k, v in params.items()}
+        scores = score_instances(NEAREST, stacked, torch.from_numpy(data.x_test),
+                                 in_channels=in_dim, num_classes=data.num_classes)[0]
+    elif len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0
         params = constant_params(cfg.model, in_dim, data.num_classes, label=0)
@@ -323,7 +336,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     from tqdm import tqdm
 
     # ROE aggregates DPA's models: same training, same folder, same identity.
-    if bc.learner in PROTOTYPES and run_cfg.model != "linear":
+    if bc.learner in (*PROTOTYPES, "nearest-neighbour") and run_cfg.model != "linear":
         raise UserError(f"the {bc.learner} learner needs feature vectors: model: linear")
     identity = {"kind": "dpa" if kind == "roe" else kind, **bc.identity(),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")},
@@ -339,13 +352,15 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
             or (keep and load_tensors(paths[i].with_suffix(".safetensors")) is None)]
     if todo:
         indices = training_indices(kind, bc, x_train)
+        rows = bc.subsample if indices is None else max(len(i) for i in indices)
         workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
         if run_cfg.device == "cuda":
             workers = 1  # one process drives the GPU
         bar = tqdm(total=m, initial=m - len(todo), desc=f"training {bc.name(kind)}",
                    unit="model", disable=not progress)
         jobs = [(asdict(run_cfg), asdict(bc), kind, i,
-                 None if indices is None else indices[i], str(paths[i]), keep) for i in todo]
+                 None if indices is None else indices[i], str(paths[i]), keep, rows)
+                for i in todo]
         if workers == 1:
             for job in jobs:
                 _train_unit(*job)
@@ -369,7 +384,8 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
     from dpcert.workflows.run import input_spec
 
     data = load_run_data(run_cfg)
-    return EnsembleInfo(dataset=run_cfg.dataset, model=run_cfg.model,
+    model = "nearest-neighbour" if bc.learner == "nearest-neighbour" else run_cfg.model
+    return EnsembleInfo(dataset=run_cfg.dataset, model=model,
                         num_classes=data.num_classes, instances=models,
                         input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,
                         max_radius=run_cfg.max_radius, training={**asdict(bc)},
