@@ -143,13 +143,13 @@ def test_reference_and_baseline_training_keep_their_tensors_placed(meta_default)
 
 
 def test_compare_trains_a_baseline_model_on_its_device(tmp_path, meta_default):
-    from dpcert.workflows.compare import BaselineConfig, _train_unit
+    from dpcert.workflows.compare import BaselineConfig, _train_units
     from dpcert.workflows.runconfig import read_unit
 
     run_cfg = RunConfig(model="digits_cnn")
     bc = BaselineConfig(epochs=1)
     out = tmp_path / "model.npz"
-    _train_unit(asdict(run_cfg), asdict(bc), "bagging", 0, None, str(out))
+    assert _train_units(asdict(run_cfg), asdict(bc), "bagging", [(0, None, str(out))]) == [0]
     assert read_unit(out) is not None
 
 

@@ -255,63 +255,89 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
     return [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
 
 
-def _train_unit(run_cfg: dict, bc: dict, kind: str, i: int, idx: np.ndarray | None,
-                out: str, keep_model: bool = True, rows: int = 0) -> int:
-    """Train baseline model i on its examples and write its files (runs in a worker);
-    ``rows``: the nearest-neighbour models' common number of example rows."""
+#: Models per job for the learners that fit no parameters (scored in one stacked call).
+UNITS_PER_JOB = 50
+
+
+def _train_units(run_cfg: dict, bc: dict, kind: str,
+                 jobs: list[tuple[int, np.ndarray | None, str]], keep_model: bool = True,
+                 rows: int = 0) -> list[int]:
+    """Train baseline models ``jobs`` = [(i, example indices or None, unit path)] and write
+    their files (runs in a worker); ``rows``: the nearest-neighbour models' common number of
+    example rows. Learners that fit no parameters score all their models in one stacked call
+    (the test features are read once, not once per model)."""
     import torch
 
-    from dpcert.learning.inference import (
-        NEAREST,
-        constant_params,
-        module_params,
-        score_instances,
-    )
-    from dpcert.learning.reference import (
-        instance_generator,
-        nearest_neighbour_params,
-        predict_scores,
-        prototype_params,
-        train_plain,
-    )
+    from dpcert.learning.inference import NEAREST, score_instances
+    from dpcert.learning.reference import instance_generator
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
     data = load_run_data(cfg)
-    gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
-    if idx is None:
-        idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen,
-                            device=gen.device).numpy()
-    in_dim = data.x_train.shape[1]
+    parts, gens = [], []
+    for i, idx, _ in jobs:
+        # bagging draws its bag from the model's generator, which then drives its training
+        gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
+        if idx is None:
+            idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen,
+                                device=gen.device).numpy()
+        parts.append(idx)
+        gens.append(gen)
+    if setting.learner not in (*PROTOTYPES, NEAREST):
+        for (_, _, out), idx, gen in zip(jobs, parts, gens, strict=True):
+            write_trained(Path(out), _train_one(cfg, setting, data, idx, gen), keep_model)
+        return [i for i, _, _ in jobs]
+    params = [_fit_free(cfg, setting, data, idx, rows) for idx in parts]
+    family = NEAREST if setting.learner == NEAREST else "linear"
+    stacked = {k: torch.from_numpy(np.stack([p[k] for p in params])) for k in params[0]}
+    # scored by the same routine that scores the kept models later (same rounding)
+    scores = score_instances(family, stacked, torch.from_numpy(data.x_test),
+                             in_channels=data.x_train.shape[1], num_classes=data.num_classes)
+    for j, ((_, _, out), idx) in enumerate(zip(jobs, parts, strict=True)):
+        if len(idx) == 0 and family == "linear":  # an empty part votes for label 0
+            scores[j] = 0.0
+            scores[j, :, 0] = 1.0
+        write_trained(Path(out), (scores[j], params[j]), keep_model)
+    return [i for i, _, _ in jobs]
+
+
+def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, rows: int
+              ) -> dict[str, np.ndarray]:
+    """Parameters of a learner that fits none: the nearest example, or a class mean."""
+    from dpcert.learning.inference import NEAREST, constant_params
+    from dpcert.learning.reference import nearest_neighbour_params, prototype_params
+
     if setting.learner == NEAREST:  # an empty part's model has no examples: it answers 0
-        params = nearest_neighbour_params(data.x_train[idx], data.y_train[idx], rows)
-        stacked = {k: torch.from_numpy(v[None]) for k, v in params.items()}
-        scores = score_instances(NEAREST, stacked, torch.from_numpy(data.x_test),
-                                 in_channels=in_dim, num_classes=data.num_classes)[0]
-    elif len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
+        return nearest_neighbour_params(data.x_train[idx], data.y_train[idx], rows)
+    if len(idx) == 0:
+        return constant_params(cfg.model, data.x_train.shape[1], data.num_classes, label=0)
+    return prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes,
+                            metric=PROTOTYPES[setting.learner])
+
+
+def _train_one(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, gen):
+    """(scores on the evaluation set, parameters) of a baseline model trained by gradient on
+    examples ``idx``, all randomness from ``gen``."""
+    import torch
+
+    from dpcert.learning.inference import constant_params, module_params
+    from dpcert.learning.reference import predict_scores, train_plain
+
+    if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0
-        params = constant_params(cfg.model, in_dim, data.num_classes, label=0)
-    elif setting.learner in PROTOTYPES:
-        params = prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes,
-                                  metric=PROTOTYPES[setting.learner])
-        # scored by the same routine that scores the kept model later (same rounding)
-        stacked = {k: torch.from_numpy(v[None]) for k, v in params.items()}
-        scores = score_instances("linear", stacked, torch.from_numpy(data.x_test),
-                                 in_channels=in_dim, num_classes=data.num_classes)[0]
-    else:
-        device = torch.device(cfg.device)
-        x = torch.tensor(data.x_train[idx], device=device)
-        y = torch.tensor(data.y_train[idx], device=device)
-        full = setting.learner == "full-batch"
-        model = train_plain(cfg.model, x, y, data.num_classes,
-                            epochs=setting.steps if full else setting.epochs,
-                            batch_size=len(idx) if full else setting.batch_size,
-                            lr=setting.lr, optimizer=setting.optimizer, gen=gen,
-                            weight_decay=setting.weight_decay)
-        scores = predict_scores(model, torch.tensor(data.x_test, device=device))
-        params = module_params(cfg.model, model)
-    write_trained(Path(out), (scores, params), keep_model)
-    return i
+        return scores, constant_params(cfg.model, data.x_train.shape[1], data.num_classes,
+                                       label=0)
+    device = torch.device(cfg.device)
+    x = torch.tensor(data.x_train[idx], device=device)
+    y = torch.tensor(data.y_train[idx], device=device)
+    full = setting.learner == "full-batch"
+    model = train_plain(cfg.model, x, y, data.num_classes,
+                        epochs=setting.steps if full else setting.epochs,
+                        batch_size=len(idx) if full else setting.batch_size,
+                        lr=setting.lr, optimizer=setting.optimizer, gen=gen,
+                        weight_decay=setting.weight_decay)
+    scores = predict_scores(model, torch.tensor(data.x_test, device=device))
+    return scores, module_params(cfg.model, model)
 
 
 def _guard_folder(folder: Path, identity: dict) -> None:
@@ -358,18 +384,18 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
             workers = 1  # one process drives the GPU
         bar = tqdm(total=m, initial=m - len(todo), desc=f"training {bc.name(kind)}",
                    unit="model", disable=not progress)
-        jobs = [(asdict(run_cfg), asdict(bc), kind, i,
-                 None if indices is None else indices[i], str(paths[i]), keep, rows)
-                for i in todo]
+        units = [(i, None if indices is None else indices[i], str(paths[i])) for i in todo]
+        # learners without training score a chunk of models per call; the others one each
+        per = UNITS_PER_JOB if bc.learner in (*PROTOTYPES, "nearest-neighbour") else 1
+        jobs = [(asdict(run_cfg), asdict(bc), kind, units[j:j + per], keep, rows)
+                for j in range(0, len(units), per)]
         if workers == 1:
             for job in jobs:
-                _train_unit(*job)
-                bar.update()
+                bar.update(len(_train_units(*job)))
         else:
             with worker_pool(workers) as pool:
-                for fut in as_completed([pool.submit(_train_unit, *j) for j in jobs]):
-                    fut.result()
-                    bar.update()
+                for fut in as_completed([pool.submit(_train_units, *j) for j in jobs]):
+                    bar.update(len(fut.result()))
         bar.close()
     scores = [read_unit(p) for p in paths]
     if any(s is None for s in scores):
