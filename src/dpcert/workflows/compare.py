@@ -49,8 +49,10 @@ _SEED_OFFSET = 7919
 
 
 LEARNERS = ("minibatch", "full-batch", "prototype", "prototype-cosine", "nearest-neighbour")
-#: The learners that fit no parameters: nearest class mean by distance or by angle.
+#: Nearest-class-mean learners and their metric.
 PROTOTYPES = {"prototype": "euclidean", "prototype-cosine": "cosine"}
+#: The learners that fit no parameters (no training values, scored in chunks).
+FREE_LEARNERS = (*PROTOTYPES, "nearest-neighbour")
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,9 @@ class BaselineConfig:
 
     def training_changes(self) -> dict:
         """The training values that differ from the defaults and matter for the learner."""
+        # the learners that fit no parameters take no training values
         used = {"minibatch": ("epochs", "batch_size", "lr", "optimizer", "weight_decay"),
-                "full-batch": ("steps", "lr", "optimizer", "weight_decay"),
-                "prototype": (), "prototype-cosine": (), "nearest-neighbour": ()}[self.learner]
+                "full-batch": ("steps", "lr", "optimizer", "weight_decay")}.get(self.learner, ())
         default = BaselineConfig()
         return {k: getattr(self, k) for k in ("learner", *used)
                 if getattr(self, k) != getattr(default, k)}
@@ -282,7 +284,7 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
                                 device=gen.device).numpy()
         parts.append(idx)
         gens.append(gen)
-    if setting.learner not in (*PROTOTYPES, NEAREST):
+    if setting.learner not in FREE_LEARNERS:
         for (_, _, out), idx, gen in zip(jobs, parts, gens, strict=True):
             write_trained(Path(out), _train_one(cfg, setting, data, idx, gen), keep_model)
         return [i for i, _, _ in jobs]
@@ -362,7 +364,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     from tqdm import tqdm
 
     # ROE aggregates DPA's models: same training, same folder, same identity.
-    if bc.learner in (*PROTOTYPES, "nearest-neighbour") and run_cfg.model != "linear":
+    if bc.learner in FREE_LEARNERS and run_cfg.model != "linear":
         raise UserError(f"the {bc.learner} learner needs feature vectors: model: linear")
     identity = {"kind": "dpa" if kind == "roe" else kind, **bc.identity(),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")},
@@ -386,7 +388,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                    unit="model", disable=not progress)
         units = [(i, None if indices is None else indices[i], str(paths[i])) for i in todo]
         # learners without training score a chunk of models per call; the others one each
-        per = UNITS_PER_JOB if bc.learner in (*PROTOTYPES, "nearest-neighbour") else 1
+        per = UNITS_PER_JOB if bc.learner in FREE_LEARNERS else 1
         jobs = [(asdict(run_cfg), asdict(bc), kind, units[j:j + per], keep, rows)
                 for j in range(0, len(units), per)]
         if workers == 1:
