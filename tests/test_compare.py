@@ -252,6 +252,8 @@ def test_choice_and_envelope_by_hand():
     test = {"a": np.array([0.7, 0.1, 0.0, 0.0]), "b": np.array([0.75, 0.4, 0.2, 0.05])}
     np.testing.assert_allclose(envelope(c.per_radius, test)(np.array([0, 1, 2, 3])),
                                [0.7, 0.4, 0.2, 0.05])  # validation's pick, not test's best
+    # beyond the tuned radii the last pick; beyond the test curves (the radius cap) nothing
+    np.testing.assert_allclose(envelope(c.per_radius, test)(np.array([3, 4, 9])), [0.05, 0, 0])
 
 
 def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):

@@ -540,13 +540,15 @@ def choose(val_curves: dict[str, np.ndarray]) -> Choice:
 
 def envelope(choice_per_radius: np.ndarray, test_curves: dict[str, np.ndarray]):
     """Test CA at every radius of the setting chosen (on validation) for that radius, as a
-    function of an array of radii (radii beyond the tuned range keep the last choice)."""
+    function of an array of radii (radii beyond the tuned range keep the last choice; beyond
+    a test curve's last radius, the certificates' cap, nothing is certified: 0)."""
     top = len(choice_per_radius) - 1
 
     def curve(radii):
         radii = np.asarray(radii, dtype=np.int64)
         picks = choice_per_radius[np.minimum(radii, top)]
-        return np.array([test_curves[p][r] for p, r in zip(picks, radii, strict=True)])
+        return np.array([test_curves[p][r] if r < len(test_curves[p]) else 0.0
+                         for p, r in zip(picks, radii, strict=True)])
 
     return curve
 
