@@ -224,12 +224,12 @@ def test_nearest_neighbour_learner_answers_the_label_of_the_nearest_example():
     from dpcert.learning.reference import nearest_neighbour_params
 
     rng = np.random.default_rng(1)
-    parts = [(rng.normal(size=(n, 5)).astype(np.float32), rng.choice([0, 2, 3], size=n))
+    parts = [(rng.normal(size=(n, 640)).astype(np.float32), rng.choice([0, 2, 3], size=n))
              for n in (7, 1, 0)]  # label 1 never present; the last model has no examples
     params = [nearest_neighbour_params(x, y, rows=9) for x, y in parts]
     stacked = {k: torch.from_numpy(np.stack([p[k] for p in params])) for k in params[0]}
-    test = rng.normal(size=(300, 5)).astype(np.float32) * 2
-    scores = score_instances(NEAREST, stacked, torch.from_numpy(test), in_channels=5,
+    test = rng.normal(size=(300, 640)).astype(np.float32) * 2
+    scores = score_instances(NEAREST, stacked, torch.from_numpy(test), in_channels=640,
                              num_classes=4)
     assert scores.shape == (3, 300, 4)
     np.testing.assert_allclose(scores.sum(axis=2), 1, rtol=1e-5)
@@ -238,6 +238,13 @@ def test_nearest_neighbour_learner_answers_the_label_of_the_nearest_example():
         np.testing.assert_array_equal(s.argmax(axis=1), y[nearest])
         assert np.all(s[:, 1] == 0)  # an absent label has probability 0
     assert np.all(scores[2].argmax(axis=1) == 0)  # no examples: label 0, the empty part's vote
+    # The padding (set by the largest part, which poisoning another part can change) does not
+    # move a single bit of any model's scores.
+    wider = [nearest_neighbour_params(x, y, rows=301) for x, y in parts]
+    stacked = {k: torch.from_numpy(np.stack([p[k] for p in wider])) for k in wider[0]}
+    np.testing.assert_array_equal(
+        score_instances(NEAREST, stacked, torch.from_numpy(test), in_channels=640,
+                        num_classes=4), scores)
     with pytest.raises(UserError, match="rows"):
         nearest_neighbour_params(parts[0][0], parts[0][1], rows=3)
 

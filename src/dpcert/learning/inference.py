@@ -94,7 +94,7 @@ def prepare(model: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 #: The nearest-neighbour family: a model is its examples (``examples`` (n, D), ``labels``
 #: (n,) as floats, -1 for padding rows) and a softness ``scale`` (1,).
 NEAREST = "nearest-neighbour"
-#: Largest models x inputs x examples distance block one nearest-neighbour call holds.
+#: Largest models x inputs x labels block one nearest-neighbour call holds.
 _NEAREST_BLOCK = 1 << 24
 
 
@@ -103,18 +103,27 @@ def _score_nearest(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes
     """Softmax scores (K, N, L) of K nearest-neighbour models on features x (N, D): the logit
     of label c is -scale * (squared distance to the model's nearest example of label c);
     labels without examples get probability 0, and a model with no examples answers label 0
-    (a partition defence's empty part)."""
+    (a partition defence's empty part).
+
+    One example row of every model at a time, and blocks of inputs whose size depends on K
+    and L only: the arithmetic that scores a model's example never depends on how many rows
+    the models are padded to — a number set by the largest part, which poisoning another
+    part can change, and which must not move even a rounding of this model's votes."""
     e, lab, scale = params["examples"], params["labels"], params["scale"]
     k, n = lab.shape
-    e2 = (e * e).sum(-1)
-    step = max(1, _NEAREST_BLOCK // max(1, k * n))
+    models = torch.arange(k, device=x.device)
+    step = max(1, _NEAREST_BLOCK // max(1, k * num_classes))
     out = []
     for i in range(0, len(x), step):
         xb = x[i:i + step]
-        d2 = ((xb * xb).sum(-1)[None, :, None] - 2 * torch.einsum("nd,kmd->knm", xb, e)
-              + e2[:, None, :]).clamp_min(0)
-        best = torch.stack([torch.where((lab == c)[:, None, :], d2, torch.inf).amin(-1)
-                            for c in range(num_classes)], dim=-1)
+        x2 = (xb * xb).sum(-1)
+        best = torch.full((k, len(xb), num_classes), torch.inf, dtype=x.dtype, device=x.device)
+        for m in range(n):
+            em, lm = e[:, m, :], lab[:, m].long()
+            d2 = (x2[None, :] - 2 * (em @ xb.T) + (em * em).sum(-1)[:, None]).clamp_min(0)
+            cls = lm.clamp_min(0)
+            cur = best[models, :, cls]
+            best[models, :, cls] = torch.where((lm >= 0)[:, None], torch.minimum(cur, d2), cur)
         logits = -best * scale[:, None, :]
         empty = torch.isinf(best).all(-1)
         logits[..., 0] = torch.where(empty, torch.zeros_like(logits[..., 0]), logits[..., 0])
