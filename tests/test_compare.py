@@ -217,6 +217,56 @@ def test_prototype_learner_is_the_nearest_class_mean():
         prototype_params(x, y, 4, metric="manhattan")
 
 
+def test_translations_move_every_pixel_by_every_offset():
+    from dpcert.learning.reference import translations
+
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 2, 6, 5)).astype(np.float32)
+    t = translations(x, 2)
+    assert t.shape == (25 * 3, 2, 6, 5)
+    offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    for k, (dy, dx) in enumerate(offsets):
+        block = t[3 * k:3 * k + 3]
+        for i in range(6):
+            for j in range(5):
+                si, sj = i - dy, j - dx
+                want = x[:, :, si, sj] if 0 <= si < 6 and 0 <= sj < 5 else 0
+                np.testing.assert_array_equal(block[:, :, i, j], want)
+    np.testing.assert_array_equal(translations(x, 0), x)
+    with pytest.raises(UserError, match="translation"):
+        translations(x, 5)
+
+
+def test_scatter_cnn_reads_the_maps_of_any_scatternet_input():
+    import torch
+
+    from dpcert.learning.models import build_model, scatter_grid
+
+    # digits (8x8 grey), MNIST (28x28 grey), CIFAR-10 (32x32 RGB)
+    for dim, grid in ((324, (81, 2)), (3969, (81, 7)), (15552, (243, 8))):
+        assert scatter_grid(dim) == grid
+        assert build_model("scatter_cnn", dim, 10)(torch.zeros(2, dim)).shape == (2, 10)
+    with pytest.raises(UserError, match="ScatterNet maps"):
+        scatter_grid(100)
+    with pytest.raises(UserError, match="gradient"):
+        BaselineConfig(learner="prototype", augment_shift=1)
+    with pytest.raises(UserError, match="augment_shift"):
+        BaselineConfig(learner="full-batch", augment_shift=-1)
+    cnn = BaselineConfig(models=5, learner="scatter-cnn", steps=50, augment_shift=2)
+    assert cnn.name("dpa") == "dpa (k=5, learner=scatter-cnn, steps=50, augment_shift=2)"
+    assert cnn.folder("dpa") == "dpa_k5_learnerscatter-cnn_steps50_augment-shift2"
+    assert "augment_shift" not in BaselineConfig(models=5).identity()
+
+
+def test_scatter_cnn_learner_needs_scatternet_features(tmp_path):
+    from dpcert.workflows.compare import CompareConfig, compare
+
+    cfg = CompareConfig.from_mapping({"dp": {"instances": 2, "steps": 2}, "methods": ["dpa"],
+                                      "dpa": {"models": 3, "learner": "scatter-cnn"}})
+    with pytest.raises(UserError, match="ScatterNet maps"):
+        compare(cfg, tmp_path, progress=False)
+
+
 def test_nearest_neighbour_learner_answers_the_label_of_the_nearest_example():
     import torch
 

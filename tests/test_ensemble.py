@@ -329,6 +329,33 @@ def test_your_own_feature_vectors_train_certify_and_serve(tmp_path):
                       steps=2), tmp_path / "cnn", progress=False)
 
 
+def test_scatter_cnn_models_trained_on_translations_reproduce_their_certificates(tmp_path):
+    """DPA over small CNNs on ScatterNet maps, each trained on every translation of its own
+    part's images: the kept models (family scatter_cnn, fed the feature vectors) certify the
+    test set exactly as the comparison did."""
+    from dpcert.learning.data import load_dataset_cached
+    from dpcert.workflows.compare import CompareConfig, compare
+
+    setting = {"models": 12, "learner": "scatter-cnn", "steps": 40, "lr": 0.003,
+               "weight_decay": 0.001, "augment_shift": 1}
+    cfg = CompareConfig.from_mapping({
+        "dp": {"model": "linear", "features": "scatter", "optimizer": "sgd", "instances": 2,
+               "steps": 2, "workers": 1},
+        "methods": ["dpa"], "dpa": setting})
+    compare(cfg, tmp_path, progress=False)
+    folder = tmp_path / ("dpa_k12_learnerscatter-cnn_steps40_lr0.003_weight-decay0.001"
+                         "_augment-shift1")
+    rows = np.loadtxt(folder / "certificates.csv", delimiter=",", skiprows=1, dtype=np.int64)
+    ens = load_ensemble(folder)
+    assert ens.info.model == "scatter_cnn"
+    cert = ens.certify(load_dataset_cached("digits", None, "scatter").x_test)
+    np.testing.assert_array_equal(cert.prediction, rows[:, 1])
+    np.testing.assert_array_equal(cert.radius, rows[:, 2])
+    assert np.mean(rows[:, 1] == rows[:, 3]) > 0.5 and rows[:, 2].max() >= 2
+    # raw images go through the run's feature map first, as for the linear models
+    np.testing.assert_array_equal(ens.certify(load_digits().x_test[:20]).radius, rows[:20, 2])
+
+
 @pytest.mark.parametrize("learner", ["prototype", "prototype-cosine", "nearest-neighbour"])
 def test_prototype_baseline_models_reproduce_their_certificates(tmp_path, learner):
     """A DPA setting with a learner that fits no parameters keeps models whose loaded

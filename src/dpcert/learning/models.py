@@ -5,10 +5,14 @@
 * ``cifar_cnn``: the small CNN of the Opacus CIFAR-10 tutorial (GroupNorm-free, tanh).
 * ``resnet18_gn``: ResNet-18 with GroupNorm in place of BatchNorm.
 * ``linear``: softmax regression on fixed features (``features: scatter``).
+* ``scatter_cnn``: a small CNN on ScatterNet feature vectors, their maps restored (the
+  partition defences' few-shot learner; after Tramèr & Boneh 2021, who train a CNN on the same
+  features).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -80,12 +84,39 @@ def linear(in_channels: int, num_classes: int = 10) -> nn.Module:
     return nn.Linear(in_channels, num_classes)
 
 
+def scatter_grid(feature_dim: int) -> tuple[int, int]:
+    """(channels, side) of the ScatterNet maps flattened into ``feature_dim`` numbers: 81
+    channels per image channel (grey or RGB) on a square grid, D = channels * side^2."""
+    for channels in (81, 243):
+        side = math.isqrt(feature_dim // channels)
+        if feature_dim == channels * side * side and side >= 1:
+            return channels, side
+    raise UserError(f"{feature_dim} numbers are not ScatterNet maps of a square image "
+                    "(81 or 243 channels on a square grid)")
+
+
+def scatter_cnn(in_channels: int, num_classes: int = 10, width: int = 32) -> nn.Module:
+    """A CNN on ScatterNet feature vectors (n, D): ``in_channels`` is D, reshaped to the maps
+    (channels, side, side) of :func:`scatter_grid`; two 3x3 convolutions of ``width``
+    channels with a 2x2 max-pool between them, then a linear layer."""
+    channels, side = scatter_grid(in_channels)
+    pooled = max(1, side // 2)
+    return nn.Sequential(
+        nn.Unflatten(1, (channels, side, side)),
+        nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2) if side >= 2 else nn.Identity(),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(width * pooled * pooled, num_classes),
+    )
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
     "lenet5": lenet5,
     "cifar_cnn": cifar_cnn,
     "resnet18_gn": resnet18_gn,
     "linear": linear,
+    "scatter_cnn": scatter_cnn,
 }
 
 

@@ -143,6 +143,23 @@ def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: 
     return model
 
 
+def translations(x: np.ndarray, shift: int) -> np.ndarray:
+    """Every translation of images x (n, C, H, W) by (dy, dx) in [-shift, shift]^2, pixels
+    moved off the image dropped and uncovered ones 0: ((2 shift + 1)^2 n, C, H, W), offset
+    block by offset block in row-major order of (dy, dx) (the (0, 0) block is x itself).
+    A function of each image alone, so a partition model trained on the translations of its
+    own examples is still a function of its part."""
+    n, _, h, w = x.shape
+    if not (isinstance(shift, int) and 0 <= shift < min(h, w)):
+        raise UserError(f"a translation by up to {shift!r} pixels needs an integer in "
+                        f"[0, {min(h, w) - 1}] for {h}x{w} images")
+    padded = np.pad(x, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
+    span = range(-shift, shift + 1)
+    # the content at (i, j) of the image moved by (dy, dx) is that at (i - dy, j - dx)
+    return np.concatenate([padded[:, :, shift - dy:shift - dy + h, shift - dx:shift - dx + w]
+                           for dy in span for dx in span])
+
+
 def nearest_neighbour_params(x: np.ndarray, y: np.ndarray, rows: int
                              ) -> dict[str, np.ndarray]:
     """A nearest-neighbour classifier on feature vectors x (n, D): the examples themselves,

@@ -48,7 +48,13 @@ BASELINES = ("dpa", "fa", "bagging", "roe")
 _SEED_OFFSET = 7919
 
 
-LEARNERS = ("minibatch", "full-batch", "prototype", "prototype-cosine", "nearest-neighbour")
+LEARNERS = ("minibatch", "full-batch", "scatter-cnn", "prototype", "prototype-cosine",
+            "nearest-neighbour")
+#: The learners trained by gradient, and the training values each reads.
+GRADIENT_LEARNERS = {
+    "minibatch": ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "augment_shift"),
+    "full-batch": ("steps", "lr", "optimizer", "weight_decay", "augment_shift"),
+    "scatter-cnn": ("steps", "lr", "optimizer", "weight_decay", "augment_shift")}
 #: Nearest-class-mean learners and their metric.
 PROTOTYPES = {"prototype": "euclidean", "prototype-cosine": "cosine"}
 #: The learners that fit no parameters (no training values, scored in chunks).
@@ -61,9 +67,14 @@ class BaselineConfig:
     models), Bagging bags N. ``learner``: how each model is fitted to its examples —
     ``minibatch`` (``epochs`` passes in batches of ``batch_size``), ``full-batch`` (``steps``
     optimiser steps on all of the model's examples at once: a budget in steps, whatever the
-    part's size), ``prototype`` (nearest class mean on the features; no training, linear
+    part's size), ``scatter-cnn`` (the same full-batch training of a small CNN on the
+    ScatterNet maps, :func:`dpcert.learning.models.scatter_cnn`; runs with ``features:
+    scatter``), ``prototype`` (nearest class mean on the features; no training, linear
     model only), ``prototype-cosine`` (nearest class mean by angle) or
-    ``nearest-neighbour`` (the label of the nearest example; the model keeps its examples)."""
+    ``nearest-neighbour`` (the label of the nearest example; the model keeps its examples).
+    ``augment_shift`` S > 0 (learners trained by gradient): each model trains on every
+    translation of its own examples' images by up to S pixels ((2 S + 1)^2 copies, the
+    feature map applied to each), a function of its part alone like the model itself."""
 
     models: int = 50
     subsample: int = 200  # bagging: examples per bag
@@ -75,6 +86,7 @@ class BaselineConfig:
     learner: str = "minibatch"
     steps: int = 300  # full-batch: optimiser steps
     weight_decay: float = 0.0
+    augment_shift: int = 0
 
     def __post_init__(self) -> None:
         for name in ("models", "subsample", "spread", "epochs", "batch_size", "steps"):
@@ -90,12 +102,18 @@ class BaselineConfig:
         if self.learner not in LEARNERS:
             raise UserError(f"learner must be one of {', '.join(LEARNERS)}, got "
                             f"{self.learner!r}")
+        if not (isinstance(self.augment_shift, int) and not isinstance(self.augment_shift, bool)
+                and self.augment_shift >= 0):
+            raise UserError(f"augment_shift must be an integer >= 0, got "
+                            f"{self.augment_shift!r}")
+        if self.augment_shift and self.learner not in GRADIENT_LEARNERS:
+            raise UserError(f"augment_shift is for the learners trained by gradient "
+                            f"({', '.join(GRADIENT_LEARNERS)}), not {self.learner}")
 
     def training_changes(self) -> dict:
         """The training values that differ from the defaults and matter for the learner."""
         # the learners that fit no parameters take no training values
-        used = {"minibatch": ("epochs", "batch_size", "lr", "optimizer", "weight_decay"),
-                "full-batch": ("steps", "lr", "optimizer", "weight_decay")}.get(self.learner, ())
+        used = GRADIENT_LEARNERS.get(self.learner, ())
         default = BaselineConfig()
         return {k: getattr(self, k) for k in ("learner", *used)
                 if getattr(self, k) != getattr(default, k)}
@@ -120,7 +138,7 @@ class BaselineConfig:
         """What a setting's folder records: its values, without learner options at their
         defaults (folders written before those options existed stay valid)."""
         out = asdict(self)
-        for k in ("learner", "steps", "weight_decay"):
+        for k in ("learner", "steps", "weight_decay", "augment_shift"):
             if out[k] == getattr(BaselineConfig(), k):
                 del out[k]
         return out
@@ -316,6 +334,28 @@ def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, ro
                             metric=PROTOTYPES[setting.learner])
 
 
+def learner_model(setting: BaselineConfig, run_model: str) -> str:
+    """The model family a setting's learner trains (its kept models' family)."""
+    return {"scatter-cnn": "scatter_cnn", "nearest-neighbour": "nearest-neighbour"}.get(
+        setting.learner, run_model)
+
+
+def _training_examples(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) a gradient-trained model learns from: its examples, or every
+    translation of their images (then the run's feature map) with ``augment_shift``."""
+    s = setting.augment_shift
+    if not s:
+        return data.x_train[idx], data.y_train[idx]
+    from dpcert.learning.features import compute
+    from dpcert.learning.reference import translations
+    from dpcert.workflows.runconfig import load_run_images
+
+    moved = translations(load_run_images(cfg).x_train[idx], s)
+    x = compute(moved, cfg.features) if cfg.features else moved
+    return x, np.tile(data.y_train[idx], (2 * s + 1) ** 2)
+
+
 def _train_one(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, gen):
     """(scores on the evaluation set, parameters) of a baseline model trained by gradient on
     examples ``idx``, all randomness from ``gen``."""
@@ -324,22 +364,24 @@ def _train_one(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, g
     from dpcert.learning.inference import constant_params, module_params
     from dpcert.learning.reference import predict_scores, train_plain
 
+    model_name = learner_model(setting, cfg.model)
     if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
         scores = np.zeros((len(data.y_test), data.num_classes), np.float32)
         scores[:, 0] = 1.0
-        return scores, constant_params(cfg.model, data.x_train.shape[1], data.num_classes,
+        return scores, constant_params(model_name, data.x_train.shape[1], data.num_classes,
                                        label=0)
     device = torch.device(cfg.device)
-    x = torch.tensor(data.x_train[idx], device=device)
-    y = torch.tensor(data.y_train[idx], device=device)
-    full = setting.learner == "full-batch"
-    model = train_plain(cfg.model, x, y, data.num_classes,
+    x_np, y_np = _training_examples(cfg, setting, data, idx)
+    x = torch.tensor(x_np, device=device)
+    y = torch.tensor(y_np, device=device)
+    full = setting.learner != "minibatch"
+    model = train_plain(model_name, x, y, data.num_classes,
                         epochs=setting.steps if full else setting.epochs,
-                        batch_size=len(idx) if full else setting.batch_size,
+                        batch_size=len(y) if full else setting.batch_size,
                         lr=setting.lr, optimizer=setting.optimizer, gen=gen,
                         weight_decay=setting.weight_decay)
     scores = predict_scores(model, torch.tensor(data.x_test, device=device))
-    return scores, module_params(cfg.model, model)
+    return scores, module_params(model_name, model)
 
 
 def _guard_folder(folder: Path, identity: dict) -> None:
@@ -366,6 +408,11 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     # ROE aggregates DPA's models: same training, same folder, same identity.
     if bc.learner in FREE_LEARNERS and run_cfg.model != "linear":
         raise UserError(f"the {bc.learner} learner needs feature vectors: model: linear")
+    if bc.learner == "scatter-cnn" and run_cfg.features != "scatter":
+        raise UserError("the scatter-cnn learner trains on ScatterNet maps: model: linear "
+                        "with features: scatter")
+    if bc.augment_shift and run_cfg.dataset == "npz" and run_cfg.features is None:
+        raise UserError("augment_shift translates images; an npz of feature vectors has none")
     identity = {"kind": "dpa" if kind == "roe" else kind, **bc.identity(),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")},
                 **({"validation": run_cfg.validation} if run_cfg.validation else {})}
@@ -412,7 +459,7 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
     from dpcert.workflows.run import input_spec
 
     data = load_run_data(run_cfg)
-    model = "nearest-neighbour" if bc.learner == "nearest-neighbour" else run_cfg.model
+    model = learner_model(bc, run_cfg.model)
     return EnsembleInfo(dataset=run_cfg.dataset, model=model,
                         num_classes=data.num_classes, instances=models,
                         input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,

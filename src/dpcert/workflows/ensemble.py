@@ -294,8 +294,12 @@ class Ensemble:
         return self
 
     def _in_channels(self) -> int:
+        """What the model factories take: the feature dimension for models on feature
+        vectors, the image channels otherwise."""
         spec = self.info.input
-        return spec.shape[0] if spec.shape is not None else int(spec.feature_dim or 0)
+        if spec.shape is None or spec.features is not None:
+            return int(spec.feature_dim or 0)
+        return spec.shape[0]
 
     def model_input(self, x: np.ndarray) -> np.ndarray:
         """``x`` in any accepted form (:class:`~dpcert.learning.inputs.InputSpec`) -> what the

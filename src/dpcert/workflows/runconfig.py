@@ -154,6 +154,16 @@ def load_run_data(cfg: RunConfig):
     return validation_split(data, cfg.validation) if cfg.validation else data
 
 
+def load_run_images(cfg: RunConfig):
+    """The run's dataset as images even when the run trains on features (the baselines'
+    augmentation translates images, then applies the feature map): the same examples in the
+    same order as :func:`load_run_data`."""
+    from dpcert.learning.data import load_dataset_cached
+
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir, None)
+    return validation_split(data, cfg.validation) if cfg.validation else data
+
+
 def validation_split(data, holdout: int):
     """The training set split in two: the last ``holdout`` examples become the evaluation set
     (in place of the test set, which is then never read), the rest the training set."""
