@@ -225,7 +225,8 @@ def test_config_model_names_match_the_builders():
     from dpcert.learning.models import MODELS
     from dpcert.workflows.run import AVERAGING_NAMES, MODEL_NAMES
 
-    assert tuple(MODELS) == MODEL_NAMES
+    # scatter_cnn is trained only by the partition defences (compare's learner: scatter-cnn)
+    assert tuple(m for m in MODELS if m != "scatter_cnn") == MODEL_NAMES
     assert AVERAGING == (None, *AVERAGING_NAMES)
 
 
