@@ -251,7 +251,9 @@ def load_dataset(name: str, path: Path | None = None) -> Dataset:
     raise UserError(f"unknown dataset {name!r} (digits, mnist, fashion-mnist, cifar10, npz)")
 
 
-@functools.lru_cache(maxsize=1)
+# Two entries: a worker training partition models on translated images reads the images and
+# their features for every model (one entry would reload and re-hash both each time).
+@functools.lru_cache(maxsize=2)
 def load_dataset_cached(name: str, path: str | None = None,
                         features: str | None = None) -> Dataset:
     """:func:`load_dataset`, optionally mapped through a fixed feature map
