@@ -148,19 +148,20 @@ class RunConfig:
 def load_run_data(cfg: RunConfig):
     """The run's dataset (:class:`dpcert.learning.data.Dataset`), as features when the run uses
     them; loaded once per process."""
-    from dpcert.learning.data import load_dataset_cached
-
-    data = load_dataset_cached(cfg.dataset, cfg.data_dir, cfg.features)
-    return validation_split(data, cfg.validation) if cfg.validation else data
+    return _load(cfg, cfg.features)
 
 
 def load_run_images(cfg: RunConfig):
     """The run's dataset as images even when the run trains on features (the baselines'
     augmentation translates images, then applies the feature map): the same examples in the
     same order as :func:`load_run_data`."""
+    return _load(cfg, None)
+
+
+def _load(cfg: RunConfig, features: str | None):
     from dpcert.learning.data import load_dataset_cached
 
-    data = load_dataset_cached(cfg.dataset, cfg.data_dir, None)
+    data = load_dataset_cached(cfg.dataset, cfg.data_dir, features)
     return validation_split(data, cfg.validation) if cfg.validation else data
 
 
