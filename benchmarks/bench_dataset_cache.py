@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine, mnist_validation_config  # noqa: E402
 
 from dpcert.learning.data import load_dataset_cached  # noqa: E402
 from dpcert.workflows.compare import (  # noqa: E402
@@ -54,10 +54,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=5)
     ap.add_argument("--data-dir", default="data/mnist")
     args = ap.parse_args()
-    if not Path(args.data_dir).exists():
-        sys.exit(f"{args.data_dir} not found: run scripts/fetch_data.sh first")
-    cfg = RunConfig(dataset="mnist", data_dir=args.data_dir, model="linear",
-                    features="scatter", optimizer="sgd", validation=10000)
+    cfg = mnist_validation_config(args.data_dir)
     setting = BaselineConfig(models=1200, learner="full-batch", augment_shift=1)
     parts = training_indices("dpa", setting, load_run_data(cfg).x_train)
     _training_examples(cfg, setting, load_run_data(cfg), parts[0])  # both datasets loaded once

@@ -33,3 +33,17 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def mnist_validation_config(data_dir: str):
+    """The run options of the MNIST validation split (the last 10,000 training examples
+    held out) on ScatterNet features; exits with the fetch command when the data is absent."""
+    import sys
+    from pathlib import Path
+
+    from dpcert.workflows.runconfig import RunConfig
+
+    if not Path(data_dir).exists():
+        sys.exit(f"{data_dir} not found: run scripts/fetch_data.sh first")
+    return RunConfig(dataset="mnist", data_dir=data_dir, model="linear", features="scatter",
+                     optimizer="sgd", validation=10000)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine, mnist_validation_config  # noqa: E402
 
 from dpcert.learning.reference import instance_generator  # noqa: E402
 from dpcert.workflows.compare import (  # noqa: E402
@@ -77,10 +77,7 @@ def main() -> None:
     ap.add_argument("--shift", type=int, default=2, help="largest translation, pixels")
     ap.add_argument("--data-dir", default="data/mnist")
     args = ap.parse_args()
-    if not Path(args.data_dir).exists():
-        sys.exit(f"{args.data_dir} not found: run scripts/fetch_data.sh first")
-    cfg = RunConfig(dataset="mnist", data_dir=args.data_dir, model="linear",
-                    features="scatter", optimizer="sgd", validation=10000)
+    cfg = mnist_validation_config(args.data_dir)
     data = load_run_data(cfg)
     chosen = settings(args.models, args.shift)
     parts = training_indices("dpa", next(iter(chosen.values())), data.x_train)
