@@ -446,10 +446,17 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                 for fut in as_completed([pool.submit(_train_units, *j) for j in jobs]):
                     bar.update(len(fut.result()))
         bar.close()
-    scores = [read_unit(p) for p in paths]
-    if any(s is None for s in scores):
-        raise UserError(f"a model file in {folder} is damaged; rerun to retrain it")
-    return np.stack(scores)
+    # filled in place: a list then np.stack would hold every score twice (FA's k d models
+    # on 10,000 points are GBs)
+    out = None
+    for i, path in enumerate(paths):
+        s = read_unit(path)
+        if s is None:
+            raise UserError(f"a model file in {folder} is damaged; rerun to retrain it")
+        if out is None:
+            out = np.empty((m, *s.shape), s.dtype)
+        out[i] = s
+    return out
 
 
 def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
