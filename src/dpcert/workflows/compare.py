@@ -423,8 +423,14 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     if keep:
         write_info(folder, baseline_info(kind, bc, run_cfg, m))
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
-    todo = [i for i in range(m) if read_unit(paths[i]) is None
-            or (keep and load_tensors(paths[i].with_suffix(".safetensors")) is None)]
+    # one pass reads and verifies every finished model; its scores are kept, not read again
+    found: dict[int, np.ndarray] = {}
+    for i, path in enumerate(paths):
+        s = read_unit(path)
+        kept = not keep or load_tensors(path.with_suffix(".safetensors")) is not None
+        if s is not None and kept:
+            found[i] = s
+    todo = [i for i in range(m) if i not in found]
     if todo:
         indices = training_indices(kind, bc, x_train)
         rows = bc.subsample if indices is None else max(len(i) for i in indices)
@@ -450,7 +456,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     # on 10,000 points are GBs)
     out = None
     for i, path in enumerate(paths):
-        s = read_unit(path)
+        s = found.pop(i) if i in found else read_unit(path)
         if s is None:
             raise UserError(f"a model file in {folder} is damaged; rerun to retrain it")
         if out is None:
