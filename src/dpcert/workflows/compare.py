@@ -423,13 +423,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     if keep:
         write_info(folder, baseline_info(kind, bc, run_cfg, m))
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
-    # one pass reads and verifies every finished model; its scores are kept, not read again
-    found: dict[int, np.ndarray] = {}
-    for i, path in enumerate(paths):
-        s = read_unit(path)
-        kept = not keep or load_tensors(path.with_suffix(".safetensors")) is not None
-        if s is not None and kept:
-            found[i] = s
+    found = _finished_models(paths, keep)
     todo = [i for i in range(m) if i not in found]
     if todo:
         indices = training_indices(kind, bc, x_train)
@@ -452,16 +446,34 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                 for fut in as_completed([pool.submit(_train_units, *j) for j in jobs]):
                     bar.update(len(fut.result()))
         bar.close()
-    # filled in place: a list then np.stack would hold every score twice (FA's k d models
-    # on 10,000 points are GBs)
+    return _gather_scores(paths, found, folder)
+
+
+def _finished_models(paths: list[Path], keep: bool) -> dict[int, np.ndarray]:
+    """Scores of the models already on disk whose files pass their checksums (and whose kept
+    parameters do, when the folder keeps them), by model index; read once per invocation."""
+    found = {}
+    for i, path in enumerate(paths):
+        scores = read_unit(path)
+        if scores is not None and (
+                not keep or load_tensors(path.with_suffix(".safetensors")) is not None):
+            found[i] = scores
+    return found
+
+
+def _gather_scores(paths: list[Path], found: dict[int, np.ndarray], folder: Path
+                   ) -> np.ndarray:
+    """Scores (M, N, L) of every model: those in ``found`` (consumed) and the rest read
+    from disk. Filled into one array: a list then np.stack would hold them twice (FA's k d
+    models on 10,000 points are GBs)."""
     out = None
     for i, path in enumerate(paths):
-        s = found.pop(i) if i in found else read_unit(path)
-        if s is None:
+        scores = found.pop(i) if i in found else read_unit(path)
+        if scores is None:
             raise UserError(f"a model file in {folder} is damaged; rerun to retrain it")
         if out is None:
-            out = np.empty((m, *s.shape), s.dtype)
-        out[i] = s
+            out = np.empty((len(paths), *scores.shape), scores.dtype)
+        out[i] = scores
     return out
 
 
