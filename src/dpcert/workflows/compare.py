@@ -423,7 +423,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     if keep:
         write_info(folder, baseline_info(kind, bc, run_cfg, m))
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
-    found = _finished_models(paths, keep)
+    found = _finished_models(paths, keep, bc.name(kind), progress)
     todo = [i for i in range(m) if i not in found]
     if todo:
         indices = training_indices(kind, bc, x_train)
@@ -449,11 +449,16 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     return _gather_scores(paths, found, folder)
 
 
-def _finished_models(paths: list[Path], keep: bool) -> dict[int, np.ndarray]:
+def _finished_models(paths: list[Path], keep: bool, name: str, progress: bool
+                     ) -> dict[int, np.ndarray]:
     """Scores of the models already on disk whose files pass their checksums (and whose kept
     parameters do, when the folder keeps them), by model index; read once per invocation."""
+    from tqdm import tqdm
+
     found = {}
-    for i, path in enumerate(paths):
+    # thousands of kept models take minutes to verify: show it
+    for i, path in enumerate(tqdm(paths, desc=f"checking {name}", unit="model", leave=False,
+                                  disable=not progress or not paths[0].exists())):
         scores = read_unit(path)
         if scores is not None and (
                 not keep or load_tensors(path.with_suffix(".safetensors")) is not None):
