@@ -243,6 +243,30 @@ def test_certify_roe_from_per_model_scores(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()
 
 
+def test_certify_fa_roe_from_per_model_scores(tmp_path):
+    from dpcert.certification import baselines
+
+    rng = np.random.default_rng(4)
+    scores = rng.dirichlet([2.0, 1.0, 1.0], size=(12, 6)).astype(np.float32)  # (k d, N, L)
+    s = tmp_path / "s.npy"
+    np.save(s, scores)
+    out = tmp_path / "o.csv"
+    for extra, shifts in (([], None), (["--shifts", "0,5,7"], np.array([0, 5, 7]))):
+        res = run(s, "--method", "fa-roe", "--spread", "3", *extra, "--output", out)
+        assert res.returncode == 0, res.stderr
+        rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+        pred, radius = baselines.fa_roe_certificate(scores, 3, shifts)
+        assert [int(r[1]) for r in rows] == pred.tolist()
+        assert [int(r[2]) for r in rows] == radius.tolist()
+        out.unlink()
+    for args in (["--method", "fa-roe"], ["--method", "fa-roe", "--spread", "13"],
+                 ["--method", "fa-roe", "--spread", "2", "--shifts", "0,12"],
+                 ["--method", "roe", "--spread", "2"]):
+        res = run(s, *args, "--output", out)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert not out.exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("args", [
     ["run", "--device", "cuda", "--instances", "2"],

@@ -126,6 +126,32 @@ def test_roe_reuses_the_dpa_models(tmp_path):
     np.testing.assert_array_equal(rows[:, 2], radius)
 
 
+def test_fa_roe_reuses_the_fa_models(tmp_path):
+    from dpcert.workflows.run import read_unit
+
+    base = {"dp": {"instances": 4, "steps": 10, "workers": 1}}
+    setting = {"models": 4, "spread": 2, "epochs": 1}
+    compare(CompareConfig.from_mapping({**base, "methods": ["fa"], "fa": setting}), tmp_path,
+            progress=False)
+    folder = tmp_path / "fa_k4_d2_epochs1"
+    units = {p.name: p.stat().st_mtime_ns for p in folder.glob("model_*")}
+    assert len(units) == 2 * 8  # scores and parameters of k d = 8 models
+    text = compare(CompareConfig.from_mapping({**base, "methods": ["fa", "fa-roe"],
+                                               "fa": setting, "fa-roe": setting}),
+                   tmp_path, progress=False)
+    assert "fa-roe (k=4, d=2, epochs=1)" in text and "| fa (k=4, d=2, epochs=1)" in text
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("model_*")} == units
+    scores = np.stack([read_unit(folder / f"model_{i:06d}.npz") for i in range(8)])
+    rows = np.loadtxt(folder / "certificates_fa-roe.csv", delimiter=",", skiprows=1,
+                      dtype=np.int64)
+    pred, radius = baselines.fa_roe_certificate(scores, 2)
+    np.testing.assert_array_equal(rows[:, 1], pred)
+    np.testing.assert_array_equal(rows[:, 2], radius)
+    with pytest.raises(UserError, match="spread applies to fa and fa-roe"):
+        CompareConfig.from_mapping({**base, "methods": ["roe"],
+                                    "roe": {"models": 4, "spread": 2}})
+
+
 def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
     base = {"instances": 4, "steps": 10}
     settings = [{"models": 2, "epochs": 1}, {"models": 6, "epochs": 1}]

@@ -273,9 +273,10 @@ def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_pat
 
     cfg = CompareConfig.from_mapping({
         "dp": {"instances": 4, "steps": 10, "workers": 2},
-        "methods": ["dpa", "roe", "fa", "bagging"],
+        "methods": ["dpa", "roe", "fa", "fa-roe", "bagging"],
         "dpa": {"models": 12, "epochs": 3}, "roe": {"models": 12, "epochs": 3},
         "fa": {"models": 6, "spread": 2, "epochs": 3},
+        "fa-roe": {"models": 6, "spread": 2, "epochs": 3},
         "bagging": {"models": 10, "subsample": 120, "epochs": 3}})
     compare(cfg, tmp_path, progress=False)
     x_test = load_digits().x_test
@@ -283,6 +284,7 @@ def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_pat
             ("dpa_k12_epochs3", "certificates.csv", lambda e: e.certify(x_test)),
             ("dpa_k12_epochs3", "certificates_roe.csv", lambda e: e.certify_roe(x_test)),
             ("fa_k6_d2_epochs3", "certificates.csv", lambda e: e.certify(x_test)),
+            ("fa_k6_d2_epochs3", "certificates_fa-roe.csv", lambda e: e.certify_roe(x_test)),
             ("bagging_N10_k120_epochs3", "certificates.csv", lambda e: e.certify(x_test))):
         rows = np.loadtxt(tmp_path / folder / csv, delimiter=",", skiprows=1, dtype=np.int64)
         ens = load_ensemble(tmp_path / folder)

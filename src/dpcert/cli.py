@@ -152,10 +152,12 @@ def main() -> None:
               help="Test labels (N,) .npy: adds a label column and prints certified accuracy.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Group-table cache (default $DPCERT_CACHE or ~/.cache/dpcert).")
-@click.option("--method", type=click.Choice(["dp", "bagging", "dpa", "fa", "roe"]), default="dp",
-              show_default=True,
+@click.option("--method", type=click.Choice(["dp", "bagging", "dpa", "fa", "roe", "fa-roe"]),
+              default="dp", show_default=True,
               help="Defence that produced the votes (dp: this project). roe: Run-off Election "
-                   "over DPA-partition models; INPUT.npy holds every model's scores (k, N, L).")
+                   "over DPA-partition models; INPUT.npy holds every model's scores (k, N, L). "
+                   "fa-roe: Run-off Election over Finite Aggregation's models, scores "
+                   "(k*d, N, L), with --spread (and --shifts).")
 @click.option("--train-size", type=int, help="Bagging: training-set size n.")
 @click.option("--subsample-size", type=int, help="Bagging: examples k per bag.")
 @click.option("--spread", type=int, help="Finite Aggregation: spread d.")
@@ -163,8 +165,8 @@ def main() -> None:
               help="FA: INPUT.npy holds every model's label, shape (N, k*d): full certificate "
                    "(without it: vote counts and the count-only bound).")
 @click.option("--num-classes", type=click.IntRange(2), help="FA --per-model: number of labels L.")
-@click.option("--shifts", help="FA --per-model: the d comma-separated spreading shifts "
-                               "(default: those of the reference implementation).")
+@click.option("--shifts", help="FA --per-model, fa-roe: the d comma-separated spreading "
+                               "shifts (default: those of the reference implementation).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the table cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
@@ -179,8 +181,8 @@ def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_
             raise UserError("--per-model applies to --method fa only")
         if per_model:
             _certify_fa(input_path, spread, num_classes, shifts, max_radius, output, labels)
-        elif method == "roe":
-            _certify_roe(input_path, max_radius, output, labels)
+        elif method in ("roe", "fa-roe"):
+            _certify_roe(input_path, max_radius, output, labels, method, spread, shifts)
         elif method != "dp":
             _certify_baseline(input_path, method, eta, max_radius, output, labels, train_size,
                               subsample_size, spread)
@@ -198,8 +200,8 @@ _DP_ONLY = ("sample_rate", "noise_multiplier", "steps", "dataset_size", "subset_
             "mechanism", "inference", "accounting", "group", "bound", "paper_delta",
             "cache_dir", "no_cache", "resolution", "workers")
 _BASELINE_ONLY = {"train_size": ("bagging",), "subsample_size": ("bagging",),
-                  "spread": ("fa",), "per_model": ("fa",), "num_classes": ("fa",),
-                  "shifts": ("fa",)}
+                  "spread": ("fa", "fa-roe"), "per_model": ("fa",), "num_classes": ("fa",),
+                  "shifts": ("fa", "fa-roe")}
 
 
 def _check_method_flags(method: str) -> None:
@@ -281,28 +283,42 @@ def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
     if preds.ndim != 2 or preds.size == 0 or not np.issubdtype(preds.dtype, np.integer):
         raise UserError(f"--per-model input must be integer labels of shape (N, k*d), got "
                         f"{preds.dtype} {preds.shape}")
-    shift_arr = None
-    if shifts is not None:
-        try:
-            shift_arr = np.array([int(v) for v in shifts.split(",")], dtype=np.int64)
-        except ValueError:
-            raise UserError(f"--shifts must be comma-separated integers, got {shifts!r}") from None
-        if shift_arr.min() < 0 or shift_arr.max() >= preds.shape[1]:
-            raise UserError(f"--shifts must lie in 0..{preds.shape[1] - 1}")
+    shift_arr = _parse_shifts(shifts, preds.shape[1])
     labels = _load_labels(labels_path, preds.shape[0])
     pred, radius = baselines.fa_certificate(preds, num_classes, spread, shift_arr)
     nan = np.full(len(pred), np.nan)
     _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
 
 
-def _certify_roe(input_path, max_radius, output, labels_path) -> None:
-    """Run-off Election certificate from every partition model's scores (k, N, L)."""
+def _parse_shifts(shifts: str | None, models: int) -> np.ndarray | None:
+    """--shifts "s1,s2,..." as integers in 0..models-1 (None: the reference's)."""
+    if shifts is None:
+        return None
+    try:
+        shift_arr = np.array([int(v) for v in shifts.split(",")], dtype=np.int64)
+    except ValueError:
+        raise UserError(f"--shifts must be comma-separated integers, got {shifts!r}") from None
+    if shift_arr.min() < 0 or shift_arr.max() >= models:
+        raise UserError(f"--shifts must lie in 0..{models - 1}")
+    return shift_arr
+
+
+def _certify_roe(input_path, max_radius, output, labels_path, method="roe", spread=None,
+                 shifts=None) -> None:
+    """Run-off Election certificate from every partition model's scores (k, N, L), over
+    DPA's partition (roe) or Finite Aggregation's spread buckets (fa-roe, k*d models)."""
     from dpcert.certification import baselines
 
+    if method == "fa-roe" and spread is None:
+        raise UserError("--method fa-roe needs --spread D")
     _check_output(output)
     scores = validate_outputs(load_array(input_path, "input"), "scores")
     labels = _load_labels(labels_path, scores.shape[1])
-    pred, radius = baselines.roe_certificate(scores)
+    if method == "fa-roe":
+        shift_arr = _parse_shifts(shifts, scores.shape[0])
+        pred, radius = baselines.fa_roe_certificate(scores, spread, shift_arr)
+    else:
+        pred, radius = baselines.roe_certificate(scores)
     nan = np.full(len(pred), np.nan)
     _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
 
@@ -426,10 +442,10 @@ def compare_cmd(config, output, device, quiet) -> None:
     """Train and certify the defences of CONFIG on the same data; one report.
 
     Defences: dp (this project's DP ensemble), dpa (Deep Partition Aggregation), fa (Finite
-    Aggregation), roe (Run-off Election over DPA's models), bagging, and the statistical
-    baseline-DP bound of Ma et al. With `validation: N` in CONFIG, every listed setting is
-    tuned on the last N training examples and only the chosen ones are certified on the test
-    set (tuning.md says what was chosen and why)."""
+    Aggregation), roe and fa-roe (Run-off Election over DPA's or FA's models), bagging, and the
+    statistical baseline-DP bound of Ma et al. With `validation: N` in CONFIG, every listed
+    setting is tuned on the last N training examples and only the chosen ones are certified
+    on the test set (tuning.md says what was chosen and why)."""
 
     def action() -> None:
         from dpcert.workflows.compare import CompareConfig, compare

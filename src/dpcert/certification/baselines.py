@@ -230,6 +230,151 @@ def _roe_block(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, (np.minimum(s, scores.shape[0] + 1) - 1).astype(np.int64)
 
 
+def fa_roe_certificate(scores: np.ndarray, spread: int, shifts: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, radius) of Run-off Election over Finite Aggregation's k d models, scores
+    (kd, N, L) (Rezaei et al. 2023, FA + ROE); radius in poisoned buckets = inserted +
+    deleted examples, each of which reaches the d models of its bucket.
+
+    The election is :func:`roe_election` over all kd models. The radius is s - 1 for s a
+    lower bound on the buckets an attacker must corrupt, from the same three ways the winner
+    y can change as in :func:`roe_certificate` (A: y out of the final; B1: the other finalist
+    o beats y; B2: a third label z reaches the final and beats y there). Each necessary
+    condition "a gap g falls below 0" needs the fewest buckets whose largest possible effects
+    on g sum to more than g, as in FA's certificate (Wang et al. 2022, Thm. 2): a bucket's
+    effect is the sum over its d models of what one model can move g (round-1 gap of y over
+    c: 1 + [f = y] - [f = c] for a model voting f; round-2 margin of y over c: 2 if the model
+    ranks y above c). Two labels both beating y need their gaps' sum to fall by g_a + g_b + 2,
+    at most 1 + 2 [f = y] - [f = a] - [f = b] per model. A model shared by two corrupted
+    buckets is counted in both, which only lowers s.
+
+    The published certificate (the authors' code) relaxes some of these conditions (two
+    labels beating y by g_a + g_b + 1; a third label's way to the final without the winner
+    beating o), so this radius is never below it and can be larger. With d = 1 it is at least
+    :func:`roe_certificate`'s, which bounds every model's effect by the worst case.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[0] < 1 or scores.shape[2] < 2:
+        raise UserError(f"FA + ROE needs per-model scores of shape (models, N, labels >= 2), "
+                        f"got {scores.shape}")
+    kd, n, n_labels = scores.shape
+    shifts = fa_shifts(kd, spread) if shifts is None else np.asarray(shifts, dtype=np.int64)
+    if len(shifts) != spread or len(set(shifts.tolist())) != spread:
+        raise UserError(f"FA needs {spread} distinct shifts, got {shifts.tolist()}")
+    if shifts.min() < 0 or shifts.max() >= kd:
+        raise UserError(f"FA shifts must lie in 0..{kd - 1}, got {shifts.tolist()}")
+    block = max(1, ROE_BLOCK_ELEMENTS // (kd * n_labels))
+    parts = [_fa_roe_block(np.asarray(scores[:, i:i + block], dtype=float), shifts)
+             for i in range(0, n, block)]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([p[0] for p in parts]).astype(np.int64),
+            np.concatenate([p[1] for p in parts]))
+
+
+def _per_bucket(per_model: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Sum over the d models of every bucket: (..., kd) per model (bool) -> (..., kd) int32
+    per bucket (bucket h holds models (h + s) mod kd)."""
+    kd = per_model.shape[-1]
+    out = np.zeros(per_model.shape, np.int32)
+    for s in map(int, shifts):
+        out[..., :kd - s] += per_model[..., s:]
+        out[..., kd - s:] += per_model[..., :s]
+    return out
+
+
+def _buckets_needed(effects: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """(n,): the fewest buckets whose effects sum to more than ``gap`` (n,) — 0 where the
+    gap is already below 0, the number of buckets + 1 where all of them are not enough.
+    ``effects`` (n, buckets): non-negative integers with few distinct values (at most
+    3 d + 1), so the largest are taken level by level from a histogram instead of a sort."""
+    n, buckets = effects.shape
+    top = int(effects.max(initial=0))
+    hist = np.bincount((effects + (top + 1) * np.arange(n)[:, None]).ravel(),
+                       minlength=(top + 1) * n).reshape(n, top + 1)
+    gap = np.asarray(gap, dtype=np.int64)
+    need = np.where(gap < 0, 0, buckets + 1)
+    done = gap < 0
+    spent = np.zeros(n, np.int64)
+    used = np.zeros(n, np.int64)
+    for v in range(top, 0, -1):
+        ends = ~done & (spent + hist[:, v] * v > gap)
+        need = np.where(ends, used + np.floor_divide(gap - spent, v) + 1, need)
+        done |= ends
+        spent += hist[:, v] * v
+        used += hist[:, v]
+    return need
+
+
+def _fa_roe_block(scores: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fa_roe_certificate` of scores (kd, n, L) held in memory at once.
+
+    The bound is a minimum over many conditions (45 pairs of labels for L = 10); each is
+    evaluated only at the points where a cheap lower bound on it is below the least bound
+    found so far there, which leaves the minimum unchanged and skips much of the work."""
+    kd, n, n_labels = scores.shape
+    d = len(shifts)
+    ranks = model_rankings(scores)
+    y, o, counts = roe_election(ranks)
+    labels = np.arange(n_labels)
+    # per bucket (points, labels, buckets): its models voting for each label, and ranking y
+    # above each label
+    votes = _per_bucket(np.argmin(ranks, axis=2).T[:, None, :] == labels[None, :, None],
+                        shifts)
+    above = (np.take_along_axis(ranks, y[None, :, None], axis=2) < ranks).transpose(1, 2, 0)
+    prefer_y = _per_bucket(above, shifts)
+    margin = 2 * above.sum(axis=2) - kd  # (n, L): round-2 margin of y over each label
+    every = np.arange(n)
+    y_led = counts[every, y] > counts[every, o] - (o < y)
+
+    def gap(leader, c, at):  # round-1 gap of leader over c at points ``at``
+        return counts[at, leader[at]] - counts[at, c[at]] - (c[at] < leader[at])
+
+    def overtake(leader, c, at):  # buckets for c to pass leader in round 1
+        return _buckets_needed(d + votes[at, leader[at]] - votes[at, c[at]],
+                               gap(leader, c, at))
+
+    def both_overtake(leader, a, b, at):  # ... for a and b both to pass it (jointly)
+        effects = d + 2 * votes[at, leader[at]] - votes[at, a[at]] - votes[at, b[at]]
+        return _buckets_needed(effects, gap(leader, a, at) + gap(leader, b, at) + 1)
+
+    def wins_final(c, at):  # buckets for c to beat y in round 2 (ties: smaller label)
+        return _buckets_needed(2 * prefer_y[at, c[at]], margin[at, c[at]] - (c[at] < y[at]))
+
+    each = [np.full(n, c) for c in labels]
+    # B1: o beats y in the final
+    best = np.minimum(wins_final(o, every), kd + 1)
+    # B2: z passes o in round 1 (and so does y, if o led) and beats y in round 2
+    past_o = [overtake(o, z, every) for z in each]
+    y_past_o = overtake(o, y, every)  # only where o led (elsewhere y is past o already)
+    for z, past in zip(each, past_o, strict=True):
+        low = np.where(y_led, past, np.maximum(past, y_past_o))
+        at = np.flatnonzero((z != y) & (z != o) & (low < best))
+        if at.size:
+            reach = np.where(y_led[at], low[at],
+                             np.maximum(low[at], both_overtake(o, z, y, at)))
+            best[at] = np.minimum(best[at], np.maximum(reach, wins_final(z, at)))
+    # A: y out of the final: a third label passes y if o led, two labels if y led
+    past_y = np.stack([overtake(y, c, every) for c in each])  # (L, n)
+    for c, past in zip(each, past_y, strict=True):
+        third = (c != y) & (c != o) & ~y_led
+        best = np.where(third, np.minimum(best, past), best)
+    # the two labels nearest to passing y first: they usually set the minimum
+    near = np.flatnonzero(y_led)
+    if near.size and n_labels > 2:
+        a, b = np.argsort(np.where(labels[:, None] == y, kd + 2, past_y), axis=0,
+                          kind="stable")[:2]
+        low = np.maximum(past_y[a, every], past_y[b, every])
+        best[near] = np.minimum(best[near], np.maximum(low[near], both_overtake(y, a, b, near)))
+    for i, a in enumerate(each):
+        for j, b in enumerate(each[:i]):
+            low = np.maximum(past_y[i], past_y[j])
+            at = np.flatnonzero((a != y) & (b != y) & y_led & (low < best))
+            if at.size:
+                best[at] = np.minimum(best[at], np.maximum(low[at], both_overtake(y, a, b, at)))
+    return y, (best - 1).astype(np.int64)
+
+
 def bagging_threshold(n: int, k: int, max_radius: int) -> np.ndarray:
     """t[r] = 1 + max_{n-r <= n' <= n+r} (n'/n)^k - 2 ((max(n,n') - r)/n)^k, r = 0..max_radius.
 

@@ -11,6 +11,8 @@ for the same threat (radius = inserted + deleted training examples; a modificati
 * bagging: N models, each on k examples drawn with replacement (Jia, Cao, Gong 2021);
 * roe: Run-off Election (Rezaei et al. 2023) over DPA's k partition models — the same trained
   models as a dpa setting with the same values (they share its folder), a second aggregation;
+* fa-roe: Run-off Election over Finite Aggregation's k d models (FA + ROE, Rezaei et al.
+  2023), likewise sharing the folder of the fa setting with the same values;
 * baseline-DP: the statistical certified-accuracy lower bound of Ma, Zhu, Hsu (2019) for one
   of the DP instances (a curve, not a per-point certificate).
 
@@ -43,7 +45,9 @@ from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, write_info
 from dpcert.workflows.run import METHODS, run, stored_config, tally_votes
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit
 
-BASELINES = ("dpa", "fa", "bagging", "roe")
+BASELINES = ("dpa", "fa", "bagging", "roe", "fa-roe")
+#: The defences that aggregate another defence's models differently: whose models they use.
+RUNOFF = {"roe": "dpa", "fa-roe": "fa"}
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
 _SEED_OFFSET = 7919
 
@@ -119,16 +123,14 @@ class BaselineConfig:
                 if getattr(self, k) != getattr(default, k)}
 
     def name(self, kind: str) -> str:
-        what = {"dpa": f"k={self.models}", "roe": f"k={self.models}",
-                "fa": f"k={self.models}, d={self.spread}",
-                "bagging": f"N={self.models}, k={self.subsample}"}[kind]
+        what = {"dpa": f"k={self.models}", "fa": f"k={self.models}, d={self.spread}",
+                "bagging": f"N={self.models}, k={self.subsample}"}[trained_as(kind)]
         extra = "".join(f", {k}={v}" for k, v in self.training_changes().items())
         return f"{kind} ({what}{extra})"
 
     def folder(self, kind: str) -> str:
-        base = {"dpa": f"dpa_k{self.models}", "roe": f"dpa_k{self.models}",
-                "fa": f"fa_k{self.models}_d{self.spread}",
-                "bagging": f"bagging_N{self.models}_k{self.subsample}"}[kind]
+        base = {"dpa": f"dpa_k{self.models}", "fa": f"fa_k{self.models}_d{self.spread}",
+                "bagging": f"bagging_N{self.models}_k{self.subsample}"}[trained_as(kind)]
         # Settings that differ in training get their own folders (the defaults keep the
         # names folders had before training options were part of them).
         return base + "".join(f"_{k.replace('_', '-')}{v}"
@@ -144,7 +146,12 @@ class BaselineConfig:
         return out
 
     def trained_models(self, kind: str) -> int:
-        return self.models * self.spread if kind == "fa" else self.models
+        return self.models * self.spread if trained_as(kind) == "fa" else self.models
+
+
+def trained_as(kind: str) -> str:
+    """The defence whose models ``kind`` aggregates (itself, unless it is a run-off)."""
+    return RUNOFF.get(kind, kind)
 
 
 _KEYS = {"dp", "dp_grid", *BASELINES, "methods", "calibrate", "dp_run", "validation",
@@ -180,10 +187,10 @@ class CompareConfig:
         given = [k for k in BASELINES if k in data]
         methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
         if not isinstance(methods, list | tuple) or not methods:
-            raise UserError("methods must be a non-empty list (dp, dpa, fa, bagging, roe)")
+            raise UserError(f"methods must be a non-empty list ({', '.join(('dp', *BASELINES))})")
         bad = [m for m in methods if not isinstance(m, str) or m not in ("dp", *BASELINES)]
         if bad:
-            raise UserError(f"unknown methods {bad} (dp, dpa, fa, bagging, roe)")
+            raise UserError(f"unknown methods {bad} ({', '.join(('dp', *BASELINES))})")
         methods = tuple(dict.fromkeys(methods))
         calibrate = data.get("calibrate", False)
         if not isinstance(calibrate, bool):
@@ -245,8 +252,8 @@ def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:
     for item in items:
         if not isinstance(item, dict):
             raise UserError(f"each {kind} setting must be a mapping, got {item!r}")
-        if kind != "fa" and "spread" in item:
-            raise UserError(f"spread applies to fa only, not {kind}")
+        if trained_as(kind) != "fa" and "spread" in item:
+            raise UserError(f"spread applies to fa and fa-roe only, not {kind}")
         unknown = set(item) - set(BaselineConfig.__dataclass_fields__)
         if unknown:
             raise unknown_keys_error(unknown, BaselineConfig.__dataclass_fields__,
@@ -271,7 +278,8 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
         return None
     kd = bc.trained_models(kind)
     buckets = hash_partition(x_train, kd)
-    shifts = baselines.fa_shifts(kd, bc.spread) if kind == "fa" else np.zeros(1, np.int64)
+    shifts = (baselines.fa_shifts(kd, bc.spread) if trained_as(kind) == "fa"
+              else np.zeros(1, np.int64))
     return [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
 
 
@@ -405,7 +413,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     """Scores (M, N, L) of a baseline's models, training (in parallel) those not yet on disk."""
     from tqdm import tqdm
 
-    # ROE aggregates DPA's models: same training, same folder, same identity.
+    # ROE aggregates DPA's (or FA's) models: same training, same folder, same identity.
     if bc.learner in FREE_LEARNERS and run_cfg.model != "linear":
         raise UserError(f"the {bc.learner} learner needs feature vectors: model: linear")
     if bc.learner == "scatter-cnn" and run_cfg.features != "scatter":
@@ -413,7 +421,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                         "with features: scatter")
     if bc.augment_shift and run_cfg.dataset == "npz" and run_cfg.features is None:
         raise UserError("augment_shift translates images; an npz of feature vectors has none")
-    identity = {"kind": "dpa" if kind == "roe" else kind, **bc.identity(),
+    identity = {"kind": trained_as(kind), **bc.identity(),
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")},
                 **({"validation": run_cfg.validation} if run_cfg.validation else {})}
     # A new folder keeps its models; one trained before models were kept resumes as it was.
@@ -494,7 +502,7 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
                         num_classes=data.num_classes, instances=models,
                         input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,
                         max_radius=run_cfg.max_radius, training={**asdict(bc)},
-                        defence="dpa" if kind == "roe" else kind,
+                        defence=trained_as(kind),
                         defence_params={"spread": bc.spread, "subsample": bc.subsample,
                                         "train_size": len(data.y_train)})
 
@@ -510,6 +518,8 @@ def baseline_certificate(kind: str, scores: np.ndarray, *, spread: int, train_si
                                                 spread)
     elif kind == "roe":
         pred, radius = baselines.roe_certificate(scores)
+    elif kind == "fa-roe":
+        pred, radius = baselines.fa_roe_certificate(scores, spread)
     elif kind == "bagging":
         pred, radius = baselines.bagging_radius(votes, train_size=train_size,
                                                 subsample_size=subsample, eta=eta,
@@ -588,7 +598,7 @@ def _evaluate(kind: str, setting, run_cfg: RunConfig, folder: Path, progress: bo
     data = load_run_data(run_cfg)
     scores = train_models(kind, setting, run_cfg, data.x_train, folder, progress)
     cert = certify_baseline(kind, setting, scores, len(data.y_train), run_cfg)
-    name = "certificates_roe.csv" if kind == "roe" else "certificates.csv"
+    name = f"certificates_{kind}.csv" if kind in RUNOFF else "certificates.csv"
     from dpcert.certification.certify import certificates_csv
 
     atomic_write_text(folder / name, certificates_csv(cert, data.y_test))

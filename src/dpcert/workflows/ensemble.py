@@ -397,11 +397,13 @@ class Ensemble:
         return cert, pred
 
     def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:
-        """Run-off Election over a DPA ensemble's models (the same models, another
-        aggregation and certificate)."""
-        if self.info.defence != "dpa":
-            raise UserError("Run-off Election aggregates the models of a DPA ensemble")
-        return self._certify_baseline(x, None, max_radius, False, method="roe")[0]
+        """Run-off Election over a DPA or Finite Aggregation ensemble's models (the same
+        models, another aggregation and certificate: ROE, or FA + ROE)."""
+        runoff = {"dpa": "roe", "fa": "fa-roe"}.get(self.info.defence)
+        if runoff is None:
+            raise UserError("Run-off Election aggregates the models of a DPA or Finite "
+                            f"Aggregation ensemble, not of a {self.info.defence} ensemble")
+        return self._certify_baseline(x, None, max_radius, False, method=runoff)[0]
 
 
 def _bar(enabled: bool, total: int):
