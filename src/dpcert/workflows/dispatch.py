@@ -198,8 +198,12 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     units = run_dir / "instances"
     units.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(units)
+    from tqdm import tqdm
+
     todo = []
-    for i in range(cfg.instances):
+    # a finished run's thousands of units and models take a while to verify: show it
+    for i in tqdm(range(cfg.instances), desc="checking instances", unit="inst", leave=False,
+                  disable=not progress or not (units / "inst_000000.npz").exists()):
         path = units / f"inst_{i:06d}.npz"
         if read_unit(path) is None or (keep and not model_ok(run_dir, i)):
             path.unlink(missing_ok=True)
@@ -210,7 +214,6 @@ def train_all(cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
     if cfg.device == "cuda":
         workers = 1  # one process drives the GPU; batch_instances fills it
     k = resolve_batch_instances(cfg, len(todo))
-    from tqdm import tqdm
 
     bar = tqdm(total=cfg.instances, initial=cfg.instances - len(todo), desc="training instances",
                unit="inst", disable=not progress)
