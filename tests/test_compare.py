@@ -365,3 +365,35 @@ def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
     assert first != second
     assert "dpa envelope" in first and "envelope of all defences" in first
     assert "Protocol: every setting was trained on the first 1138" in first
+
+
+def test_a_run_off_shares_one_reading_of_its_models(tmp_path, monkeypatch):
+    """ROE after DPA on the same models, FA + ROE after FA: each folder's models are read
+    (and verified) once per phase, whatever order the config lists the defences in, and the
+    report keeps the defences in their usual order."""
+    import dpcert.workflows.compare as compare_mod
+
+    reads = []
+    real = compare_mod.train_models
+    monkeypatch.setattr(compare_mod, "train_models",
+                        lambda kind, bc, run_cfg, x, folder, progress:
+                        reads.append(folder.relative_to(tmp_path).as_posix())
+                        or real(kind, bc, run_cfg, x, folder, progress))
+    dpa = [{"models": 4, "epochs": 1}, {"models": 6, "epochs": 1}]
+    fa = {"models": 3, "spread": 2, "epochs": 1}
+    cfg = CompareConfig.from_mapping({
+        "dp": {"instances": 4, "steps": 10, "workers": 1, "max_radius": 10},
+        "methods": ["fa-roe", "roe", "dpa", "fa"], "dpa": dpa, "roe": dpa, "fa": fa,
+        "fa-roe": fa, "validation": 300, "tune_radius": 5})
+    text = compare(cfg, tmp_path, progress=False)
+    val = [r for r in reads if r.startswith("validation/")]
+    assert sorted(val) == sorted(f"validation/{f}" for f in
+                                 ("dpa_k4_epochs1", "dpa_k6_epochs1", "fa_k3_d2_epochs1"))
+    assert len(reads) - len(val) == len(set(reads) - set(val))  # test phase: once each too
+    rows = [line.split(" | ")[0].lstrip("| ").split(" (")[0]
+            for line in text.splitlines() if line.startswith("| ") and "(" in line]
+    kinds = [r for r in rows if r in ("dpa", "fa", "roe", "fa-roe")]
+    assert kinds == sorted(kinds, key=["dpa", "fa", "roe", "fa-roe"].index) and kinds
+    tuning = (tmp_path / "tuning.md").read_text()
+    assert tuning.index("| dpa |") < tuning.index("| fa |") < tuning.index("| roe |") \
+        < tuning.index("| fa-roe |")

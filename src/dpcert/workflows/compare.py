@@ -578,25 +578,38 @@ def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool) -> Certi
 
 
 def _candidates(cfg: CompareConfig) -> list[tuple[str, str, str, object]]:
-    """(defence, setting name, folder, setting) of every setting the config lists."""
+    """(defence, setting name, folder, setting) of every setting the config lists, those that
+    share a folder (a run-off and the models it aggregates) next to each other, so that one
+    reading of the folder's models serves them all."""
     out = [("dp", name, folder, options) for name, folder, options in cfg.dp_settings()
            if "dp" in cfg.methods]
-    for kind in BASELINES:
-        if kind in cfg.methods:
-            out += [(kind, bc.name(kind), bc.folder(kind), bc) for bc in cfg.settings[kind]]
-    return out
+    baselines_ = [(kind, bc.name(kind), bc.folder(kind), bc) for kind in BASELINES
+                  if kind in cfg.methods for bc in cfg.settings[kind]]
+    first = {}
+    for i, (_, _, folder, _) in enumerate(baselines_):
+        first.setdefault(folder, i)
+    return out + sorted(baselines_, key=lambda c: first[c[2]])
 
 
-def _evaluate(kind: str, setting, run_cfg: RunConfig, folder: Path, progress: bool
-              ) -> Certificates:
+def _evaluate(kind: str, setting, run_cfg: RunConfig, folder: Path, progress: bool,
+              last: dict | None = None) -> Certificates:
     """Certificates of one setting of one defence on ``run_cfg``'s evaluation set (the test
-    set, or the held-out training examples when ``run_cfg.validation`` is set)."""
+    set, or the held-out training examples when ``run_cfg.validation`` is set). ``last``
+    keeps the scores of the folder read last, reused when the next setting shares it (a
+    run-off after the models it aggregates), dropped before another folder is read."""
     if kind == "dp":
         return _dp_certificates(RunConfig.from_mapping({**asdict(run_cfg), **setting,
                                                         "validation": run_cfg.validation}),
                                 folder, progress)
     data = load_run_data(run_cfg)
-    scores = train_models(kind, setting, run_cfg, data.x_train, folder, progress)
+    if last is not None and last.get("folder") == folder:
+        scores = last["scores"]
+    else:
+        if last is not None:
+            last.clear()  # FA's scores are GBs: never two folders' at once
+        scores = train_models(kind, setting, run_cfg, data.x_train, folder, progress)
+        if last is not None:
+            last.update(folder=folder, scores=scores)
     cert = certify_baseline(kind, setting, scores, len(data.y_train), run_cfg)
     name = f"certificates_{kind}.csv" if kind in RUNOFF else "certificates.csv"
     from dpcert.certification.certify import certificates_csv
@@ -660,10 +673,13 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     val_labels = val_data.y_test
     val: dict[str, dict[str, np.ndarray]] = {}
     val_certs: dict[str, Certificates] = {}
+    last: dict = {}
     for kind, name, folder, setting in cands:
-        cert = _evaluate(kind, setting, val_cfg, out / "validation" / folder, progress)
+        cert = _evaluate(kind, setting, val_cfg, out / "validation" / folder, progress, last)
         val_certs[name] = cert
         val.setdefault(kind, {})[name] = certified_accuracy(cert, val_labels, radii)
+    last.clear()
+    val = {kind: val[kind] for kind in ("dp", *BASELINES) if kind in val}  # report order
     choices = {kind: choose(curves) for kind, curves in val.items()}
     overall = choose({name: c for curves in val.values() for name, c in curves.items()})
     needed = set(overall.per_radius).union(
@@ -674,10 +690,13 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     for kind, name, folder, setting in cands:
         if name not in needed:
             continue
-        cert = _evaluate(kind, setting, base, out / folder, progress)
+        cert = _evaluate(kind, setting, base, out / folder, progress, last)
         test_curves[name] = certified_accuracy(cert, labels, np.arange(base.max_radius + 1))
         if name == choices[kind].best:
             results[name] = cert
+    last.clear()
+    order = {name: list(val).index(kind) for kind, name, _, _ in cands}
+    results = dict(sorted(results.items(), key=lambda item: order[item[0]]))
     curves = {f"{kind} envelope": envelope(c.per_radius, test_curves)
               for kind, c in choices.items() if len(val[kind]) > 1}
     if len(choices) > 1:
