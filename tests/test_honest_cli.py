@@ -69,7 +69,8 @@ def test_cli_prints_warnings_as_one_line(tmp_path):
       "--accounting", "rdp"], "does not use the DP options --accounting"),
     (["--sample-rate", "0.05", "--noise-multiplier", "3", "--steps", "300",
       "--train-size", "100"], "--train-size applies to --method bagging only, not dp"),
-    (["--method", "dpa", "--spread", "2"], "--spread applies to --method fa / fa-roe only, not dpa"),
+    (["--method", "dpa", "--spread", "2"],
+     "--spread applies to --method fa / fa-roe only, not dpa"),
 ])
 def test_options_the_method_ignores_are_errors(tmp_path, args, message):
     np.save(tmp_path / "v.npy", _votes())
