@@ -80,6 +80,14 @@ def fa_shifts(buckets: int, spread: int, seed: int = FA_REFERENCE_SEED) -> np.nd
     return np.array(random.Random(seed).sample(range(buckets), spread), dtype=np.int64)
 
 
+def _spreading_shifts(buckets: int, spread: int, shifts: np.ndarray | None) -> np.ndarray:
+    """The d distinct shifts given, or the reference implementation's when None."""
+    shifts = fa_shifts(buckets, spread) if shifts is None else np.asarray(shifts, np.int64)
+    if len(shifts) != spread or len(set(shifts.tolist())) != spread:
+        raise UserError(f"FA needs {spread} distinct shifts, got {shifts.tolist()}")
+    return shifts
+
+
 def fa_models_of_bucket(buckets: int, shifts: np.ndarray) -> np.ndarray:
     """(kd, d) array: the models that train on bucket h, row h."""
     return (np.arange(buckets)[:, None] + np.asarray(shifts)[None, :]) % buckets
@@ -99,9 +107,7 @@ def fa_certificate(predictions: np.ndarray, num_classes: int, spread: int,
     if preds.size and (preds.min() < 0 or preds.max() >= num_classes):
         raise UserError(f"FA predictions must be labels in 0..{num_classes - 1}")
     n, kd = preds.shape
-    shifts = fa_shifts(kd, spread) if shifts is None else np.asarray(shifts, dtype=np.int64)
-    if len(shifts) != spread or len(set(shifts.tolist())) != spread:
-        raise UserError(f"FA needs {spread} distinct shifts, got {shifts.tolist()}")
+    shifts = _spreading_shifts(kd, spread, shifts)
     counts = np.zeros((n, num_classes), dtype=np.int64)
     np.add.at(counts, (np.repeat(np.arange(n), kd), preds.ravel()), 1)
     pred, _ = _gap(counts)
@@ -258,9 +264,7 @@ def fa_roe_certificate(scores: np.ndarray, spread: int, shifts: np.ndarray | Non
         raise UserError(f"FA + ROE needs per-model scores of shape (models, N, labels >= 2), "
                         f"got {scores.shape}")
     kd, n, n_labels = scores.shape
-    shifts = fa_shifts(kd, spread) if shifts is None else np.asarray(shifts, dtype=np.int64)
-    if len(shifts) != spread or len(set(shifts.tolist())) != spread:
-        raise UserError(f"FA needs {spread} distinct shifts, got {shifts.tolist()}")
+    shifts = _spreading_shifts(kd, spread, shifts)
     if shifts.min() < 0 or shifts.max() >= kd:
         raise UserError(f"FA shifts must lie in 0..{kd - 1}, got {shifts.tolist()}")
     block = max(1, ROE_BLOCK_ELEMENTS // (kd * n_labels))

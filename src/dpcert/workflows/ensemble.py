@@ -399,7 +399,9 @@ class Ensemble:
     def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:
         """Run-off Election over a DPA or Finite Aggregation ensemble's models (the same
         models, another aggregation and certificate: ROE, or FA + ROE)."""
-        runoff = {"dpa": "roe", "fa": "fa-roe"}.get(self.info.defence)
+        from dpcert.workflows.compare import RUNOFF
+
+        runoff = {base: kind for kind, base in RUNOFF.items()}.get(self.info.defence)
         if runoff is None:
             raise UserError("Run-off Election aggregates the models of a DPA or Finite "
                             f"Aggregation ensemble, not of a {self.info.defence} ensemble")
