@@ -397,3 +397,28 @@ def test_a_run_off_shares_one_reading_of_its_models(tmp_path, monkeypatch):
     tuning = (tmp_path / "tuning.md").read_text()
     assert tuning.index("| dpa |") < tuning.index("| fa |") < tuning.index("| roe |") \
         < tuning.index("| fa-roe |")
+
+
+def test_without_tuning_a_run_off_shares_one_reading_too(tmp_path, monkeypatch):
+    """The plain comparison (no validation split) also reads each folder's models once, and
+    reports the defences in their usual order."""
+    import dpcert.workflows.compare as compare_mod
+
+    reads = []
+    real = compare_mod.train_models
+    monkeypatch.setattr(compare_mod, "train_models",
+                        lambda kind, bc, run_cfg, x, folder, progress:
+                        reads.append(folder.name) or real(kind, bc, run_cfg, x, folder,
+                                                          progress))
+    dpa = [{"models": 4, "epochs": 1}]
+    fa = {"models": 3, "spread": 2, "epochs": 1}
+    cfg = CompareConfig.from_mapping({
+        "dp": {"instances": 4, "steps": 10, "workers": 1, "max_radius": 10},
+        "methods": ["fa-roe", "roe", "dpa", "fa"], "dpa": dpa, "roe": dpa, "fa": fa,
+        "fa-roe": fa})
+    text = compare(cfg, tmp_path, progress=False)
+    assert sorted(reads) == ["dpa_k4_epochs1", "fa_k3_d2_epochs1"]
+    rows = [line.split(" | ")[0].lstrip("| ").split(" (")[0]
+            for line in text.splitlines() if line.startswith("| ") and "(" in line]
+    kinds = [r for r in rows if r in ("dpa", "fa", "roe", "fa-roe")]
+    assert kinds == ["dpa", "fa", "roe", "fa-roe"]

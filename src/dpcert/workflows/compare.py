@@ -550,14 +550,18 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
             if not cfg.dp_grid:
                 curves["baseline-DP (Ma et al., CA lower bound)"] = _ma_curve(dp_dir,
                                                                               run_cfg.eta)
+    per_kind: dict[str, dict[str, Certificates]] = {}
+    last: dict = {}
+    for kind, name, folder, bc in _candidates(cfg):
+        if kind != "dp":
+            per_kind.setdefault(kind, {})[name] = _evaluate(kind, bc, run_cfg, out / folder,
+                                                            progress, last)
+    last.clear()
     calibration: list[tuple[str, float, bool]] = []
     for kind in BASELINES:
-        if kind not in cfg.methods:
+        if kind not in per_kind:
             continue
-        certs = {}
-        for bc in cfg.settings[kind]:
-            certs[bc.name(kind)] = _evaluate(kind, bc, run_cfg, out / bc.folder(kind),
-                                             progress)
+        certs = per_kind[kind]
         if cfg.calibrate:
             target = _clean(results["dp (pld, sound)"], labels)
             best = min(certs, key=lambda k: abs(_clean(certs[k], labels) - target))
