@@ -58,21 +58,30 @@ def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path
 
     from dpcert.store import atomic_write
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5))
     top = max(int(c.radius.max()) for c in results.values()) + 1
     rs = np.arange(0, max(top, 2) + 1)
+    colours: dict[str, str] = {}  # a defence's envelope is drawn in its defence's colour
     for name, cert in results.items():
         paper = name.startswith("paper")
-        ax.step(rs, certified_accuracy(cert, labels, rs), "--" if paper else "-", where="post",
-                label=name + (" (unsound)" if paper else ""))
+        (line,) = ax.step(rs, certified_accuracy(cert, labels, rs), "--" if paper else "-",
+                          where="post", label=name + (" (unsound)" if paper else ""))
+        colours.setdefault(name.split(" ")[0], line.get_color())
     for name, curve in (curves or {}).items():
-        ax.step(rs, curve(rs), ":", where="post", label=name)
+        style: dict = {"linestyle": ":"}
+        if name.endswith(" envelope") and name.split(" ")[0] in colours:
+            style["color"] = colours[name.split(" ")[0]]
+        elif name.startswith("envelope"):
+            style = {"color": "black", "linestyle": "--", "linewidth": 2.0, "alpha": 0.55}
+        ax.step(rs, curve(rs), where="post", label=name, **style)
     ax.set_xlabel("radius r (inserted + deleted training examples)")
     ax.set_ylabel("certified accuracy")
     ax.set_title(title)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes: with many defences an inner legend hides the curves' crossings
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+              frameon=False)
     fig.tight_layout()
     atomic_write(path, lambda h: fig.savefig(h, format="png", dpi=120))
     plt.close(fig)
