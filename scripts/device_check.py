@@ -2,8 +2,10 @@
 
 Run on a machine with a GPU (scripts/gpu_check.sh does): compares, between ``--device`` and
 the CPU, Philox words on a million counters (must be bit-equal: integer arithmetic), normals
-and Poisson batches, the stacked clipped gradient sums of LeNet-5, and a small training run
-(scores within 1e-4, votes equal). Prints one JSON object; exit status 1 if a check fails.
+and Poisson batches, the stacked clipped gradient sums of LeNet-5, a small training run
+(scores within 1e-4, votes equal), and that a partition model trained twice on the device is
+the same model (LeNet-5 on images, the CNN on ScatterNet maps). Prints one JSON object; exit
+status 1 if a check fails.
 
     PYTHONPATH=src python scripts/device_check.py --device cuda
 """
@@ -18,6 +20,7 @@ import torch
 
 from dpcert.learning import philox, stacked
 from dpcert.learning.models import lenet5
+from dpcert.learning.reference import instance_generator, train_plain
 
 
 def main() -> int:
@@ -53,8 +56,19 @@ def main() -> int:
     pd = stacked.predict_stacked(td, x[:500].to(dev))
     out["train_scores_max_abs_diff"] = float(abs(pc - pd).max())
     out["train_votes_equal"] = bool((pc.argmax(2) == pd.argmax(2)).all())
+    # partition defences need each model to be a fixed function of its examples: the same
+    # part trained twice on the device must give the same weights, bit for bit
+    feats = torch.rand(60, 81 * 7 * 7, generator=gen)
+    for name, xs in (("lenet5", x[:60]), ("scatter_cnn", feats)):
+        twice = [train_plain(name, xs.to(dev), y[:60].to(dev), 10, epochs=50, batch_size=60,
+                             lr=0.003, optimizer="adam", gen=instance_generator(4, 7))
+                 for _ in range(2)]
+        out[f"baseline_{name}_repeatable"] = all(
+            torch.equal(a, b) for a, b in zip(twice[0].parameters(), twice[1].parameters(),
+                                              strict=True))
     ok = (out["philox_words_equal"] and out["poisson_equal"] and out["normal_max_abs_diff"] < 1e-5
-          and out["clipped_sum_max_abs_diff"] < 1e-4 and out["train_scores_max_abs_diff"] < 1e-4)
+          and out["clipped_sum_max_abs_diff"] < 1e-4 and out["train_scores_max_abs_diff"] < 1e-4
+          and out["baseline_lenet5_repeatable"] and out["baseline_scatter_cnn_repeatable"])
     out["ok"] = bool(ok)
     print(json.dumps(out))
     return 0 if ok else 1

@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh "$OUT"
 #
 # 1. scripts/device_check.py: the stacked engine computes the same numbers on the GPU as on
-#    the CPU (Philox bits, Poisson batches, clipped sums, a small training run).
+#    the CPU (Philox bits, Poisson batches, clipped sums, a small training run), and a
+#    partition model trained twice on the GPU is the same model, bit for bit.
 # 2. benchmarks/bench_train.py --device cuda: P = 1000 x T = 1000 LeNet-5 at q = 0.001,
 #    extrapolated from a few steps, for each way to run the convolutions (DPCERT_CONV_IMPL),
 #    beside Opacus one instance at a time and dpcert's previous path, in the same run; peak

@@ -169,6 +169,35 @@ def test_training_leaves_the_callers_random_state_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_partition_models_train_under_deterministic_cudnn_and_restore_the_settings(
+        monkeypatch):
+    """A baseline model must be a fixed function of its examples: its training steps run with
+    cuDNN's deterministic algorithms and no benchmarking, whatever the caller had set, and the
+    caller's settings come back afterwards (also when training fails)."""
+    import dpcert.learning.reference as reference
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+            return super().forward(x)
+
+    monkeypatch.setattr(reference, "_seeded_model", lambda name, d, n_labels, gen:
+                        Probe(d, n_labels))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    reference.train_plain("linear", x, y, 3, epochs=2, batch_size=16, lr=0.1, optimizer="sgd",
+                          gen=reference.instance_generator(0, 0))
+    assert seen and set(seen) == {(True, False)}
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+    with pytest.raises((IndexError, RuntimeError)):  # a label out of range
+        reference.train_plain("linear", x, y + 5, 3, epochs=1, batch_size=16, lr=0.1,
+                              optimizer="sgd", gen=reference.instance_generator(0, 0))
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+
+
 class _CountingMemory:
     """Stands in for the CUDA allocator: between start() and peak() it adds up the bytes of
     every tensor an operation returns — more than the true peak, and growing with it."""

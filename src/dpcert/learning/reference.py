@@ -15,6 +15,8 @@ instance index), so an instance is the same model whether it is trained alone or
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,21 +127,43 @@ def predict_scores(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> np.n
     return torch.cat(out).cpu().numpy().astype(np.float32)
 
 
+@contextmanager
+def repeatable_kernels() -> Iterator[None]:
+    """cuDNN restricted to deterministic algorithms, chosen without benchmarking, inside the
+    block (the previous settings restored after it).
+
+    DPA, Finite Aggregation, Run-off Election and Bagging certify on the premise that each
+    model is a fixed function of its examples (and its seed): a part the attacker did not
+    touch must give the same model again. cuDNN's default convolution backward algorithms add
+    with atomics, so on a GPU the same part could train to another model; CPU kernels are
+    deterministic already."""
+    backend = torch.backends.cudnn
+    before = backend.deterministic, backend.benchmark
+    backend.deterministic, backend.benchmark = True, False
+    try:
+        yield
+    finally:
+        backend.deterministic, backend.benchmark = before
+
+
 def train_plain(model_name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                 epochs: int, batch_size: int, lr: float, optimizer: str,
                 gen: torch.Generator, weight_decay: float = 0.0) -> nn.Module:
     """Ordinary (non-private) minibatch training, for the aggregation baselines (DPA, Bagging,
     Finite Aggregation), with all randomness drawn from ``gen`` (on the host; the model
-    trains on x's device). A batch size >= len(y) makes every epoch one full-batch step."""
+    trains on x's device) and repeatable kernels (:func:`repeatable_kernels`): the same
+    examples and generator state give the same model. A batch size >= len(y) makes every
+    epoch one full-batch step."""
     model = _seeded_model(model_name, x.shape[1], num_classes, gen).to(x.device)
     opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen, device=gen.device).to(x.device)
-        for i in range(0, len(y), batch_size):
-            idx = order[i: i + batch_size]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    with repeatable_kernels():
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=gen, device=gen.device).to(x.device)
+            for i in range(0, len(y), batch_size):
+                idx = order[i: i + batch_size]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
     return model
 
 
