@@ -370,7 +370,7 @@ def _train_one(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, g
     import torch
 
     from dpcert.learning.inference import constant_params, module_params
-    from dpcert.learning.reference import predict_scores, train_plain
+    from dpcert.learning.reference import predict_scores, repeatable_kernels, train_plain
 
     model_name = learner_model(setting, cfg.model)
     if len(idx) == 0:  # an empty part predicts nothing: it votes for label 0
@@ -388,7 +388,8 @@ def _train_one(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, g
                         batch_size=len(y) if full else setting.batch_size,
                         lr=setting.lr, optimizer=setting.optimizer, gen=gen,
                         weight_decay=setting.weight_decay)
-    scores = predict_scores(model, torch.tensor(data.x_test, device=device))
+    with repeatable_kernels():  # its votes, like its weights, a function of its part
+        scores = predict_scores(model, torch.tensor(data.x_test, device=device))
     return scores, module_params(model_name, model)
 
 
