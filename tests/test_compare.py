@@ -367,18 +367,31 @@ def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
     assert "Protocol: every setting was trained on the first 1138" in first
 
 
+def _record_reads(monkeypatch, root) -> list[str]:
+    """The folders (relative to root) whose models compare reads, in order."""
+    import dpcert.workflows.compare as compare_mod
+
+    reads: list[str] = []
+    real = compare_mod.train_models
+    monkeypatch.setattr(compare_mod, "train_models",
+                        lambda kind, bc, run_cfg, x, folder, progress:
+                        reads.append(folder.relative_to(root).as_posix())
+                        or real(kind, bc, run_cfg, x, folder, progress))
+    return reads
+
+
+def _report_defences(text: str) -> list[str]:
+    """The partition defences of a report's rows, in the order they appear."""
+    rows = [line.split(" | ")[0].lstrip("| ").split(" (")[0]
+            for line in text.splitlines() if line.startswith("| ") and "(" in line]
+    return [r for r in rows if r in ("dpa", "fa", "roe", "fa-roe")]
+
+
 def test_a_run_off_shares_one_reading_of_its_models(tmp_path, monkeypatch):
     """ROE after DPA on the same models, FA + ROE after FA: each folder's models are read
     (and verified) once per phase, whatever order the config lists the defences in, and the
     report keeps the defences in their usual order."""
-    import dpcert.workflows.compare as compare_mod
-
-    reads = []
-    real = compare_mod.train_models
-    monkeypatch.setattr(compare_mod, "train_models",
-                        lambda kind, bc, run_cfg, x, folder, progress:
-                        reads.append(folder.relative_to(tmp_path).as_posix())
-                        or real(kind, bc, run_cfg, x, folder, progress))
+    reads = _record_reads(monkeypatch, tmp_path)
     dpa = [{"models": 4, "epochs": 1}, {"models": 6, "epochs": 1}]
     fa = {"models": 3, "spread": 2, "epochs": 1}
     cfg = CompareConfig.from_mapping({
@@ -390,9 +403,7 @@ def test_a_run_off_shares_one_reading_of_its_models(tmp_path, monkeypatch):
     assert sorted(val) == sorted(f"validation/{f}" for f in
                                  ("dpa_k4_epochs1", "dpa_k6_epochs1", "fa_k3_d2_epochs1"))
     assert len(reads) - len(val) == len(set(reads) - set(val))  # test phase: once each too
-    rows = [line.split(" | ")[0].lstrip("| ").split(" (")[0]
-            for line in text.splitlines() if line.startswith("| ") and "(" in line]
-    kinds = [r for r in rows if r in ("dpa", "fa", "roe", "fa-roe")]
+    kinds = _report_defences(text)
     assert kinds == sorted(kinds, key=["dpa", "fa", "roe", "fa-roe"].index) and kinds
     tuning = (tmp_path / "tuning.md").read_text()
     assert tuning.index("| dpa |") < tuning.index("| fa |") < tuning.index("| roe |") \
@@ -402,14 +413,7 @@ def test_a_run_off_shares_one_reading_of_its_models(tmp_path, monkeypatch):
 def test_without_tuning_a_run_off_shares_one_reading_too(tmp_path, monkeypatch):
     """The plain comparison (no validation split) also reads each folder's models once, and
     reports the defences in their usual order."""
-    import dpcert.workflows.compare as compare_mod
-
-    reads = []
-    real = compare_mod.train_models
-    monkeypatch.setattr(compare_mod, "train_models",
-                        lambda kind, bc, run_cfg, x, folder, progress:
-                        reads.append(folder.name) or real(kind, bc, run_cfg, x, folder,
-                                                          progress))
+    reads = _record_reads(monkeypatch, tmp_path)
     dpa = [{"models": 4, "epochs": 1}]
     fa = {"models": 3, "spread": 2, "epochs": 1}
     cfg = CompareConfig.from_mapping({
@@ -418,7 +422,4 @@ def test_without_tuning_a_run_off_shares_one_reading_too(tmp_path, monkeypatch):
         "fa-roe": fa})
     text = compare(cfg, tmp_path, progress=False)
     assert sorted(reads) == ["dpa_k4_epochs1", "fa_k3_d2_epochs1"]
-    rows = [line.split(" | ")[0].lstrip("| ").split(" (")[0]
-            for line in text.splitlines() if line.startswith("| ") and "(" in line]
-    kinds = [r for r in rows if r in ("dpa", "fa", "roe", "fa-roe")]
-    assert kinds == ["dpa", "fa", "roe", "fa-roe"]
+    assert _report_defences(text) == ["dpa", "fa", "roe", "fa-roe"]
