@@ -325,6 +325,62 @@ def test_nearest_neighbour_learner_answers_the_label_of_the_nearest_example():
         nearest_neighbour_params(parts[0][0], parts[0][1], rows=3)
 
 
+def test_kernel_ridge_learner_is_scikit_learns_kernel_ridge():
+    import torch
+    from sklearn.kernel_ridge import KernelRidge
+
+    from dpcert.learning.inference import KERNEL, score_instances
+    from dpcert.learning.reference import KERNEL_SCALE, kernel_ridge_params
+
+    rng = np.random.default_rng(2)
+    parts = [(rng.normal(size=(n, 64)).astype(np.float32) / 8, rng.choice([0, 2, 3], size=n))
+             for n in (12, 1, 0)]  # label 1 never present; the last model has no examples
+    params = [kernel_ridge_params(x, y, 4, rows=13, gamma=0.7, ridge=0.05) for x, y in parts]
+    stacked = {k: torch.from_numpy(np.stack([p[k] for p in params])) for k in params[0]}
+    test = rng.normal(size=(300, 64)).astype(np.float32) / 8
+    scores = score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
+                             num_classes=4)
+    assert scores.shape == (3, 300, 4)
+    np.testing.assert_allclose(scores.sum(axis=2), 1, rtol=1e-5)
+    for (x, y), s in zip(parts[:2], scores[:2], strict=True):
+        fitted = KernelRidge(alpha=0.05, kernel="rbf", gamma=0.7).fit(
+            x.astype(np.float64), np.eye(4)[y])
+        want = fitted.predict(test.astype(np.float64))
+        np.testing.assert_array_equal(s.argmax(axis=1), want.argmax(axis=1))
+        # the logits are the regression outputs scaled: their differences match
+        logit = np.log(s)
+        np.testing.assert_allclose(logit - logit[:, :1], KERNEL_SCALE * (want - want[:, :1]),
+                                   atol=2e-3)
+    assert np.all(scores[2].argmax(axis=1) == 0)  # no examples: label 0, the empty part's vote
+    # Padding rows (their number set by the largest part, which poisoning another part can
+    # change) leave every bit of every model's scores as it was.
+    wider = [kernel_ridge_params(x, y, 4, rows=301, gamma=0.7, ridge=0.05) for x, y in parts]
+    stacked = {k: torch.from_numpy(np.stack([p[k] for p in wider])) for k in wider[0]}
+    np.testing.assert_array_equal(
+        score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
+                        num_classes=4), scores)
+    with pytest.raises(UserError, match="rows"):
+        kernel_ridge_params(parts[0][0], parts[0][1], 4, rows=3, gamma=0.7, ridge=0.05)
+    with pytest.raises(UserError, match="ridge"):
+        kernel_ridge_params(parts[0][0], parts[0][1], 4, rows=13, gamma=0.7, ridge=0)
+
+
+def test_kernel_ridge_setting_names_its_kernel():
+    default = BaselineConfig(models=5, learner="kernel-ridge", lr=0.5)
+    assert default.name("dpa") == "dpa (k=5, learner=kernel-ridge)"  # lr is not read
+    assert default.folder("dpa") == "dpa_k5_learnerkernel-ridge"
+    wide = BaselineConfig(models=5, learner="kernel-ridge", gamma=1.0, ridge=0.01)
+    assert wide.name("roe") == "roe (k=5, learner=kernel-ridge, gamma=1.0, ridge=0.01)"
+    assert wide.folder("dpa") == "dpa_k5_learnerkernel-ridge_gamma1.0_ridge0.01"
+    assert "gamma" not in BaselineConfig(models=5).identity()
+    for bad in ({"gamma": 0}, {"ridge": -1.0}, {"gamma": float("nan")}, {"ridge": "x"},
+                {"gamma": True}):
+        with pytest.raises(UserError, match="must be a number > 0"):
+            BaselineConfig(learner="kernel-ridge", **bad)
+    with pytest.raises(UserError, match="gradient"):
+        BaselineConfig(learner="kernel-ridge", augment_shift=1)
+
+
 def test_choice_and_envelope_by_hand():
     from dpcert.workflows.compare import choose, envelope
 

@@ -358,7 +358,8 @@ def test_scatter_cnn_models_trained_on_translations_reproduce_their_certificates
     np.testing.assert_array_equal(ens.certify(load_digits().x_test[:20]).radius, rows[:20, 2])
 
 
-@pytest.mark.parametrize("learner", ["prototype", "prototype-cosine", "nearest-neighbour"])
+@pytest.mark.parametrize("learner", ["prototype", "prototype-cosine", "nearest-neighbour",
+                                     "kernel-ridge"])
 def test_prototype_baseline_models_reproduce_their_certificates(tmp_path, learner):
     """A DPA setting with a learner that fits no parameters keeps models whose loaded
     ensemble certifies the test set exactly as the comparison did (which scored them in

@@ -131,16 +131,49 @@ def _score_nearest(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes
     return torch.cat(out, dim=1).cpu().numpy().astype(np.float32)
 
 
+#: The kernel-ridge family (:func:`dpcert.learning.reference.kernel_ridge_params`): a model is
+#: its examples (``examples`` (n, D)), their coefficients (``coef`` (n, L), zero on padding
+#: rows), ``gamma`` (1,), ``scale`` (1,) and ``bias`` (L,).
+KERNEL = "kernel-ridge"
+
+
+def _score_kernel(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes: int
+                  ) -> np.ndarray:
+    """Softmax scores (K, N, L) of K kernel-ridge models on features x (N, D): logits
+    scale * (sum_m coef_m exp(-gamma |x - e_m|^2) + bias).
+
+    As for the nearest-neighbour models, one example row of every model at a time, summed in
+    row order, in input blocks set by K and L: a padding row (zero coefficients) adds an exact
+    zero, so a model's scores do not depend on how many rows the largest part set."""
+    e, coef = params["examples"], params["coef"]
+    gamma, scale, bias = params["gamma"], params["scale"], params["bias"]
+    k, n = coef.shape[:2]
+    step = max(1, _NEAREST_BLOCK // max(1, k * num_classes))
+    out = []
+    for i in range(0, len(x), step):
+        xb = x[i:i + step]
+        x2 = (xb * xb).sum(-1)
+        acc = torch.zeros((k, len(xb), num_classes), dtype=x.dtype, device=x.device)
+        for m in range(n):
+            em = e[:, m, :]
+            d2 = (x2[None, :] - 2 * (em @ xb.T) + (em * em).sum(-1)[:, None]).clamp_min(0)
+            acc += torch.exp(-gamma * d2)[:, :, None] * coef[:, m, None, :]
+        out.append(torch.softmax(scale[:, :, None] * (acc + bias[:, None, :]), dim=-1))
+    return torch.cat(out, dim=1).cpu().numpy().astype(np.float32)
+
+
 @torch.no_grad()
 def score_instances(model: str, params: dict[str, torch.Tensor], x: torch.Tensor, *,
                     in_channels: int, num_classes: int, batch: int = 4096) -> np.ndarray:
     """Softmax scores (K, N, L), float32 on the host, of K stored instances on inputs x.
 
     ``params`` are stacked (K, ...) tensors on x's device, optionally :func:`prepare`-d; x is
-    (N, D) features for the linear and nearest-neighbour models, (N, C, H, W) images
-    otherwise."""
+    (N, D) features for the linear, nearest-neighbour and kernel-ridge models, (N, C, H, W)
+    images otherwise."""
     if model == NEAREST:
         return _score_nearest(params, x, num_classes)
+    if model == KERNEL:
+        return _score_kernel(params, x, num_classes)
     if model == "linear":
         params = prepare(model, params)
         w, bias = params["weight_flat"], params["bias"]

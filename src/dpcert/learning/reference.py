@@ -241,3 +241,43 @@ def prototype_params(x: np.ndarray, y: np.ndarray, num_classes: int,
     bias = np.where(present, bias / tau, -1e30)
     return {"weight": np.ascontiguousarray((weight / tau).T, dtype=np.float32),
             "bias": bias.astype(np.float32)}
+
+
+#: Softness of a kernel-ridge model's scores: logit = KERNEL_SCALE * regression output (about
+#: 1 at the label it predicts, 0 elsewhere); the votes and rankings do not depend on it.
+KERNEL_SCALE = 10.0
+
+
+def kernel_ridge_params(x: np.ndarray, y: np.ndarray, num_classes: int, rows: int, *,
+                        gamma: float, ridge: float) -> dict[str, np.ndarray]:
+    """Kernel ridge regression of the one-hot labels on feature vectors x (n, D), with the
+    Gaussian kernel k(a, b) = exp(-gamma |a - b|^2): the model predicts
+    argmax_c sum_i A_ic k(x, x_i), A = (K + ridge I)^-1 Y (n, L), K_ij = k(x_i, x_j)
+    (scikit-learn's ``KernelRidge(kernel="rbf")`` without intercept; solved here in float64 by
+    Cholesky so that the package does not need scikit-learn).
+
+    Returns the examples and their coefficients padded to ``rows`` >= n (zero rows add
+    nothing), ``gamma``, the scores' ``scale`` and a ``bias`` (L,) that is zero except for
+    a model with no examples, which answers label 0 (a partition defence's empty part)."""
+    from scipy.linalg import solve
+
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    if rows < n:
+        raise UserError(f"a kernel-ridge model of {n} examples needs rows >= {n}, got {rows}")
+    if not (gamma > 0 and ridge > 0):
+        raise UserError(f"kernel ridge needs gamma > 0 and ridge > 0, got {gamma}, {ridge}")
+    examples = np.zeros((rows, x.shape[1]), np.float32)
+    coef = np.zeros((rows, num_classes), np.float32)
+    bias = np.zeros(num_classes, np.float32)
+    if n:
+        sq = np.sum(x * x, axis=1)
+        gram = np.exp(-gamma * np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
+        targets = np.eye(num_classes)[np.asarray(y)]
+        examples[:n] = x
+        coef[:n] = solve(gram + ridge * np.eye(n), targets, assume_a="pos")
+    else:
+        bias[0] = 3.0  # logit 30 at label 0, as an empty part's constant model
+    return {"examples": examples, "coef": coef, "bias": bias,
+            "gamma": np.array([gamma], np.float32),
+            "scale": np.array([KERNEL_SCALE], np.float32)}

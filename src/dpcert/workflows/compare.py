@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
@@ -53,16 +54,19 @@ _SEED_OFFSET = 7919
 
 
 LEARNERS = ("minibatch", "full-batch", "scatter-cnn", "prototype", "prototype-cosine",
-            "nearest-neighbour")
+            "nearest-neighbour", "kernel-ridge")
 #: The learners trained by gradient, and the training values each reads.
 GRADIENT_LEARNERS = {
     "minibatch": ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "augment_shift"),
     "full-batch": ("steps", "lr", "optimizer", "weight_decay", "augment_shift"),
     "scatter-cnn": ("steps", "lr", "optimizer", "weight_decay", "augment_shift")}
+#: The values every learner reads (those trained by gradient, and the closed-form ones).
+LEARNER_VALUES = {**GRADIENT_LEARNERS, "kernel-ridge": ("gamma", "ridge")}
 #: Nearest-class-mean learners and their metric.
 PROTOTYPES = {"prototype": "euclidean", "prototype-cosine": "cosine"}
-#: The learners that fit no parameters (no training values, scored in chunks).
-FREE_LEARNERS = (*PROTOTYPES, "nearest-neighbour")
+#: The learners fitted in closed form on feature vectors (no training steps), their models
+#: scored in chunks.
+FREE_LEARNERS = (*PROTOTYPES, "nearest-neighbour", "kernel-ridge")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,10 @@ class BaselineConfig:
     ScatterNet maps, :func:`dpcert.learning.models.scatter_cnn`; runs with ``features:
     scatter``), ``prototype`` (nearest class mean on the features; no training, linear
     model only), ``prototype-cosine`` (nearest class mean by angle) or
-    ``nearest-neighbour`` (the label of the nearest example; the model keeps its examples).
+    ``nearest-neighbour`` (the label of the nearest example; the model keeps its examples)
+    or ``kernel-ridge`` (kernel ridge regression of the one-hot labels, Gaussian kernel
+    exp(-``gamma`` |a - b|^2), regularisation ``ridge``; the model keeps its examples and
+    their coefficients).
     ``augment_shift`` S > 0 (learners trained by gradient): each model trains on every
     translation of its own examples' images by up to S pixels ((2 S + 1)^2 copies, the
     feature map applied to each), a function of its part alone like the model itself."""
@@ -91,6 +98,8 @@ class BaselineConfig:
     steps: int = 300  # full-batch: optimiser steps
     weight_decay: float = 0.0
     augment_shift: int = 0
+    gamma: float = 0.25  # kernel-ridge: kernel width, for unit-norm features (ScatterNet's)
+    ridge: float = 0.001  # kernel-ridge: regularisation
 
     def __post_init__(self) -> None:
         for name in ("models", "subsample", "spread", "epochs", "batch_size", "steps"):
@@ -101,6 +110,11 @@ class BaselineConfig:
             raise UserError(f"lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, int | float) and self.weight_decay >= 0):
             raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("gamma", "ridge"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool)
+                    and math.isfinite(value) and value > 0):
+                raise UserError(f"{name} must be a number > 0, got {value!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise UserError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
         if self.learner not in LEARNERS:
@@ -116,8 +130,8 @@ class BaselineConfig:
 
     def training_changes(self) -> dict:
         """The training values that differ from the defaults and matter for the learner."""
-        # the learners that fit no parameters take no training values
-        used = GRADIENT_LEARNERS.get(self.learner, ())
+        # the prototype and nearest-neighbour learners read no values
+        used = LEARNER_VALUES.get(self.learner, ())
         default = BaselineConfig()
         return {k: getattr(self, k) for k in ("learner", *used)
                 if getattr(self, k) != getattr(default, k)}
@@ -140,7 +154,7 @@ class BaselineConfig:
         """What a setting's folder records: its values, without learner options at their
         defaults (folders written before those options existed stay valid)."""
         out = asdict(self)
-        for k in ("learner", "steps", "weight_decay", "augment_shift"):
+        for k in ("learner", "steps", "weight_decay", "augment_shift", "gamma", "ridge"):
             if out[k] == getattr(BaselineConfig(), k):
                 del out[k]
         return out
@@ -291,12 +305,12 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
                  jobs: list[tuple[int, np.ndarray | None, str]], keep_model: bool = True,
                  rows: int = 0) -> list[int]:
     """Train baseline models ``jobs`` = [(i, example indices or None, unit path)] and write
-    their files (runs in a worker); ``rows``: the nearest-neighbour models' common number of
-    example rows. Learners that fit no parameters score all their models in one stacked call
-    (the test features are read once, not once per model)."""
+    their files (runs in a worker); ``rows``: the nearest-neighbour and kernel-ridge models'
+    common number of example rows. The learners fitted in closed form score all their models
+    in one stacked call (the test features are read once, not once per model)."""
     import torch
 
-    from dpcert.learning.inference import NEAREST, score_instances
+    from dpcert.learning.inference import score_instances
     from dpcert.learning.reference import instance_generator
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
@@ -315,7 +329,7 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
             write_trained(Path(out), _train_one(cfg, setting, data, idx, gen), keep_model)
         return [i for i, _, _ in jobs]
     params = [_fit_free(cfg, setting, data, idx, rows) for idx in parts]
-    family = NEAREST if setting.learner == NEAREST else "linear"
+    family = learner_model(setting, "linear")
     stacked = {k: torch.from_numpy(np.stack([p[k] for p in params])) for k in params[0]}
     # scored by the same routine that scores the kept models later (same rounding)
     scores = score_instances(family, stacked, torch.from_numpy(data.x_test),
@@ -330,12 +344,18 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
 
 def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, rows: int
               ) -> dict[str, np.ndarray]:
-    """Parameters of a learner that fits none: the nearest example, or a class mean."""
-    from dpcert.learning.inference import NEAREST, constant_params
-    from dpcert.learning.reference import nearest_neighbour_params, prototype_params
+    """Parameters of a learner fitted in closed form: the nearest example, a class mean, or
+    kernel ridge regression."""
+    from dpcert.learning.inference import KERNEL, NEAREST, constant_params
+    from dpcert.learning.reference import (kernel_ridge_params, nearest_neighbour_params,
+                                           prototype_params)
 
-    if setting.learner == NEAREST:  # an empty part's model has no examples: it answers 0
+    # an empty part's nearest-neighbour or kernel-ridge model has no examples: it answers 0
+    if setting.learner == NEAREST:
         return nearest_neighbour_params(data.x_train[idx], data.y_train[idx], rows)
+    if setting.learner == KERNEL:
+        return kernel_ridge_params(data.x_train[idx], data.y_train[idx], data.num_classes,
+                                   rows, gamma=setting.gamma, ridge=setting.ridge)
     if len(idx) == 0:
         return constant_params(cfg.model, data.x_train.shape[1], data.num_classes, label=0)
     return prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes,
@@ -344,8 +364,8 @@ def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, ro
 
 def learner_model(setting: BaselineConfig, run_model: str) -> str:
     """The model family a setting's learner trains (its kept models' family)."""
-    return {"scatter-cnn": "scatter_cnn", "nearest-neighbour": "nearest-neighbour"}.get(
-        setting.learner, run_model)
+    return {"scatter-cnn": "scatter_cnn", "nearest-neighbour": "nearest-neighbour",
+            "kernel-ridge": "kernel-ridge"}.get(setting.learner, run_model)
 
 
 def _training_examples(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray
