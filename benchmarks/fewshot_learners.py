@@ -11,10 +11,11 @@ learner's mean single-model accuracy on the evaluation points, its time per mode
 machine. The ensemble's accuracy is much higher than one model's; this measures the learner.
 
 Learners: nearest class mean (``prototype``), nearest example (``nearest-neighbour``),
-softmax regression trained full-batch (300 Adam steps, lr 0.01), the small CNN on the
-ScatterNet maps (``scatter-cnn``: 300 Adam steps, lr 0.003, weight decay 0.001), and the
-two gradient learners again on every translation of their examples by up to
-``--shift`` pixels (``augment_shift``; features recomputed for each translation).
+kernel ridge regression (``kernel-ridge``: Gaussian kernel, gamma 0.25, ridge 0.001), softmax
+regression trained full-batch (300 Adam steps, lr 0.01), the small CNN on the ScatterNet maps
+(``scatter-cnn``: 300 Adam steps, lr 0.003, weight decay 0.001), and the two gradient learners
+again on every translation of their examples by up to ``--shift`` pixels (``augment_shift``;
+features recomputed for each translation).
 
 Run: python benchmarks/fewshot_learners.py [--parts 6] [--models 1200] [--shift 2]
 (needs data/mnist: scripts/fetch_data.sh)
@@ -38,6 +39,7 @@ from dpcert.workflows.compare import (  # noqa: E402
     BaselineConfig,
     _fit_free,
     _train_one,
+    learner_model,
     training_indices,
 )
 from dpcert.workflows.runconfig import RunConfig, load_run_data  # noqa: E402
@@ -48,6 +50,7 @@ def settings(k: int, shift: int) -> dict[str, BaselineConfig]:
     cnn = dict(models=k, learner="scatter-cnn", steps=300, lr=0.003, weight_decay=0.001)
     return {"prototype": BaselineConfig(models=k, learner="prototype"),
             "nearest-neighbour": BaselineConfig(models=k, learner="nearest-neighbour"),
+            "kernel-ridge": BaselineConfig(models=k, learner="kernel-ridge"),
             "full-batch linear": BaselineConfig(**linear),
             f"full-batch linear, shift {shift}": BaselineConfig(**linear, augment_shift=shift),
             "scatter-cnn": BaselineConfig(**cnn),
@@ -59,12 +62,12 @@ def model_scores(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray,
     """Scores (N, L) of model ``i`` of a setting, as ``compare`` computes them."""
     import torch
 
-    from dpcert.learning.inference import NEAREST, score_instances
+    from dpcert.learning.inference import score_instances
 
     if setting.learner not in FREE_LEARNERS:
         return _train_one(cfg, setting, data, idx, instance_generator(cfg.seed + 7919, i))[0]
     params = _fit_free(cfg, setting, data, idx, rows)
-    family = NEAREST if setting.learner == NEAREST else "linear"
+    family = learner_model(setting, "linear")
     stacked = {k: torch.from_numpy(v[None]) for k, v in params.items()}
     return score_instances(family, stacked, torch.from_numpy(data.x_test),
                            in_channels=data.x_train.shape[1], num_classes=data.num_classes)[0]

@@ -347,8 +347,11 @@ def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, ro
     """Parameters of a learner fitted in closed form: the nearest example, a class mean, or
     kernel ridge regression."""
     from dpcert.learning.inference import KERNEL, NEAREST, constant_params
-    from dpcert.learning.reference import (kernel_ridge_params, nearest_neighbour_params,
-                                           prototype_params)
+    from dpcert.learning.reference import (
+        kernel_ridge_params,
+        nearest_neighbour_params,
+        prototype_params,
+    )
 
     # an empty part's nearest-neighbour or kernel-ridge model has no examples: it answers 0
     if setting.learner == NEAREST:
