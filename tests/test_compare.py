@@ -359,6 +359,15 @@ def test_kernel_ridge_learner_is_scikit_learns_kernel_ridge():
     np.testing.assert_array_equal(
         score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
                         num_classes=4), scores)
+    # the model is a function of its part as a set: listing it in another order changes no bit
+    x, y = parts[0]
+    flip = np.arange(len(y))[::-1]
+    reordered = [kernel_ridge_params(x[flip], y[flip], 4, rows=13, gamma=0.7, ridge=0.05),
+                 *params[1:]]
+    stacked = {k: torch.from_numpy(np.stack([p[k] for p in reordered])) for k in reordered[0]}
+    np.testing.assert_array_equal(
+        score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
+                        num_classes=4), scores)
     with pytest.raises(UserError, match="rows"):
         kernel_ridge_params(parts[0][0], parts[0][1], 4, rows=3, gamma=0.7, ridge=0.05)
     with pytest.raises(UserError, match="ridge"):

@@ -258,10 +258,18 @@ def kernel_ridge_params(x: np.ndarray, y: np.ndarray, num_classes: int, rows: in
 
     Returns the examples and their coefficients padded to ``rows`` >= n (zero rows add
     nothing), ``gamma``, the scores' ``scale`` and a ``bias`` (L,) that is zero except for
-    a model with no examples, which answers label 0 (a partition defence's empty part)."""
+    a model with no examples, which answers label 0 (a partition defence's empty part).
+    The examples are put in an order set by their own content first, so that the model, to
+    the last bit, depends on its part as a set and not on the order the dataset lists it in."""
+    import hashlib
+
     from scipy.linalg import solve
 
-    x = np.asarray(x, np.float64)
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.asarray(y)
+    order = sorted(range(len(x)), key=lambda i: (hashlib.sha256(x[i].tobytes()).digest(),
+                                                 int(y[i])))
+    x, y = x[order].astype(np.float64), y[order]
     n = len(x)
     if rows < n:
         raise UserError(f"a kernel-ridge model of {n} examples needs rows >= {n}, got {rows}")
@@ -273,7 +281,7 @@ def kernel_ridge_params(x: np.ndarray, y: np.ndarray, num_classes: int, rows: in
     if n:
         sq = np.sum(x * x, axis=1)
         gram = np.exp(-gamma * np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-        targets = np.eye(num_classes)[np.asarray(y)]
+        targets = np.eye(num_classes)[y]
         examples[:n] = x
         coef[:n] = solve(gram + ridge * np.eye(n), targets, assume_a="pos")
     else:
