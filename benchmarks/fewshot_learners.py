@@ -17,7 +17,7 @@ regression trained full-batch (300 Adam steps, lr 0.01), the small CNN on the Sc
 again on every translation of their examples by up to ``--shift`` pixels (``augment_shift``;
 features recomputed for each translation).
 
-Run: python benchmarks/fewshot_learners.py [--parts 6] [--models 1200] [--shift 2]
+Run: python benchmarks/fewshot_learners.py [--parts 6] [--models 1200] [--shift 2] [--only ...]
 (needs data/mnist: scripts/fetch_data.sh)
 """
 
@@ -79,10 +79,16 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=1200, help="k of the partition")
     ap.add_argument("--shift", type=int, default=2, help="largest translation, pixels")
     ap.add_argument("--data-dir", default="data/mnist")
+    ap.add_argument("--only", nargs="*", help="learners to run (names as printed; default all)")
     args = ap.parse_args()
     cfg = mnist_validation_config(args.data_dir)
     data = load_run_data(cfg)
     chosen = settings(args.models, args.shift)
+    if args.only:
+        unknown = set(args.only) - set(chosen)
+        if unknown:
+            ap.error(f"unknown learners {sorted(unknown)}; choose from {list(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in args.only}
     parts = training_indices("dpa", next(iter(chosen.values())), data.x_train)
     assert parts is not None
     rows = max(len(p) for p in parts)
