@@ -329,17 +329,20 @@ def test_kernel_ridge_learner_is_scikit_learns_kernel_ridge():
     import torch
     from sklearn.kernel_ridge import KernelRidge
 
-    from dpcert.learning.inference import KERNEL, score_instances
+    from dpcert.learning.inference import KERNEL, score_instances, stack_params
     from dpcert.learning.reference import KERNEL_SCALE, kernel_ridge_params
+
+    def scores_of(models, test):
+        stacked = {k: torch.from_numpy(v) for k, v in stack_params(models).items()}
+        return score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
+                               num_classes=4)
 
     rng = np.random.default_rng(2)
     parts = [(rng.normal(size=(n, 64)).astype(np.float32) / 8, rng.choice([0, 2, 3], size=n))
              for n in (12, 1, 0)]  # label 1 never present; the last model has no examples
     params = [kernel_ridge_params(x, y, 4, rows=13, gamma=0.7, ridge=0.05) for x, y in parts]
-    stacked = {k: torch.from_numpy(np.stack([p[k] for p in params])) for k in params[0]}
     test = rng.normal(size=(300, 64)).astype(np.float32) / 8
-    scores = score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
-                             num_classes=4)
+    scores = scores_of(params, test)
     assert scores.shape == (3, 300, 4)
     np.testing.assert_allclose(scores.sum(axis=2), 1, rtol=1e-5)
     for (x, y), s in zip(parts[:2], scores[:2], strict=True):
@@ -355,19 +358,13 @@ def test_kernel_ridge_learner_is_scikit_learns_kernel_ridge():
     # Padding rows (their number set by the largest part, which poisoning another part can
     # change) leave every bit of every model's scores as it was.
     wider = [kernel_ridge_params(x, y, 4, rows=301, gamma=0.7, ridge=0.05) for x, y in parts]
-    stacked = {k: torch.from_numpy(np.stack([p[k] for p in wider])) for k in wider[0]}
-    np.testing.assert_array_equal(
-        score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
-                        num_classes=4), scores)
+    np.testing.assert_array_equal(scores_of(wider, test), scores)
     # the model is a function of its part as a set: listing it in another order changes no bit
     x, y = parts[0]
     flip = np.arange(len(y))[::-1]
     reordered = [kernel_ridge_params(x[flip], y[flip], 4, rows=13, gamma=0.7, ridge=0.05),
                  *params[1:]]
-    stacked = {k: torch.from_numpy(np.stack([p[k] for p in reordered])) for k in reordered[0]}
-    np.testing.assert_array_equal(
-        score_instances(KERNEL, stacked, torch.from_numpy(test), in_channels=64,
-                        num_classes=4), scores)
+    np.testing.assert_array_equal(scores_of(reordered, test), scores)
     with pytest.raises(UserError, match="rows"):
         kernel_ridge_params(parts[0][0], parts[0][1], 4, rows=3, gamma=0.7, ridge=0.05)
     with pytest.raises(UserError, match="ridge"):

@@ -98,6 +98,12 @@ NEAREST = "nearest-neighbour"
 _NEAREST_BLOCK = 1 << 24
 
 
+def _squared_distances(em: torch.Tensor, xb: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """|x - e|^2 (K, N) from every model's example row em (K, D) to inputs xb (N, D) whose
+    squared norms are x2 (N,), clamped at 0 (the expansion can round below it)."""
+    return (x2[None, :] - 2 * (em @ xb.T) + (em * em).sum(-1)[:, None]).clamp_min(0)
+
+
 def _score_nearest(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes: int
                    ) -> np.ndarray:
     """Softmax scores (K, N, L) of K nearest-neighbour models on features x (N, D): the logit
@@ -120,7 +126,7 @@ def _score_nearest(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes
         best = torch.full((k, len(xb), num_classes), torch.inf, dtype=x.dtype, device=x.device)
         for m in range(n):
             em, lm = e[:, m, :], lab[:, m].long()
-            d2 = (x2[None, :] - 2 * (em @ xb.T) + (em * em).sum(-1)[:, None]).clamp_min(0)
+            d2 = _squared_distances(em, xb, x2)
             cls = lm.clamp_min(0)
             cur = best[models, :, cls]
             best[models, :, cls] = torch.where((lm >= 0)[:, None], torch.minimum(cur, d2), cur)
@@ -155,8 +161,7 @@ def _score_kernel(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes:
         x2 = (xb * xb).sum(-1)
         acc = torch.zeros((k, len(xb), num_classes), dtype=x.dtype, device=x.device)
         for m in range(n):
-            em = e[:, m, :]
-            d2 = (x2[None, :] - 2 * (em @ xb.T) + (em * em).sum(-1)[:, None]).clamp_min(0)
+            d2 = _squared_distances(e[:, m, :], xb, x2)
             acc += torch.exp(-gamma * d2)[:, :, None] * coef[:, m, None, :]
         out.append(torch.softmax(scale[:, :, None] * (acc + bias[:, None, :]), dim=-1))
     return torch.cat(out, dim=1).cpu().numpy().astype(np.float32)
