@@ -51,3 +51,19 @@ def test_best_learner_compare_config_names_its_run(dataset):
     assert data["methods"] == ["dp", "dpa", "roe", "fa", "bagging"]
     for kind in data["methods"][1:]:
         assert kind in BASELINES and _settings(kind, data[kind])
+
+
+@pytest.mark.parametrize("name", ["compare_mnist_tuned.yaml", "compare_fashion_tuned.yaml"])
+def test_tuned_compare_configs_are_valid(name):
+    """The head-to-heads of docs/results.md: they parse, tune on a validation split carved
+    from the training set, and list DPA over kernel ridge regression at the k the docs
+    report."""
+    from dpcert.workflows.compare import CompareConfig
+
+    cfg = CompareConfig.from_mapping(load_config_file(
+        Path(__file__).parent.parent / "configs" / name))
+    assert cfg.validation == 10000 and cfg.tune_radius == 600
+    assert cfg.methods[0] == "dp" and cfg.dp_grid
+    kernel = {bc.models for bc in cfg.settings["dpa"] if bc.learner == "kernel-ridge"}
+    expected = {600, 800, 1200, 2000, 3000} if "mnist_" in name else {1000, 2000}
+    assert kernel == expected
