@@ -91,7 +91,14 @@ def test_compare_small_digits(tmp_path):
     # other training values are another setting, in their own folder
     other = CompareConfig.from_mapping({"dp": {"instances": 4, "steps": 10, "workers": 1},
                                         "methods": ["dpa"], "dpa": {"models": 5, "epochs": 2}})
-    assert "dpa (k=5, epochs=2)" in compare(other, tmp_path, progress=False)
+    assert "Not read by this comparison" not in text
+    other_text = compare(other, tmp_path, progress=False)
+    assert "dpa (k=5, epochs=2)" in other_text
+    # the first config's folders are left alone but reported, with what removing them frees
+    unused = other_text.split("Not read by this comparison")[1]
+    for folder in ("dp", "dpa_k5_epochs1", "fa_k3_d2_epochs1", "bagging_N5_k50_epochs1"):
+        assert f"`{folder}` (" in unused and (tmp_path / folder).is_dir()
+    assert "`dpa_k5_epochs2`" not in unused
     assert len(list((tmp_path / "dpa_k5_epochs2").glob("model_*.npz"))) == 5
     # a setting's folder trained on other data is refused, not silently reused
     seeded = CompareConfig.from_mapping({"dp": {"instances": 4, "steps": 10, "workers": 1,
@@ -407,12 +414,13 @@ def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
     certificates are on the last N training examples."""
     from dpcert.learning import data as data_mod
 
-    cfg = CompareConfig.from_mapping({
+    cfg_values = {
         "dp": {"instances": 4, "steps": 10, "workers": 1, "max_radius": 20},
         "dp_grid": [{"noise_multiplier": 2.0}, {"noise_multiplier": 4.0}],
         "dpa": [{"models": 5, "epochs": 1}, {"models": 5, "learner": "full-batch",
                                              "steps": 20}],
-        "validation": 300, "tune_radius": 5})
+        "validation": 300, "tune_radius": 5}
+    cfg = CompareConfig.from_mapping(cfg_values)
     first = compare(cfg, tmp_path / "a", progress=False)
     real = data_mod.load_dataset_cached("digits")
     rows = np.loadtxt(tmp_path / "a" / "validation" / "dpa_k5_epochs1" / "certificates.csv",
@@ -427,6 +435,13 @@ def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
     assert first != second
     assert "dpa envelope" in first and "envelope of all defences" in first
     assert "Protocol: every setting was trained on the first 1138" in first
+    assert "Not read by this comparison" not in first
+    # dropping a setting from the config: its validation folder is reported as unused
+    dropped = BaselineConfig(models=5, learner="full-batch", steps=20).folder("dpa")
+    fewer = CompareConfig.from_mapping({**cfg_values,
+                                        "dpa": [{"models": 5, "epochs": 1}]})
+    third = compare(fewer, tmp_path / "a", progress=False)
+    assert f"`validation/{dropped}` (" in third.split("Not read by this comparison")[1]
 
 
 def _record_reads(monkeypatch, root) -> list[str]:

@@ -65,5 +65,6 @@ def test_tuned_compare_configs_are_valid(name):
     assert cfg.validation == 10000 and cfg.tune_radius == 600
     assert cfg.methods[0] == "dp" and cfg.dp_grid
     kernel = {bc.models for bc in cfg.settings["dpa"] if bc.learner == "kernel-ridge"}
-    expected = {600, 800, 1200, 2000, 3000} if name.startswith("compare_mnist") else {500, 1000, 2000}
+    mnist = name.startswith("compare_mnist")
+    expected = {600, 800, 1200, 2000, 3000} if mnist else {500, 1000, 2000}
     assert kernel == expected

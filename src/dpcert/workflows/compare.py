@@ -592,7 +592,9 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
             calibration += [(k, _clean(c, labels), k == best) for k, c in certs.items()]
             certs = {best: certs[best]}
         results.update(certs)
-    return _report(results, labels, out, run_cfg, curves, calibration)
+    used = {folder for _, _, folder, _ in _candidates(cfg)}
+    return _report(results, labels, out, run_cfg, curves, calibration,
+                   unused=unused_folders(out, used))
 
 
 def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool) -> Certificates:
@@ -739,7 +741,10 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
         "which nothing else reads. An envelope row picks at every radius the setting (or the "
         "defence) with the best validation CA at that radius and reports its test CA there. "
         "Every setting's validation scores: tuning.md.", ""]
-    return _report(results, labels, out, base, curves, [], preamble=protocol)
+    used = {f for _, name, f, _ in cands if name in needed} | {
+        f"validation/{f}" for _, _, f, _ in cands}
+    return _report(results, labels, out, base, curves, [], preamble=protocol,
+                   unused=unused_folders(out, used))
 
 
 def _tuning_report(cfg: CompareConfig, val: dict[str, dict[str, np.ndarray]],
@@ -810,9 +815,44 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
     return lambda radii: baselines.dp_baseline_accuracy(radii, eps, delta, acc_lo)
 
 
+#: Files that mark a folder of trained models: a baseline setting's, a DP run's.
+MODEL_FOLDER_MARKERS = ("settings.json", "config.json")
+
+
+def unused_folders(out: Path, used: set[str]) -> list[tuple[str, int]]:
+    """(path relative to ``out``, size in bytes) of every folder of trained models in ``out``
+    and ``out/validation`` whose path is not in ``used``: models of settings the config no
+    longer lists, or that validation no longer chose, left by earlier runs. Only reported,
+    never removed: they cost nothing to keep but disk, and retraining them can take hours."""
+    found = []
+    for parent in (out, out / "validation"):
+        if not parent.is_dir():
+            continue
+        for folder in sorted(p for p in parent.iterdir() if p.is_dir()):
+            rel = folder.relative_to(out).as_posix()
+            if rel not in used and any((folder / m).is_file() for m in MODEL_FOLDER_MARKERS):
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                found.append((rel, size))
+    return found
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+def _unused_lines(unused: list[tuple[str, int]]) -> list[str]:
+    if not unused:
+        return []
+    total = _size_text(sum(size for _, size in unused))
+    listed = ", ".join(f"`{rel}` ({_size_text(size)})" for rel, size in unused)
+    return ["", "Not read by this comparison (models of settings the config no longer lists, "
+            f"or that validation no longer chose; removing them frees {total}): {listed}."]
+
+
 def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
             cfg: RunConfig, curves: dict[str, object],
-            calibration: list[tuple[str, float, bool]], preamble: list[str] = ()) -> str:
+            calibration: list[tuple[str, float, bool]], preamble: list[str] = (),
+            unused: list[tuple[str, int]] = ()) -> str:
     from dpcert.workflows.report import ca_table, plot_curves
 
     lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
@@ -828,6 +868,7 @@ def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
                   "| setting | clean acc | kept |", "|---|---|---|",
                   *(f"| {name} | {acc:.3f} | {'yes' if kept else ''} |"
                     for name, acc, kept in calibration)]
+    lines += _unused_lines(list(unused))
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", text)
