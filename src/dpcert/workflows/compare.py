@@ -576,7 +576,8 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
                                                                               run_cfg.eta)
     per_kind: dict[str, dict[str, Certificates]] = {}
     last: dict = {}
-    for kind, name, folder, bc in _candidates(cfg):
+    cands = _candidates(cfg)
+    for kind, name, folder, bc in cands:
         if kind != "dp":
             per_kind.setdefault(kind, {})[name] = _evaluate(kind, bc, run_cfg, out / folder,
                                                             progress, last)
@@ -592,7 +593,7 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
             calibration += [(k, _clean(c, labels), k == best) for k, c in certs.items()]
             certs = {best: certs[best]}
         results.update(certs)
-    used = {folder for _, _, folder, _ in _candidates(cfg)}
+    used = {folder for _, _, folder, _ in cands}
     return _report(results, labels, out, run_cfg, curves, calibration,
                    unused=unused_folders(out, used))
 
