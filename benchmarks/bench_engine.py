@@ -50,15 +50,17 @@ def main() -> None:
     y = torch.randint(0, CLASSES, (N,), generator=gen)
     dev = torch.device(args.device)
 
-    cfg = TrainConfig(Q, SIGMA, args.steps, 1.0, lr=0.25, optimizer="sgd", model="linear")
+    cfg = TrainConfig(Q, SIGMA, args.steps, 1.0, lr=0.25, optimizer="sgd", model="linear",
+                      declared_size=len(y))
     t = time.perf_counter()
     for i in range(args.reference_instances):
         train_instance(cfg, x, y, CLASSES, seed=0, instance=i)
     ref = args.reference_instances * args.steps / (time.perf_counter() - t)
 
-    lcfg = linear.LinearDpSgd(Q, SIGMA, args.steps, 1.0, 0.25)
+    lcfg = linear.LinearDpSgd(Q, SIGMA, args.steps, 1.0, 0.25, declared_size=len(y))
     xd, yd = x.to(dev), y.to(dev)
-    linear.train_linear(linear.LinearDpSgd(Q, SIGMA, 2, 1.0, 0.25), xd, yd, CLASSES, seed=0,
+    linear.train_linear(linear.LinearDpSgd(Q, SIGMA, 2, 1.0, 0.25,
+                                           declared_size=len(y)), xd, yd, CLASSES, seed=0,
                         instances=[0, 1])  # warm-up (CUDA context, kernels)
     if dev.type == "cuda":
         torch.cuda.synchronize()

@@ -38,7 +38,8 @@ def measure(k: int, q: float, device: str) -> float:
     y = torch.randint(0, 10, (60_000,), device=dev)
 
     def train(steps: int) -> None:
-        train_stacked(DpSgd(q, 1.0, steps, 1.0), lenet5, x, y, seed=0, instances=list(range(k)))
+        train_stacked(DpSgd(q, 1.0, steps, 1.0,
+                            declared_size=len(y)), lenet5, x, y, seed=0, instances=list(range(k)))
 
     train(1)
     if device == "cuda":

@@ -208,7 +208,7 @@ def stacked_rate(x, y, k: int, steps: int, warm: int = 3) -> dict:
     from dpcert.learning.stacked import DpSgd, train_stacked
 
     device = x.device
-    cfg = DpSgd(PAPER_Q, 1.0, warm + steps, 1.0, 0.1)
+    cfg = DpSgd(PAPER_Q, 1.0, warm + steps, 1.0, 0.1, declared_size=len(y))
     marks = {}
 
     def progress(done: int) -> None:
@@ -279,7 +279,7 @@ def previous_path_rate(x, y, steps: int) -> float:
     """Seconds per step of dpcert's per-instance path (train.train_instance)."""
     from dpcert.learning.reference import TrainConfig, train_instance
 
-    cfg = TrainConfig(PAPER_Q, 1.0, steps, 1.0, 0.1, model="lenet5")
+    cfg = TrainConfig(PAPER_Q, 1.0, steps, 1.0, 0.1, model="lenet5", declared_size=len(y))
     _sync(x.device)
     t = time.perf_counter()
     train_instance(cfg, x, y, 10, seed=0, instance=0)

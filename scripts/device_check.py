@@ -49,7 +49,7 @@ def main() -> int:
     sc = stacked.clipped_gradient_sum(st_c, x, y, ic, mc, 1.0)
     sd = stacked.clipped_gradient_sum(st_d, x.to(dev), y.to(dev), ic.to(dev), mc.to(dev), 1.0)
     out["clipped_sum_max_abs_diff"] = max(float((sc[k] - sd[k].cpu()).abs().max()) for k in sc)
-    cfg = stacked.DpSgd(0.03, 1.0, 40, 1.0, 0.1)
+    cfg = stacked.DpSgd(0.03, 1.0, 40, 1.0, 0.1, declared_size=len(y))
     tc = stacked.train_stacked(cfg, lenet5, x, y, seed=2, instances=[0, 1])
     td = stacked.train_stacked(cfg, lenet5, x.to(dev), y.to(dev), seed=2, instances=[0, 1])
     pc = stacked.predict_stacked(tc, x[:500])

@@ -76,7 +76,8 @@ def main() -> None:
         for aug in args.augment.split(","):
             shift, copies = (int(v) for v in aug.split("x"))
             cfg = stacked.DpSgd(0.001 * len(data.y_train) / n, args.sigma, args.steps,
-                                args.clip, lr, augment_shift=shift, augment_copies=copies)
+                                args.clip, lr, augment_shift=shift, augment_copies=copies,
+                                declared_size=n)  # the split's size, set by the protocol
             t = time.perf_counter()
             st = stacked.train_stacked(cfg, model_fn, x_tr, y_tr, seed=0,
                                        instances=list(range(k)))

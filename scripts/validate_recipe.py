@@ -79,7 +79,8 @@ def main() -> None:
     for lr, avg, bias_feature in settings:
         cfg = linear.LinearDpSgd(q_full * len(data.y_train) / n, args.sigma, steps,
                                  args.clip, lr, averaging=None if avg == "none" else avg,
-                                 bias_feature=bias_feature)
+                                 bias_feature=bias_feature,
+                                 declared_size=n)  # the split's size, set by the protocol
         t = time.perf_counter()
         w, b = linear.train_linear(cfg, x_tr, y_tr, data.num_classes, seed=0,
                                    instances=list(range(k)))

@@ -1,5 +1,7 @@
 """`dpcert compare` at small scale on digits, the hash partition and the FA structure."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -427,8 +429,8 @@ def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
                       delimiter=",", skiprows=1, dtype=np.int64)
     np.testing.assert_array_equal(rows[:, 3], real.y_train[-300:])
     rng = np.random.default_rng(1)
-    scrambled = data_mod.Dataset(real.name, real.x_train, real.y_train,
-                                 rng.permutation(real.x_test), rng.permutation(real.y_test))
+    scrambled = replace(real, x_test=rng.permutation(real.x_test),
+                        y_test=rng.permutation(real.y_test))
     monkeypatch.setattr(data_mod, "load_dataset_cached", lambda *a, **k: scrambled)
     second = compare(cfg, tmp_path / "b", progress=False)
     assert (tmp_path / "a" / "tuning.md").read_text() == (tmp_path / "b" / "tuning.md").read_text()

@@ -91,9 +91,16 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
 def test_npz_reader_and_errors(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, x_train=np.zeros((5, 8, 8)), y_train=np.arange(5), x_test=np.ones((2, 8, 8)),
-             y_test=np.array([0, 1]))
+             y_test=np.array([0, 1]), num_classes=5)
     d = data.load_npz(p)
     assert d.x_train.shape == (5, 1, 8, 8) and d.num_classes == 5
+    assert d.declared_size is None  # not declared: a DP run on it is refused
+    # without num_classes the test split declares the labels (0..1 here): 2, 3, 4 are refused
+    np.savez(p, x_train=np.zeros((5, 8, 8)), y_train=np.arange(5), x_test=np.ones((2, 8, 8)),
+             y_test=np.array([0, 1]))
+    with pytest.raises(UserError, match=r"train example 2 has label 2, outside the declared "
+                                        r"label set 0\.\.1 \(3 such examples\)"):
+        data.load_npz(p)
     np.savez(p, x_train=np.zeros((5, 8, 8)), y_train=np.arange(4), x_test=np.ones((2, 8, 8)),
              y_test=np.array([0, 1]))
     with pytest.raises(UserError):

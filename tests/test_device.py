@@ -81,7 +81,7 @@ def _stacked_scores(case: str) -> np.ndarray:
     model_fn, side, extra = STACKED_CASES[case]
     x, y = _images(side)
     cfg = stacked.DpSgd(**{**dict(sample_rate=0.05, noise_multiplier=1.0, steps=3,
-                                  clip_norm=1.0, lr=0.1), **extra})
+                                  clip_norm=1.0, lr=0.1), **extra}, declared_size=len(y))
     st = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[0, 3])
     return stacked.predict_stacked(st, x[:12])
 
@@ -98,7 +98,7 @@ def test_stacked_engine_keeps_every_tensor_on_the_run_device(case, meta_default)
 @pytest.mark.parametrize(("subset", "averaging"), [(None, None), (100, "tail")])
 def test_linear_engine_keeps_every_tensor_on_the_run_device(subset, averaging, meta_default):
     x, y = _images(8)
-    cfg = linear.LinearDpSgd(0.05, 1.0, 3, 1.0, 0.1, subset, averaging)
+    cfg = linear.LinearDpSgd(0.05, 1.0, 3, 1.0, 0.1, subset, averaging, declared_size=len(y))
     w, b = linear.train_linear(cfg, x.flatten(1), y, 10, seed=1, instances=[0, 2])
     scores = linear.predict_linear(w, b, x[:12].flatten(1))
     assert np.isfinite(np.asarray(scores)).all()
@@ -110,7 +110,8 @@ def test_a_run_trains_on_its_device(model, meta_default):
     x, y = _images(8, n=200)
     if model == "linear":
         x = x.flatten(1)
-    data = Dataset("digits", x[:160].numpy(), y[:160].numpy(), x[160:].numpy(), y[160:].numpy())
+    data = Dataset("digits", x[:160].numpy(), y[:160].numpy(), x[160:].numpy(), y[160:].numpy(),
+                   num_classes=10, declared_size=160)
     cfg = RunConfig(model=model, instances=2, steps=3, sample_rate=0.05,
                     **(dict(features="scatter", optimizer="sgd") if model == "linear" else {}))
     scores = train_group(cfg, [0, 1], data)
@@ -121,7 +122,8 @@ def test_library_entry_point_keeps_every_tensor_on_the_run_device(meta_default):
     x, y = _images(8, n=120)
     scores, _ = stacked.train_ensemble(
         lambda: build_model("digits_cnn", 1, 10), x.numpy(), y.numpy(), x[:5].numpy(),
-        instances=2, sample_rate=0.05, noise_multiplier=1.0, steps=2, clip_norm=1.0)
+        instances=2, sample_rate=0.05, noise_multiplier=1.0, steps=2, clip_norm=1.0,
+        declared_size=len(y))
     assert scores.shape == (2, 5, 10)
 
 
@@ -135,7 +137,8 @@ def test_reference_and_baseline_training_keep_their_tensors_placed(meta_default)
     )
 
     x, y = _images(8, n=120)
-    cfg = TrainConfig(0.05, 1.0, 2, 1.0, 0.1, model="digits_cnn", subset_size=100)
+    cfg = TrainConfig(0.05, 1.0, 2, 1.0, 0.1, model="digits_cnn", subset_size=100,
+                      declared_size=len(y))
     train_instance(cfg, x, y, 10, seed=0, instance=1)
     model = train_plain("digits_cnn", x, y, 10, epochs=1, batch_size=32, lr=0.1,
                         optimizer="sgd", gen=instance_generator(0, 0))
@@ -159,13 +162,13 @@ def test_training_leaves_the_callers_random_state_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()
     x, y = _images(8, n=60)
-    stacked.train_stacked(stacked.DpSgd(0.05, 1.0, 2, 1.0, 0.1),
+    stacked.train_stacked(stacked.DpSgd(0.05, 1.0, 2, 1.0, 0.1, declared_size=len(y)),
                           lambda: build_model("digits_cnn", 1, 10), x, y, seed=0, instances=[0])
     train_plain("digits_cnn", x, y, 10, epochs=1, batch_size=32, lr=0.1, optimizer="sgd",
                 gen=instance_generator(0, 0))
     stacked.train_ensemble(lambda: build_model("digits_cnn", 1, 10), x.numpy(), y.numpy(),
                            x[:3].numpy(), instances=1, sample_rate=0.05, noise_multiplier=1.0,
-                           steps=1, clip_norm=1.0)
+                           steps=1, clip_norm=1.0, declared_size=len(y))
     assert torch.equal(torch.get_rng_state(), before)
 
 

@@ -311,7 +311,7 @@ def test_your_own_feature_vectors_train_certify_and_serve(tmp_path):
     x_train = (centres[y_train] + rng.normal(size=(600, 16))).astype(np.float32)
     x_test = (centres[y_test] + rng.normal(size=(80, 16))).astype(np.float32)
     np.savez(tmp_path / "mine.npz", x_train=x_train, y_train=y_train, x_test=x_test,
-             y_test=y_test)
+             y_test=y_test, train_size=600)
     cfg = RunConfig(dataset="npz", data_dir=str(tmp_path / "mine.npz"), model="linear",
                     optimizer="sgd", lr=0.5, instances=30, steps=100, sample_rate=0.05,
                     noise_multiplier=2.0, eta=0.05, max_radius=20, workers=1)

@@ -17,7 +17,8 @@ def _data(n=400, dim=12, classes=3, seed=0):
     return x, y
 
 
-CFG = linear.LinearDpSgd(sample_rate=0.05, noise_multiplier=1.0, steps=40, clip_norm=0.7, lr=0.5)
+CFG = linear.LinearDpSgd(sample_rate=0.05, noise_multiplier=1.0, steps=40, clip_norm=0.7, lr=0.5,
+                         declared_size=400)
 
 
 @pytest.mark.parametrize("s", [1.0, 0.5, 0.0])
@@ -117,7 +118,7 @@ def test_poisson_indices_are_bernoulli_q_per_example():
 def test_subset_training_ignores_examples_outside_the_subset():
     x, y = _data()
     cfg = linear.LinearDpSgd(sample_rate=0.1, noise_multiplier=1.0, steps=20, clip_norm=1.0,
-                             lr=0.5, subset_size=100)
+                             lr=0.5, subset_size=100, declared_size=len(y))
     subset = linear._numpy_stream(3, 0).choice(len(y), 100, replace=False)
     outside = np.setdiff1d(np.arange(len(y)), subset)
     x2, y2 = x.clone(), y.clone()
@@ -146,7 +147,7 @@ def _plain_linear_dp_sgd(cfg, x, y, classes, seed, instances):
     b = torch.zeros(k, classes)
     beta = torch.zeros(k, classes)  # s != 1: b = s beta, DP-SGD on (w, beta)
     avg_w, avg_b, count = torch.zeros_like(w), torch.zeros_like(b), 0
-    size = cfg.lr / (cfg.sample_rate * n)
+    size = cfg.lr / (cfg.sample_rate * (cfg.subset_size or cfg.declared_size))
     for step in range(cfg.steps):
         picks = [linear.poisson_indices(n, cfg.sample_rate, r) for r in rngs]
         width = max(1, *(len(p) for p in picks))
@@ -182,7 +183,7 @@ def test_engine_equals_the_plain_algorithm_bit_for_bit(subset, averaging):
     # that may not change a single bit. (Other batch companions change the rounding of the
     # batched products only: test_instance_is_independent_of_its_batch_companions.)
     x, y = _data()
-    cfg = linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, subset, averaging)
+    cfg = linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, subset, averaging, declared_size=len(y))
     got = linear.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
     want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0, 7])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -194,7 +195,7 @@ def test_bias_feature_is_dp_sgd_on_the_weights_and_beta(s, averaging):
     algorithm written that way agrees (up to float rounding: the engine updates b directly),
     and s = 0 trains no bias at all."""
     x, y = _data()
-    cfg = linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging, s)
+    cfg = linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging, s, declared_size=len(y))
     got = linear.train_linear(cfg, x, y, 3, seed=5, instances=[2, 0])
     want = _plain_linear_dp_sgd(cfg, x, y, 3, seed=5, instances=[2, 0])
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
@@ -203,7 +204,8 @@ def test_bias_feature_is_dp_sgd_on_the_weights_and_beta(s, averaging):
         assert not got[1].any()
     else:
         assert got[1].abs().min() > 0
-    plain = linear.train_linear(linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging),
+    plain = linear.train_linear(linear.LinearDpSgd(0.02, 1.0, 25, 0.7, 0.5, None, averaging,
+                                                   declared_size=len(y)),
                                 x, y, 3, seed=5, instances=[2, 0])
     assert not torch.allclose(got[0], plain[0])  # s does change the learner
 
@@ -219,9 +221,10 @@ def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
     steps = 6
     iterates = []
     for t in range(1, steps + 1):
-        cfg = linear.LinearDpSgd(0.05, 1.0, t, 0.7, 0.5)
+        cfg = linear.LinearDpSgd(0.05, 1.0, t, 0.7, 0.5, declared_size=len(y))
         iterates.append(linear.train_linear(cfg, x, y, 3, seed=1, instances=[4]))
-    avg = linear.train_linear(linear.LinearDpSgd(0.05, 1.0, steps, 0.7, 0.5, averaging="tail"),
+    avg = linear.train_linear(linear.LinearDpSgd(0.05, 1.0, steps, 0.7, 0.5, averaging="tail",
+                                                 declared_size=len(y)),
                               x, y, 3, seed=1, instances=[4])
     want_w = torch.stack([w for w, _ in iterates[steps // 2:]]).mean(0)
     want_b = torch.stack([b for _, b in iterates[steps // 2:]]).mean(0)
@@ -232,7 +235,7 @@ def test_tail_averaging_is_the_mean_of_the_second_half_of_the_iterates():
 def test_learns_a_separable_problem_and_predicts_distributions():
     x, y = _data(n=600, dim=8, classes=2, seed=4)
     y = (x[:, 0] > 0).long()
-    cfg = linear.LinearDpSgd(0.2, 0.5, 150, 1.0, 2.0)
+    cfg = linear.LinearDpSgd(0.2, 0.5, 150, 1.0, 2.0, declared_size=len(y))
     w, b = linear.train_linear(cfg, x, y, 2, seed=0, instances=[0, 1])
     scores = linear.predict_linear(w, b, x)
     assert scores.shape == (2, 600, 2)
@@ -253,19 +256,29 @@ def test_library_entry_point_trains_scores_and_records_the_mechanism():
     x, y = _data(n=300, dim=10, classes=3, seed=5)
     scores, record = linear.train_linear_ensemble(
         x.numpy(), y.numpy(), x[:20].numpy(), instances=7, sample_rate=0.1,
-        noise_multiplier=1.5, steps=25, clip_norm=1.0, lr=0.5, batch_instances=3)
+        noise_multiplier=1.5, steps=25, clip_norm=1.0, lr=0.5, batch_instances=3,
+        num_classes=3, declared_size=300)
     assert scores.shape == (7, 20, 3)
     assert (record.sample_rate, record.noise_multiplier, record.steps, record.dataset_size,
             record.sampling) == (0.1, 1.5, 25, 300, "poisson")
-    w, b = linear.train_linear(linear.LinearDpSgd(0.1, 1.5, 25, 1.0, 0.5), x, y, 3, seed=0,
-                               instances=[4])
+    w, b = linear.train_linear(linear.LinearDpSgd(0.1, 1.5, 25, 1.0, 0.5, declared_size=300),
+                               x, y, 3, seed=0, instances=[4])
     np.testing.assert_allclose(scores[4], linear.predict_linear(w, b, x[:20])[0], atol=1e-5)
     cert = certify(tally_votes(scores), record, cache_dir=None, max_radius=5)
     assert cert.radius.shape == (20,)
+    common = dict(instances=2, sample_rate=0.1, noise_multiplier=1.0, steps=2, clip_norm=1.0,
+                  lr=0.1)
     with pytest.raises(UserError):
-        linear.train_linear_ensemble(x.numpy(), y.numpy(), x[:, :3].numpy(), instances=2,
-                                     sample_rate=0.1, noise_multiplier=1.0, steps=2,
-                                     clip_norm=1.0, lr=0.1)
+        linear.train_linear_ensemble(x.numpy(), y.numpy(), x[:, :3].numpy(), num_classes=3,
+                                     declared_size=300, **common)
+    # the label set and the step size's divisor are declared, never read off (x, y)
+    with pytest.raises(UserError, match=r"example 299 has label 3, outside the declared "
+                                        r"label set 0\.\.2"):
+        linear.train_linear_ensemble(x.numpy(), np.r_[y.numpy()[:-1], 3], x[:5].numpy(),
+                                     num_classes=3, declared_size=300, **common)
+    with pytest.raises(UserError, match="none is declared"):
+        linear.train_linear_ensemble(x.numpy(), y.numpy(), x[:5].numpy(), num_classes=3,
+                                     declared_size=None, **common)
 
 
 def test_instances_that_fit_fill_the_given_share_of_memory():
@@ -294,6 +307,7 @@ def test_auto_batch_on_cpu_keeps_the_measured_linear_default():
 def test_progress_reports_every_step():
     x, y = _data()
     seen = []
-    linear.train_linear(linear.LinearDpSgd(0.05, 1.0, 7, 0.7, 0.5), x, y, 3, seed=0,
+    linear.train_linear(linear.LinearDpSgd(0.05, 1.0, 7, 0.7, 0.5,
+                                           declared_size=len(y)), x, y, 3, seed=0,
                         instances=[0, 1], progress=seen.append)
     assert seen == list(range(1, 8))

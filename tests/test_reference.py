@@ -82,7 +82,8 @@ def test_noise_scale_is_sigma_c_over_expected_batch():
     x = torch.randn(200, 1, 8, 8)
     y = torch.randint(0, 10, (200,))
     sigma, clip, q = 1e4, 1e-3, 0.1
-    cfg = TrainConfig(q, sigma, 1, clip, lr=1.0, optimizer="sgd", model="digits_cnn")
+    cfg = TrainConfig(q, sigma, 1, clip, lr=1.0, optimizer="sgd", model="digits_cnn",
+                      declared_size=len(y))
     torch.manual_seed(0)
     trained = train_instance(cfg, x, y, 10, seed=3, instance=0)
     # the initial weights train_instance started from
@@ -99,7 +100,7 @@ def test_same_seed_same_model_different_instance_different_model():
     x = torch.randn(100, 1, 8, 8)
     y = torch.randint(0, 10, (100,))
     cfg = TrainConfig(0.1, 1.0, 5, 1.0, lr=0.01, optimizer="adam", subset_size=60,
-                      model="digits_cnn")
+                      model="digits_cnn", declared_size=len(y))
     a = train_instance(cfg, x, y, 10, seed=1, instance=2)
     b = train_instance(cfg, x, y, 10, seed=1, instance=2)
     c = train_instance(cfg, x, y, 10, seed=1, instance=3)

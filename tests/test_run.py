@@ -190,7 +190,7 @@ def test_bias_feature_reaches_the_engine_and_guards_the_run_directory(tmp_path):
     run(cfg, tmp_path, progress=False)
     data = load_dataset_cached("digits", None, "scatter")
     lcfg = linear.LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
-                              cfg.lr, bias_feature=0.5)
+                              cfg.lr, bias_feature=0.5, declared_size=len(data.y_train))
     w, b = linear.train_linear(lcfg, torch.tensor(data.x_train), torch.tensor(data.y_train),
                                10, seed=0, instances=[1])
     want = linear.predict_linear(w, b, torch.tensor(data.x_test))[0]

@@ -227,10 +227,12 @@ def test_shifted_copies_are_translations_uniform_over_offsets():
 def test_augmented_instance_is_the_same_model_whatever_trains_beside_it():
     model_fn, side = MODELS["digits_cnn"]
     x, y = _data(side, n=200)
-    cfg = stacked.DpSgd(0.05, 1.0, 10, 1.0, 0.05, augment_shift=1, augment_copies=2)
+    cfg = stacked.DpSgd(0.05, 1.0, 10, 1.0, 0.05, augment_shift=1, augment_copies=2,
+                        declared_size=len(y))
     together = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[0, 1, 2])
     alone = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[2])
-    plain = stacked.train_stacked(stacked.DpSgd(0.05, 1.0, 10, 1.0, 0.05), model_fn, x, y,
+    plain = stacked.train_stacked(stacked.DpSgd(0.05, 1.0, 10, 1.0, 0.05,
+                                                declared_size=len(y)), model_fn, x, y,
                                   seed=4, instances=[2])
     for name, p in together.params.items():
         torch.testing.assert_close(p[2], alone.params[name][0], rtol=1e-4, atol=1e-5)
@@ -241,7 +243,7 @@ def test_augmented_instance_is_the_same_model_whatever_trains_beside_it():
 def test_an_instance_is_the_same_model_whatever_trains_beside_it(optimizer):
     model_fn, side = MODELS["digits_cnn"]
     x, y = _data(side, n=200)
-    cfg = stacked.DpSgd(0.05, 1.0, 15, 1.0, 0.05, optimizer)
+    cfg = stacked.DpSgd(0.05, 1.0, 15, 1.0, 0.05, optimizer, declared_size=len(y))
     together = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[0, 1, 2, 3])
     pair = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[3, 1])
     alone = stacked.train_stacked(cfg, model_fn, x, y, seed=4, instances=[1])
@@ -260,7 +262,7 @@ def test_an_instance_is_the_same_model_whatever_trains_beside_it(optimizer):
 def test_every_convolution_layout_trains_the_same_instances(monkeypatch):
     model_fn, side = MODELS["lenet5"]
     x, y = _data(side, n=150)
-    cfg = stacked.DpSgd(0.1, 1.0, 4, 1.0, 0.05)
+    cfg = stacked.DpSgd(0.1, 1.0, 4, 1.0, 0.05, declared_size=len(y))
     runs = {}
     for impl in ("grouped", "patches", "vmap"):
         monkeypatch.setattr(stacked, "CONV_IMPL", impl)
@@ -280,7 +282,7 @@ def test_every_convolution_layout_trains_the_same_instances(monkeypatch):
 def test_vmap_path_trains_like_the_ghost_path():
     model_fn, side = MODELS["digits_cnn"]
     x, y = _data(side, n=150)
-    cfg = stacked.DpSgd(0.1, 1.0, 5, 1.0, 0.05)
+    cfg = stacked.DpSgd(0.1, 1.0, 5, 1.0, 0.05, declared_size=len(y))
     ghost_run = stacked.train_stacked(cfg, model_fn, x, y, seed=2, instances=[0, 1])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stacked.ghost, "supports", lambda model: False)
@@ -294,7 +296,7 @@ def test_vmap_path_trains_like_the_ghost_path():
 def test_subset_training_ignores_examples_outside_the_subset():
     model_fn, side = MODELS["digits_cnn"]
     x, y = _data(side, n=200)
-    cfg = stacked.DpSgd(0.1, 1.0, 8, 1.0, 0.05, subset_size=50)
+    cfg = stacked.DpSgd(0.1, 1.0, 8, 1.0, 0.05, subset_size=50, declared_size=len(y))
     rows = stacked._subset_rows(philox.instance_keys(6, [0], "cpu"), 200, 50)[0]
     assert len(torch.unique(rows)) == 50
     outside = np.setdiff1d(np.arange(200), rows.numpy())
@@ -315,7 +317,7 @@ def test_learns_digits():
 
     data = load_dataset("digits")
     x, y = torch.tensor(data.x_train), torch.tensor(data.y_train)
-    cfg = stacked.DpSgd(0.05, 0.5, 150, 1.0, 0.01, "adam")
+    cfg = stacked.DpSgd(0.05, 0.5, 150, 1.0, 0.01, "adam", declared_size=len(y))
     st = stacked.train_stacked(cfg, MODELS["digits_cnn"][0], x, y, seed=0, instances=[0, 1])
     scores = stacked.predict_stacked(st, torch.tensor(data.x_test))
     assert scores.shape == (2, len(data.y_test), 10)
@@ -330,12 +332,14 @@ def test_library_entry_point_trains_any_model_and_records_the_mechanism():
     x, y = _data(8, n=300)
     scores, record = stacked.train_ensemble(
         model_fn, x.numpy(), y.numpy(), x[:40].numpy(), instances=5, sample_rate=0.05,
-        noise_multiplier=1.5, steps=12, clip_norm=1.0, seed=3, batch_instances=2)
+        noise_multiplier=1.5, steps=12, clip_norm=1.0, seed=3, batch_instances=2,
+        declared_size=len(y))
     assert scores.shape == (5, 40, 10) and scores.dtype == np.float32
     np.testing.assert_allclose(scores.sum(2), 1.0, atol=1e-5)
     assert (record.sample_rate, record.noise_multiplier, record.steps, record.clip_norm,
             record.dataset_size, record.sampling) == (0.05, 1.5, 12, 1.0, 300, "poisson")
-    alone = stacked.train_stacked(stacked.DpSgd(0.05, 1.5, 12, 1.0, 0.1), model_fn, x, y,
+    alone = stacked.train_stacked(stacked.DpSgd(0.05, 1.5, 12, 1.0, 0.1,
+                                                declared_size=len(y)), model_fn, x, y,
                                   seed=3, instances=[4])
     np.testing.assert_allclose(scores[4], stacked.predict_stacked(alone, x[:40])[0], atol=1e-5)
 
@@ -343,7 +347,8 @@ def test_library_entry_point_trains_any_model_and_records_the_mechanism():
 @pytest.mark.parametrize("bad", [
     dict(instances=0), dict(optimizer="rmsprop"), dict(batch_instances=0),
     dict(y=np.zeros(299, np.int64)), dict(y=np.full(300, 0.5)), dict(sample_rate=2.0),
-    dict(x_eval=np.zeros((4, 1, 9, 9), np.float32)),
+    dict(x_eval=np.zeros((4, 1, 9, 9), np.float32)), dict(declared_size=None),
+    dict(declared_size=0),
     dict(model_fn=lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                                         nn.Linear(4 * 6 * 6, 10))),
 ])
@@ -352,7 +357,7 @@ def test_library_entry_point_rejects_bad_input(bad):
 
     x, y = _data(8, n=300)
     args = dict(x=x.numpy(), y=y.numpy(), x_eval=x[:4].numpy(), instances=2, sample_rate=0.05,
-                noise_multiplier=1.0, steps=2, clip_norm=1.0)
+                noise_multiplier=1.0, steps=2, clip_norm=1.0, declared_size=300)
     args.update(bad)
     model_fn = args.pop("model_fn", MODELS["digits_cnn"][0])
     with pytest.raises(UserError):

@@ -47,7 +47,7 @@ __all__ = [
     "radius_summary",
     *_LAZY,
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):

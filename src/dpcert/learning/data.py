@@ -3,10 +3,20 @@
 Every loader returns a :class:`Dataset` with float32 images in [0, 1], shape (n, C, H, W), and
 int64 labels. A missing or malformed dataset is a one-line :class:`UserError` naming what was
 expected where.
+
+What one example may change. Every certificate bounds the effect of inserted or deleted
+training examples *through the training algorithm it accounts for*, so nothing a loader hands
+on may be a statistic of the whole training set: the scale of the inputs, the label set and
+the number of examples the learning rate is scaled by are *declared* — by the dataset's own
+description (IDX and CIFAR files are bytes 0..255 of 10 classes, the digits are 0..16) or by
+entries of an .npz (``raw_max``, ``num_classes``, ``train_size``) — and never read off the
+examples. An example outside the declared input range, or with a label outside the declared
+set, is refused in one line that names it; it is never rescaled or given a class of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import io
@@ -26,13 +36,23 @@ _MAX_IDX_ITEMS = 1 << 31
 @dataclass(frozen=True)
 class Dataset:
     """Train and test splits: x float32 (n, C, H, W) in [0, 1] (or features (n, D)),
-    y int64 (n,)."""
+    y int64 (n,) in 0..num_classes-1.
+
+    ``num_classes``, ``raw_max`` (the integer range images were divided by) and
+    ``declared_size`` (the number of training examples a DP run scales its learning rate by;
+    None where the dataset declares none) are declared, never computed from the training
+    split. Construction checks every example against them and refuses, in one line naming the
+    example, any image value outside [0, 1], any non-finite feature and any label outside the
+    declared set."""
 
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    num_classes: int
+    raw_max: int = 255
+    declared_size: int | None = None
 
     def __post_init__(self) -> None:
         # Canonical C strides everywhere: a size-1 channel axis made by x[:, None] keeps
@@ -44,14 +64,53 @@ class Dataset:
             canonical = tuple(arr.itemsize * math.prod(arr.shape[i + 1:]) for i in range(arr.ndim))
             if arr.strides != canonical:
                 object.__setattr__(self, name, np.array(arr, order="C", copy=True))
-
-    @property
-    def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
+        if not (isinstance(self.num_classes, int) and self.num_classes >= 2):
+            raise UserError(f"{self.name}: the label set must be declared as an integer "
+                            f"number of classes >= 2, got {self.num_classes!r}")
+        for split in ("train", "test"):
+            check_examples(getattr(self, f"x_{split}"), self.name, split)
+            check_labels(getattr(self, f"y_{split}"), self.num_classes, self.name, split)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+def _first_bad(ok: np.ndarray) -> tuple[int, int]:
+    """(index of the first example whose row of ``ok`` (n, ...) is not all true, how many)."""
+    bad = np.flatnonzero(~ok.reshape(len(ok), -1).all(axis=1))
+    return (int(bad[0]), len(bad)) if len(bad) else (-1, 0)
+
+
+def check_examples(x: np.ndarray, name: str, split: str) -> None:
+    """Refuse images (n, C, H, W) with a value outside [0, 1] or features (n, D) with a
+    non-finite value, naming the first such example: the range is declared, so an example
+    outside it is an error, never a reason to rescale the others."""
+    if x.ndim not in (2, 4) or len(x) == 0 or x.dtype != np.float32:
+        raise UserError(f"{name}: {split} inputs must be non-empty float32 images (n, C, H, W) "
+                        f"or features (n, D), got {x.dtype} {x.shape}")
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(x) if x.ndim == 2 else (x >= 0) & (x <= 1)
+    first, count = _first_bad(ok)
+    if count:
+        what = ("a value that is not a finite number" if x.ndim == 2
+                else "values outside the declared input range")
+        raise UserError(f"{name}: {split} example {first} has {what} ({count} such "
+                        f"example{'s' if count > 1 else ''}); the scale of the data is "
+                        "declared, not read from it — fix or remove the example")
+
+
+def check_labels(y: np.ndarray, num_classes: int, name: str, split: str) -> None:
+    """Refuse labels outside the declared set 0..num_classes-1, naming the first one."""
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{name}: {split} labels must be integers (n,), got {y.dtype} "
+                        f"{y.shape}")
+    first, count = _first_bad((y >= 0) & (y < num_classes))
+    if count:
+        raise UserError(f"{name}: {split} example {first} has label {int(y[first])}, outside "
+                        f"the declared label set 0..{num_classes - 1} ({count} such "
+                        f"example{'s' if count > 1 else ''}); the label set is declared (an "
+                        ".npz declares it as num_classes), never read off the training labels")
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -69,7 +128,9 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
-    return Dataset("digits", x[~test], y[~test], x[test], y[test])
+    # the embedded dataset is fixed: its split's size is a constant of the package
+    return Dataset("digits", x[~test], y[~test], x[test], y[test], num_classes=10, raw_max=16,
+                   declared_size=int((~test).sum()))
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -105,6 +166,16 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dt).reshape(dims)
 
 
+#: The standard training splits' sizes: what a DP run on these datasets declares.
+MNIST_TRAIN_SIZE, CIFAR10_TRAIN_SIZE = 60_000, 50_000
+
+
+def _scaled(x: np.ndarray, raw_max: float) -> np.ndarray:
+    """x / raw_max in float64, rounded to float32 (values are checked by :class:`Dataset`)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (x / float(raw_max)).astype(np.float32)
+
+
 def _find(folder: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (folder / name).exists():
@@ -123,8 +194,13 @@ def load_mnist_like(folder: Path, name: str = "mnist") -> Dataset:
     yte = read_idx(_find(folder, "t10k-labels-idx1-ubyte"))
     if xtr.ndim != 3 or len(xtr) != len(ytr) or xte.ndim != 3 or len(xte) != len(yte):
         raise UserError(f"{folder}: image and label files do not match")
-    return Dataset(name, (xtr / 255.0).astype(np.float32)[:, None], ytr.astype(np.int64),
-                   (xte / 255.0).astype(np.float32)[:, None], yte.astype(np.int64))
+    if ytr.ndim != 1 or yte.ndim != 1 or not np.issubdtype(ytr.dtype, np.integer):
+        raise UserError(f"{folder}: label files must hold one integer per image")
+    # Bytes 0..255 of 10 classes, as the format declares; the standard training split has
+    # 60,000 images (what a DP run scales its learning rate by, whatever the files hold).
+    return Dataset(name, _scaled(xtr, 255)[:, None], ytr.astype(np.int64),
+                   _scaled(xte, 255)[:, None], yte.astype(np.int64), num_classes=10,
+                   raw_max=255, declared_size=MNIST_TRAIN_SIZE)
 
 
 class _NoObjectsUnpickler(pickle.Unpickler):
@@ -176,13 +252,26 @@ def load_cifar10(folder: Path) -> Dataset:
     xte, yte = read_cifar_batch(folder / "test_batch")
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
-    return Dataset("cifar10", (xtr / 255.0).astype(np.float32), ytr,
-                   (xte / 255.0).astype(np.float32), yte)
+    return Dataset("cifar10", _scaled(xtr, 255), ytr, _scaled(xte, 255), yte, num_classes=10,
+                   raw_max=255, declared_size=CIFAR10_TRAIN_SIZE)
 
 
 def load_npz(path: Path) -> Dataset:
     """Any .npz with x_train, y_train, x_test, y_test: images (n, H, W) or (n, C, H, W), or
-    your own feature vectors (n, D) (used as they are, for the linear model)."""
+    your own feature vectors (n, D) (used as they are).
+
+    What the file declares (never read off the training examples):
+
+    * ``raw_max`` (optional scalar): images are numbers in [0, raw_max], divided by it.
+      Without it, integer images are bytes 0..255 and float images lie in [0, 1] already.
+    * ``num_classes`` (optional scalar): the label set 0..num_classes-1. Without it, the
+      labels the test split uses (its largest + 1).
+    * ``train_size`` (optional scalar): the number of training examples a DP run scales its
+      learning rate by. Without it, a DP run on the file is refused (partition defences and
+      Bagging do not need it).
+
+    An image outside [0, raw_max] or a label outside the label set is refused in one line
+    naming the split and the example's index."""
     try:
         z = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -194,8 +283,49 @@ def load_npz(path: Path) -> Dataset:
     if missing:
         raise UserError(f"{path} lacks arrays {missing}")
     x_tr, y_tr, x_te, y_te = (np.asarray(z[k]) for k in keys)
+    declared = {k: _npz_scalar(path, z, k) for k in ("raw_max", "num_classes", "train_size")}
+    for y, what in ((y_tr, "y_train"), (y_te, "y_test")):
+        if y.ndim != 1 or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{path}: {what} must be integer labels (n,), got {y.dtype} "
+                            f"{y.shape}")
+    num_classes = declared["num_classes"] or max(2, int(y_te.max()) + 1)
     if x_tr.ndim == 2 or x_te.ndim == 2:
-        return _npz_features(path, x_tr, y_tr, x_te, y_te)
+        if declared["raw_max"] is not None:
+            raise UserError(f"{path}: raw_max declares an image scale; feature vectors are "
+                            "used as they are")
+        xs = _npz_features(path, x_tr, x_te)
+        raw_max = 255
+    else:
+        xs, raw_max = _npz_images(path, x_tr, x_te, declared["raw_max"])
+    for y, x, what in ((y_tr, xs[0], "training"), (y_te, xs[1], "test")):
+        if len(y) != len(x):
+            raise UserError(f"{path}: {len(x)} {what} inputs but {len(y)} labels")
+    return Dataset(path.stem, xs[0], y_tr.astype(np.int64), xs[1], y_te.astype(np.int64),
+                   num_classes=num_classes, raw_max=raw_max,
+                   declared_size=declared["train_size"])
+
+
+def _npz_scalar(path: Path, z, key: str) -> int | None:
+    """A declared positive integer of an .npz (a 0-d array), or None when absent."""
+    if key not in z:
+        return None
+    v = np.asarray(z[key])
+    if v.shape != () or not np.issubdtype(v.dtype, np.integer) or int(v) < 1:
+        raise UserError(f"{path}: {key} must be one positive integer, got {v.dtype} {v.shape}")
+    return int(v)
+
+
+def _npz_images(path: Path, x_tr, x_te, raw_max: int | None) -> tuple[list, int]:
+    """Both splits' images as float32 (n, C, H, W) in [0, 1], and the raw_max a kept
+    ensemble records for raw integer inputs. The scale is one per file and declared
+    (``raw_max``, or the dtype: integers are 0..255, floats 0..1); every value is checked
+    against it, per example, by :class:`Dataset`."""
+    integer = [np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_ for x in (x_tr, x_te)]
+    if raw_max is None and integer[0] != integer[1]:
+        raise UserError(f"{path}: x_train is {x_tr.dtype} and x_test {x_te.dtype}; the scale "
+                        "is read from the dtype, so give both splits the same kind of number "
+                        "(or declare raw_max)")
+    divisor = raw_max if raw_max is not None else (255 if integer[0] else 1)
     out = []
     for x in (x_tr, x_te):
         if x.ndim == 3:
@@ -203,21 +333,16 @@ def load_npz(path: Path) -> Dataset:
         if x.ndim != 4 or x.size == 0 or not np.issubdtype(x.dtype, np.number):
             raise UserError(f"{path}: images must be numbers of non-empty shape "
                             f"(n, [C,] H, W), got {x.dtype} {x.shape}")
-        with np.errstate(over="ignore"):
-            x = x.astype(np.float32)
-        if not np.all(np.isfinite(x)):  # NaN, inf, or beyond float32's range
-            raise UserError(f"{path}: images must be finite float32 numbers")
-        if x.max() > 1.0:
-            x = x / 255.0
-        out.append(x)
-    for y, x in ((y_tr, out[0]), (y_te, out[1])):
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise UserError(f"{path}: labels must be non-negative integers, one per image")
-    return Dataset(path.stem, out[0], y_tr.astype(np.int64), out[1], y_te.astype(np.int64))
+        out.append(_scaled(x, divisor))
+    if out[0].shape[1:] != out[1].shape[1:]:
+        raise UserError(f"{path}: training images are {out[0].shape[1:]}, test images "
+                        f"{out[1].shape[1:]}")
+    return out, raw_max if raw_max is not None else 255
 
 
-def _npz_features(path: Path, x_tr, y_tr, x_te, y_te) -> Dataset:
-    """Feature vectors (n, D) from an .npz, finite float32, not rescaled."""
+def _npz_features(path: Path, x_tr, x_te) -> list[np.ndarray]:
+    """Feature vectors (n, D) from an .npz, float32, not rescaled (finiteness is checked
+    per example by :class:`Dataset`)."""
     if x_tr.ndim != 2 or x_te.ndim != 2 or x_tr.shape[1] != x_te.shape[1] or x_tr.size == 0:
         raise UserError(f"{path}: feature vectors must be (n, D) in both splits with the same "
                         f"D, got {x_tr.shape} and {x_te.shape}")
@@ -226,14 +351,8 @@ def _npz_features(path: Path, x_tr, y_tr, x_te, y_te) -> Dataset:
         if not np.issubdtype(x.dtype, np.number):
             raise UserError(f"{path}: features must be numbers, got {x.dtype}")
         with np.errstate(over="ignore"):
-            x = x.astype(np.float32)
-        if not np.all(np.isfinite(x)):
-            raise UserError(f"{path}: features must be finite float32 numbers")
-        out.append(x)
-    for y, x in ((y_tr, out[0]), (y_te, out[1])):
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise UserError(f"{path}: labels must be non-negative integers, one per row")
-    return Dataset(path.stem, out[0], y_tr.astype(np.int64), out[1], y_te.astype(np.int64))
+            out.append(x.astype(np.float32))
+    return out
 
 
 def load_dataset(name: str, path: Path | None = None) -> Dataset:
@@ -269,5 +388,5 @@ def load_dataset_cached(name: str, path: str | None = None,
 
     # A bar only on a terminal: workers, tests and piped runs (--quiet) stay silent.
     bar = sys.stderr.isatty()
-    return Dataset(data.name, transform(data.x_train, features, progress=bar), data.y_train,
-                   transform(data.x_test, features, progress=bar), data.y_test)
+    return dataclasses.replace(data, x_train=transform(data.x_train, features, progress=bar),
+                               x_test=transform(data.x_test, features, progress=bar))

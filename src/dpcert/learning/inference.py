@@ -52,13 +52,41 @@ def constant_params(model: str, in_channels: int, num_classes: int, *, label: in
     return params
 
 
+#: Parameters holding one row per training example (the nearest-neighbour and kernel-ridge
+#: families), and the value of a padding row: it never matches (label -1) or adds an exact
+#: zero (coefficient 0), so scores do not depend on how many rows a stack is padded to.
+ROW_PADDING = {"examples": 0.0, "labels": -1.0, "coef": 0.0}
+
+
 def stack_params(params: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """K per-instance dicts with the same names and shapes -> {name: (K, ...)}."""
+    """K per-instance dicts with the same names and shapes -> {name: (K, ...)}.
+
+    Models that keep their examples' rows (:data:`ROW_PADDING`) are each kept with their own
+    number of rows — a function of their own part, which an example inserted elsewhere
+    cannot change — and padded here to the largest of the K."""
     names = sorted(params[0])
-    for p in params[1:]:
-        if sorted(p) != names or any(p[n].shape != params[0][n].shape for n in names):
+    rows = [n for n in names if n in ROW_PADDING]
+
+    def shape(p: dict[str, np.ndarray], n: str) -> tuple[int, ...]:
+        return p[n].shape[1:] if n in rows else p[n].shape
+
+    for p in params:
+        if (sorted(p) != names or any(shape(p, n) != shape(params[0], n) for n in names)
+                or any(p[n].ndim == 0 for n in rows)):
             raise UserError("stored instances have different parameter names or shapes")
-    return {n: np.stack([p[n] for p in params]) for n in names}
+        if len({p[n].shape[0] for n in rows}) > 1:
+            raise UserError("a stored model's example rows disagree in number")
+    top = max((p[n].shape[0] for p in params for n in rows), default=0)
+    return {n: np.stack([_padded(p[n], top, ROW_PADDING[n]) if n in rows else p[n]
+                         for p in params]) for n in names}
+
+
+def _padded(a: np.ndarray, rows: int, value: float) -> np.ndarray:
+    """``a`` (n, ...) with rows of ``value`` appended up to ``rows``."""
+    if len(a) == rows:
+        return a
+    pad = np.full((rows - len(a), *a.shape[1:]), value, a.dtype)
+    return np.concatenate([a, pad])
 
 
 def expected_shapes(model: str, in_channels: int, num_classes: int,

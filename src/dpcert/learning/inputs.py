@@ -67,11 +67,12 @@ class InputSpec:
             raise UserError(f"damaged input description: {err}") from None
 
     @staticmethod
-    def for_dataset(name: str, image_shape: tuple[int, ...], features: str | None,
+    def for_dataset(raw_max: int, image_shape: tuple[int, ...], features: str | None,
                     feature_dim: int | None) -> InputSpec:
-        """The spec of a run on dataset ``name`` (digits are 0..16, every other source 0..255)."""
-        return InputSpec(tuple(image_shape), 16 if name == "digits" else 255, features,
-                         feature_dim)
+        """The spec of a run on images that its dataset declares to be integers 0..raw_max
+        (:class:`dpcert.learning.data.Dataset`: 16 for the digits, 255 for IDX and CIFAR
+        files, an .npz's own ``raw_max``)."""
+        return InputSpec(tuple(image_shape), int(raw_max), features, feature_dim)
 
     def describe(self) -> str:
         if self.shape is None:

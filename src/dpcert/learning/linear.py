@@ -10,7 +10,8 @@ Each step is the Sampled Gaussian Mechanism exactly as :class:`~dpcert.Mechanism
 describes it: every example of the instance's data is included independently with probability
 q (Poisson; batches vary in size and may be empty), per-example gradients are clipped to C,
 N(0, sigma^2 C^2) noise is added to the sum of every coordinate, and the result is divided by
-the expected batch size q n.
+the expected batch size q n, n the *declared* number of training examples (a configuration,
+never a count of the data: :func:`dpcert.learning.philox.expected_batch`).
 
 Randomness depends on (seed, instance) alone, never on which instances share a batch: each
 instance owns a numpy stream (its subset, and its Poisson batches drawn as geometric gaps
@@ -42,7 +43,7 @@ import torch
 
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-from dpcert.learning.philox import batch_ceiling
+from dpcert.learning.philox import batch_ceiling, expected_batch
 
 AVERAGING = (None, "tail")
 #: SeedSequence "purposes", so the streams of one instance never overlap.
@@ -61,6 +62,9 @@ class LinearDpSgd:
     subset_size: int | None = None
     averaging: str | None = None
     bias_feature: float = 1.0
+    #: the declared number of training examples the step is scaled by
+    #: (:func:`dpcert.learning.philox.expected_batch`); not a count of the data
+    declared_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.averaging not in AVERAGING:
@@ -133,7 +137,8 @@ def train_linear(cfg: LinearDpSgd, x: torch.Tensor, y: torch.Tensor, num_classes
     bias = torch.zeros(k, num_classes, device=device)
     avg_w, avg_b, averaged = torch.zeros_like(weight), torch.zeros_like(bias), 0
     start_avg = cfg.steps // 2
-    step_size = cfg.lr / (cfg.sample_rate * n)
+    step_size = cfg.lr / expected_batch(cfg.sample_rate, subset_size=cfg.subset_size,
+                                        declared_size=cfg.declared_size)
     std = cfg.noise_multiplier * cfg.clip_norm
     eye = torch.eye(num_classes, device=device)
     # Every multi-MB tensor of a step lives in a buffer reused across steps: on the CPU a fresh
@@ -226,7 +231,8 @@ def predict_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
 def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                           x_eval: np.ndarray | torch.Tensor, *, instances: int,
                           sample_rate: float, noise_multiplier: float, steps: int,
-                          clip_norm: float, lr: float, seed: int = 0,
+                          clip_norm: float, lr: float, num_classes: int,
+                          declared_size: int | None, seed: int = 0,
                           subset_size: int | None = None, averaging: str | None = None,
                           bias_feature: float = 1.0, batch_instances: int = 100,
                           device: str = "cpu",
@@ -237,7 +243,14 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
     and int labels y (n,), any device. Returns softmax scores (P, N, L) of every instance on
     x_eval (N, D) and the :class:`~dpcert.MechanismRecord` of what ran, which
     :func:`dpcert.certify` consumes (votes: ``dpcert.workflows.run.tally_votes(scores)``).
+
+    ``num_classes`` (the label set 0..L-1) and ``declared_size`` (the number of training
+    examples each noisy gradient sum is divided by, times q) are declared, never read off
+    x and y: one example an attacker adds must not change every instance's shape or step
+    size. None for ``declared_size`` is allowed only with ``subset_size``. A label outside
+    the declared set is refused.
     """
+    expected_batch(sample_rate, subset_size=subset_size, declared_size=declared_size)
     record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
                              steps=steps, clip_norm=clip_norm, dataset_size=len(y),
                              sampling="poisson", subset_size=subset_size)
@@ -250,9 +263,14 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
     if xt.ndim != 2 or xe.ndim != 2 or xe.shape[1] != xt.shape[1] or yt.shape != (len(xt),):
         raise UserError(f"need features x (n, D), labels y (n,), x_eval (N, D); got "
                         f"{tuple(xt.shape)}, {tuple(yt.shape)}, {tuple(xe.shape)}")
-    num_classes = int(yt.max()) + 1
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if len(yt) and (int(yt.min()) < 0 or int(yt.max()) >= num_classes):
+        bad = int(torch.nonzero((yt < 0) | (yt >= num_classes))[0, 0])
+        raise UserError(f"training example {bad} has label {int(yt[bad])}, outside the "
+                        f"declared label set 0..{num_classes - 1}")
     cfg = LinearDpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, subset_size,
-                      averaging, bias_feature)
+                      averaging, bias_feature, declared_size=declared_size)
     from tqdm import tqdm
 
     out = []

@@ -26,6 +26,8 @@ import warnings
 import numpy as np
 import torch
 
+from dpcert.errors import UserError
+
 try:
     import randomgen
 except ImportError:  # the tensor rounds give the same words, only slower
@@ -211,6 +213,27 @@ def batch_ceiling(n: int, q: float) -> int:
     """The expected Poisson batch q n plus six standard deviations (and 16): how many gaps to
     draw at a time, and the batch width that memory estimates assume."""
     return int(n * q + 6 * math.sqrt(n * q) + 16)
+
+
+def expected_batch(sample_rate: float, *, subset_size: int | None,
+                   declared_size: int | None) -> float:
+    """The divisor of a DP-SGD step's noisy gradient sum: q times the *declared* number of
+    examples an instance trains on — its subset size m, else the training set's declared size.
+
+    Never the number of examples actually present: an attacker who inserts one example would
+    otherwise rescale every step of every instance, a change that no accounting of the one
+    example's gradient covers. (Dividing by the realised batch size would leak it the same
+    way.) Raises a one-line :class:`UserError` when neither size is declared."""
+    size = subset_size if subset_size is not None else declared_size
+    if size is None:
+        raise UserError("DP-SGD divides each noisy gradient sum by q times the declared "
+                        "number of training examples, and none is declared: give the "
+                        "dataset's train_size (an .npz entry; declared_size= in the Python "
+                        "API) — it is never counted from the training data")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+        raise UserError(f"the declared number of training examples must be a positive "
+                        f"integer, got {size!r}")
+    return sample_rate * size
 
 
 def poisson_positions(keys: tuple[torch.Tensor, torch.Tensor], step: int, n: int, q: float,

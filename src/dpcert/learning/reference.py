@@ -5,10 +5,12 @@ generators per instance) stays as the reference the engine is benchmarked agains
 
 Each step includes every training example independently with probability q (Poisson sampling:
 batch sizes vary and may be 0), clips each per-example gradient to L2 norm C over all
-parameters, adds N(0, sigma^2 C^2) to the sum, and divides by the *expected* batch size q n
-(dividing by the realised size would leak it). Per-example gradient norms and the clipped sum
-come from one forward and one backward pass for models made of Linear/Conv2d layers
-(:mod:`dpcert.learning.ghost`), and from torch.func (``vmap`` of ``grad``) for any other model.
+parameters, adds N(0, sigma^2 C^2) to the sum, and divides by the *expected* batch size q n,
+n the *declared* number of training examples (dividing by the realised batch size, or by the
+count of examples present, would let one example rescale every step). Per-example gradient
+norms and the clipped sum come from one forward and one backward pass for models made of
+Linear/Conv2d layers (:mod:`dpcert.learning.ghost`), and from torch.func (``vmap`` of
+``grad``) for any other model.
 Every instance draws its sampling, subset and noise from its own generator seeded by (master seed,
 instance index), so an instance is the same model whether it is trained alone or among others.
 """
@@ -25,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpcert.errors import UserError
-from dpcert.learning import ghost
+from dpcert.learning import ghost, philox
 from dpcert.learning.models import build_model
 from dpcert.learning.stacked import DpSgd, on_host
 
@@ -98,10 +100,11 @@ def train_instance(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, num_class
     # Weights and noise are drawn on the host from the instance's stream and moved to the data's
     # device, so an instance is the same numbers on every device (up to float rounding).
     model = _seeded_model(cfg.model, x.shape[1], num_classes, gen).to(x.device)
+    expected = philox.expected_batch(cfg.sample_rate, subset_size=cfg.subset_size,
+                                     declared_size=cfg.declared_size)
     x, y = _subset(cfg, x, y, gen)
     n = len(y)
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
-    expected = cfg.sample_rate * n
     std = cfg.noise_multiplier * cfg.clip_norm
     use_ghost = ghost.supports(model)
     for _ in range(cfg.steps):

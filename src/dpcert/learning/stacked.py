@@ -4,7 +4,8 @@ The training engine for image models (the linear model on fixed features has its
 twin in :mod:`dpcert.learning.linear`). Every step of every instance is the Sampled Gaussian
 Mechanism that :class:`~dpcert.MechanismRecord` describes: Poisson sampling at rate q of the
 instance's data, per-example clipping to C over all parameters, N(0, sigma^2 C^2) noise on
-every coordinate of the sum, division by the expected batch size q n.
+every coordinate of the sum, division by the expected batch size q n (n declared, never counted:
+:func:`dpcert.learning.philox.expected_batch`).
 
 * Everything in a step lives on the device: the K instances' parameters are stacked (K, ...)
   tensors, Poisson batches are drawn for all K at once and gathered into a padded (W, K) index
@@ -57,6 +58,9 @@ class DpSgd:
     subset_size: int | None = None
     augment_shift: int = 0
     augment_copies: int = 1
+    #: the declared number of training examples the step is scaled by
+    #: (:func:`dpcert.learning.philox.expected_batch`); not a count of the data
+    declared_size: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.augment_shift, int) and self.augment_shift >= 0
@@ -451,6 +455,8 @@ def train_stacked(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tenso
     device = x.device
     st = init_stacked(model_fn, seed, instances, device)
     keys = philox.instance_keys(seed, instances, device)
+    expected = philox.expected_batch(cfg.sample_rate, subset_size=cfg.subset_size,
+                                     declared_size=cfg.declared_size)
     n = len(y)
     rows = None
     if cfg.subset_size is not None and cfg.subset_size < n:
@@ -459,7 +465,6 @@ def train_stacked(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.Tenso
     opt = (torch.optim.Adam(leaves, lr=cfg.lr) if cfg.optimizer == "adam"
            else torch.optim.SGD(leaves, lr=cfg.lr))
     sizes = [v[0].numel() for v in st.params.values()]
-    expected = cfg.sample_rate * n
     std = cfg.noise_multiplier * cfg.clip_norm
     aug = Augmentation.of(cfg)
     for step in range(cfg.steps):
@@ -553,7 +558,8 @@ def instances_that_fit(cfg: DpSgd, model_fn: ModelFn, x: torch.Tensor, y: torch.
 
 
 def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_rate: float,
-                   noise_multiplier: float, steps: int, clip_norm: float, lr: float = 0.1,
+                   noise_multiplier: float, steps: int, clip_norm: float,
+                   declared_size: int | None, lr: float = 0.1,
                    optimizer: str = "sgd", seed: int = 0, subset_size: int | None = None,
                    augment_shift: int = 0, augment_copies: int = 1,
                    batch_instances: int | str = "auto", device: str = "cpu",
@@ -571,6 +577,12 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     only, whatever ``batch_instances`` and ``device``. ``augment_shift`` > 0 trains on random
     translations of image inputs (N, C, H, W), ``augment_copies`` of them per example averaged
     before clipping (:class:`Augmentation`; the mechanism record is unchanged).
+
+    ``declared_size``: the number of training examples you declare, which each noisy
+    gradient sum is divided by (times q); pass a number fixed before seeing the data (e.g. the
+    size of the clean training set you intend), never ``len(x)`` of data an attacker may have
+    extended. None is allowed only with ``subset_size``. The label set is the one your
+    ``model_fn`` declares by its output size.
     """
     if not (isinstance(instances, int) and instances >= 1):
         raise UserError(f"instances must be a positive integer, got {instances!r}")
@@ -581,7 +593,9 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
         raise UserError(f"batch_instances must be a positive integer or 'auto', got "
                         f"{batch_instances!r}")
     cfg = DpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, optimizer, subset_size,
-                augment_shift, augment_copies)  # checks the augmentation options
+                augment_shift, augment_copies,  # checks the augmentation options
+                declared_size=declared_size)
+    philox.expected_batch(sample_rate, subset_size=subset_size, declared_size=declared_size)
     with on_host():  # a throwaway instance
         probe = model_fn()
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):

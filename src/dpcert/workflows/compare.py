@@ -42,7 +42,7 @@ from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
 from dpcert.workflows.dispatch import worker_pool, write_trained
-from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, write_info
+from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, read_info, write_info
 from dpcert.workflows.run import METHODS, run, stored_config, tally_votes
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit
 
@@ -302,15 +302,17 @@ UNITS_PER_JOB = 50
 
 
 def _train_units(run_cfg: dict, bc: dict, kind: str,
-                 jobs: list[tuple[int, np.ndarray | None, str]], keep_model: bool = True,
-                 rows: int = 0) -> list[int]:
+                 jobs: list[tuple[int, np.ndarray | None, str]], keep_model: bool = True
+                 ) -> list[int]:
     """Train baseline models ``jobs`` = [(i, example indices or None, unit path)] and write
-    their files (runs in a worker); ``rows``: the nearest-neighbour and kernel-ridge models'
-    common number of example rows. The learners fitted in closed form score all their models
-    in one stacked call (the test features are read once, not once per model)."""
+    their files (runs in a worker). The learners fitted in closed form score all their models
+    in one stacked call (the test features are read once, not once per model); each model is
+    kept with exactly its own examples' rows, so that its file is a function of its part
+    alone (the stacked call pads them, which changes no score:
+    :func:`dpcert.learning.inference.stack_params`)."""
     import torch
 
-    from dpcert.learning.inference import score_instances
+    from dpcert.learning.inference import score_instances, stack_params
     from dpcert.learning.reference import instance_generator
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
@@ -328,9 +330,9 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
         for (_, _, out), idx, gen in zip(jobs, parts, gens, strict=True):
             write_trained(Path(out), _train_one(cfg, setting, data, idx, gen), keep_model)
         return [i for i, _, _ in jobs]
-    params = [_fit_free(cfg, setting, data, idx, rows) for idx in parts]
+    params = [_fit_free(cfg, setting, data, idx) for idx in parts]
     family = learner_model(setting, "linear")
-    stacked = {k: torch.from_numpy(np.stack([p[k] for p in params])) for k in params[0]}
+    stacked = {k: torch.from_numpy(v) for k, v in stack_params(params).items()}
     # scored by the same routine that scores the kept models later (same rounding)
     scores = score_instances(family, stacked, torch.from_numpy(data.x_test),
                              in_channels=data.x_train.shape[1], num_classes=data.num_classes)
@@ -342,7 +344,7 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
     return [i for i, _, _ in jobs]
 
 
-def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, rows: int
+def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray
               ) -> dict[str, np.ndarray]:
     """Parameters of a learner fitted in closed form: the nearest example, a class mean, or
     kernel ridge regression."""
@@ -355,10 +357,10 @@ def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, ro
 
     # an empty part's nearest-neighbour or kernel-ridge model has no examples: it answers 0
     if setting.learner == NEAREST:
-        return nearest_neighbour_params(data.x_train[idx], data.y_train[idx], rows)
+        return nearest_neighbour_params(data.x_train[idx], data.y_train[idx], len(idx))
     if setting.learner == KERNEL:
         return kernel_ridge_params(data.x_train[idx], data.y_train[idx], data.num_classes,
-                                   rows, gamma=setting.gamma, ridge=setting.ridge)
+                                   len(idx), gamma=setting.gamma, ridge=setting.ridge)
     if len(idx) == 0:
         return constant_params(cfg.model, data.x_train.shape[1], data.num_classes, label=0)
     return prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes,
@@ -453,13 +455,14 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     _guard_folder(folder, identity)
     m = bc.trained_models(kind)
     if keep:
+        if keeps_models(folder):
+            read_info(folder)  # refuses models trained before the inputs were declared
         write_info(folder, baseline_info(kind, bc, run_cfg, m))
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
     found = _finished_models(paths, keep, bc.name(kind), progress)
     todo = [i for i in range(m) if i not in found]
     if todo:
         indices = training_indices(kind, bc, x_train)
-        rows = bc.subsample if indices is None else max(len(i) for i in indices)
         workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
         if run_cfg.device == "cuda":
             workers = 1  # one process drives the GPU
@@ -468,7 +471,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
         units = [(i, None if indices is None else indices[i], str(paths[i])) for i in todo]
         # learners without training score a chunk of models per call; the others one each
         per = UNITS_PER_JOB if bc.learner in FREE_LEARNERS else 1
-        jobs = [(asdict(run_cfg), asdict(bc), kind, units[j:j + per], keep, rows)
+        jobs = [(asdict(run_cfg), asdict(bc), kind, units[j:j + per], keep)
                 for j in range(0, len(units), per)]
         if workers == 1:
             for job in jobs:

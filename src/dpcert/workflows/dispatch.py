@@ -44,7 +44,8 @@ def train_group_models(cfg: RunConfig, instances: list[int], data,
         from dpcert.learning.linear import LinearDpSgd, predict_linear, train_linear
 
         lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
-                           cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature)
+                           cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature,
+                           declared_size=data.declared_size)
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances, progress=on_step)
         scores = predict_linear(weight, bias, x_test)
@@ -84,7 +85,8 @@ def _image_training(cfg: RunConfig, data):
     from dpcert.learning.stacked import DpSgd
 
     dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
-                 cfg.optimizer, cfg.subset_size, cfg.augment_shift, cfg.augment_copies)
+                 cfg.optimizer, cfg.subset_size, cfg.augment_shift, cfg.augment_copies,
+                 declared_size=data.declared_size)
     in_channels = data.x_train.shape[1]
     return dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes)
 

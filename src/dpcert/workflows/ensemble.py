@@ -88,8 +88,12 @@ class EnsembleInfo:
     defence: str = "dp"
     #: what a baseline's certificate needs besides the votes (spread, subsample, train_size)
     defence_params: dict = field(default_factory=dict)
+    #: trained from a dataset whose input scale, label set and size were declared, never
+    #: read off the training examples (every run since dpcert 0.3; absent before)
+    declared_inputs: bool = True
 
     def __post_init__(self) -> None:
+        check_declared_inputs(self.dataset, self.num_classes, self.declared_inputs)
         if self.defence not in DEFENCES:
             raise UserError(f"unknown defence {self.defence!r} ({', '.join(DEFENCES)})")
         if (self.mechanism is None) != (self.defence != "dp"):
@@ -102,7 +106,8 @@ class EnsembleInfo:
                 "mechanism": None if self.mechanism is None else self.mechanism.to_dict(),
                 "eta": self.eta, "max_radius": self.max_radius, "training": self.training,
                 "test_curve": self.test_curve, "defence": self.defence,
-                "defence_params": self.defence_params}
+                "defence_params": self.defence_params,
+                "declared_inputs": self.declared_inputs}
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> EnsembleInfo:
@@ -120,9 +125,27 @@ class EnsembleInfo:
                        eta=float(d["eta"]), max_radius=int(d["max_radius"]),
                        training=dict(d.get("training") or {}), test_curve=d.get("test_curve"),
                        defence=str(d.get("defence", "dp")),
-                       defence_params=dict(d.get("defence_params") or {}))
+                       defence_params=dict(d.get("defence_params") or {}),
+                       declared_inputs=d.get("declared_inputs") is True)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} is damaged: {err}") from None
+
+
+#: Datasets whose readers have always used a fixed scale and 10 classes.
+_FIXED_READERS = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+
+def check_declared_inputs(dataset: str, num_classes: int, declared: bool) -> None:
+    """Refuse an ensemble trained before dpcert 0.3 on a path that read statistics of the
+    training set: the .npz reader then rescaled every image when one lay outside [0, 1] and
+    took the label set (and, for DP runs, the step size) from the training data, so one
+    poisoned example could change every model, which no certificate covers. Runs on the
+    fixed-scale readers with their 10 classes are unaffected and load as before."""
+    if declared or (dataset in _FIXED_READERS and num_classes == 10):
+        return
+    raise UserError(f"this {dataset} ensemble was trained by dpcert < 0.3, whose reader took "
+                    "the image scale, label set and step size from the training data itself; "
+                    "no certificate covers that, so it is refused: retrain it")
 
 
 def write_info(run_dir: Path, info: EnsembleInfo) -> None:
@@ -130,7 +153,7 @@ def write_info(run_dir: Path, info: EnsembleInfo) -> None:
                       json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def _read_info(run_dir: Path) -> EnsembleInfo:
+def read_info(run_dir: Path) -> EnsembleInfo:
     path = Path(run_dir) / ENSEMBLE_FILE
     try:
         d = json.loads(path.read_text())
@@ -436,7 +459,7 @@ def load_ensemble(path: str | Path, *, device: str = "cpu") -> Ensemble:
             raise UserError(f"{path} was trained by a dpcert that kept no models: it can "
                             "certify its own test set (dpcert certify) but not predict new "
                             "inputs; retrain into a new directory to get models")
-        info = _read_info(path)
+        info = read_info(path)
         if is_run:
             paths = [model_path(path, i) for i in range(info.instances)]
             curve = test_curve(path, info.max_radius)

@@ -33,7 +33,13 @@ from dpcert.errors import UserError
 from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
 from dpcert.workflows.dispatch import train_all, train_group, worker_pool
-from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, write_info
+from dpcert.workflows.ensemble import (
+    EnsembleInfo,
+    check_declared_inputs,
+    keeps_models,
+    read_info,
+    write_info,
+)
 from dpcert.workflows.runconfig import (
     AVERAGING_NAMES,
     DATASETS,
@@ -125,9 +131,18 @@ def stored_config(run_dir: Path) -> dict:
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
+    from dpcert.learning.philox import expected_batch
+
     data = load_run_data(cfg)
+    # the step size's divisor is declared: refused here, before anything is written
+    expected_batch(cfg.sample_rate, subset_size=cfg.subset_size,
+                   declared_size=data.declared_size)
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
+        if keeps_models(run_dir):
+            read_info(run_dir)  # refuses a run trained before the inputs were declared
+        else:
+            check_declared_inputs(cfg.dataset, data.num_classes, False)
         old = stored_config(run_dir)
         # a key an older run did not store had its default then (fields are only ever added)
         default = RunConfig()
@@ -167,11 +182,11 @@ def input_spec(cfg: RunConfig, data) -> InputSpec:
     if data.x_test.ndim == 2 and cfg.features is None:  # the user's own feature vectors
         return InputSpec(None, feature_dim=int(data.x_test.shape[1]))
     if cfg.features is None:
-        return InputSpec.for_dataset(cfg.dataset, data.x_test.shape[1:], None, None)
+        return InputSpec.for_dataset(data.raw_max, data.x_test.shape[1:], None, None)
     from dpcert.learning.data import load_dataset
 
     raw = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None)
-    return InputSpec.for_dataset(cfg.dataset, raw.x_test.shape[1:], cfg.features,
+    return InputSpec.for_dataset(raw.raw_max, raw.x_test.shape[1:], cfg.features,
                                  int(data.x_train.shape[1]))
 
 

@@ -168,15 +168,22 @@ def _load(cfg: RunConfig, features: str | None):
 def validation_split(data, holdout: int):
     """The training set split in two: the last ``holdout`` examples become the evaluation set
     (in place of the test set, which is then never read), the rest the training set."""
-    from dpcert.learning.data import Dataset
+    import dataclasses
 
     n = len(data.y_train)
     if not 0 < holdout < n:
         raise UserError(f"validation must hold out between 1 and {n - 1} of the {n} training "
                         f"examples, got {holdout}")
-    return Dataset(f"{data.name} (validation split)", data.x_train[:n - holdout],
-                   data.y_train[:n - holdout], data.x_train[n - holdout:],
-                   data.y_train[n - holdout:])
+    # the declared size shrinks by the declared hold-out: both are configuration, not counts
+    size = None if data.declared_size is None else data.declared_size - holdout
+    if size is not None and size < 1:
+        raise UserError(f"validation holds out {holdout} of the {data.declared_size} declared "
+                        "training examples")
+    return dataclasses.replace(data, name=f"{data.name} (validation split)",
+                               x_train=data.x_train[:n - holdout],
+                               y_train=data.y_train[:n - holdout],
+                               x_test=data.x_train[n - holdout:],
+                               y_test=data.y_train[n - holdout:], declared_size=size)
 
 
 def load_config_file(path: Path) -> dict:
