@@ -60,6 +60,7 @@ def test_instance_accuracies_blockwise_from_a_memory_map(tmp_path):
 
 def test_compare_small_digits(tmp_path):
     cfg = CompareConfig.from_mapping({
+        "methods": ["dp", "dpa", "fa", "bagging"],
         "dp": {"instances": 4, "steps": 10, "workers": 1},
         "dpa": {"models": 5, "epochs": 1},
         "fa": {"models": 3, "spread": 2, "epochs": 1},
@@ -177,7 +178,7 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
         b = np.load(tmp_path / "b" / "dpa_k6_epochs1" / f"model_{i:06d}.npz")["scores"]
         np.testing.assert_allclose(a, b, atol=1e-5)
     text = compare(CompareConfig.from_mapping({"dp": {**base, "workers": 1}, "dpa": settings,
-                                               "calibrate": True}),
+                                               "methods": ["dp", "dpa"], "calibrate": True}),
                    tmp_path / "a", progress=False)
     table = text.split("Calibration")[0]
     # exactly one setting kept
@@ -207,7 +208,14 @@ def test_compare_parallel_equals_serial_and_calibrates(tmp_path):
 ])
 def test_compare_config_errors(bad):
     with pytest.raises(UserError):
-        CompareConfig.from_mapping(bad)
+        CompareConfig.from_mapping({"methods": ["dp", "dpa"], **bad})
+
+
+def test_a_compare_config_must_say_what_it_compares():
+    """A config with a dpa section only once trained a default DP run first, silently."""
+    with pytest.raises(UserError, match=r"must say what it compares: add methods: .* "
+                                        r"\(sections found: dp, dpa\)"):
+        CompareConfig.from_mapping({"dp": {"instances": 4}, "dpa": {"models": 5}})
 
 
 def test_setting_folders_and_identity_keep_old_folders_valid():
@@ -421,7 +429,7 @@ def test_tuning_protocol_never_reads_the_test_set(tmp_path, monkeypatch):
         "dp_grid": [{"noise_multiplier": 2.0}, {"noise_multiplier": 4.0}],
         "dpa": [{"models": 5, "epochs": 1}, {"models": 5, "learner": "full-batch",
                                              "steps": 20}],
-        "validation": 300, "tune_radius": 5}
+        "validation": 300, "tune_radius": 5, "methods": ["dp", "dpa"]}
     cfg = CompareConfig.from_mapping(cfg_values)
     first = compare(cfg, tmp_path / "a", progress=False)
     real = data_mod.load_dataset_cached("digits")

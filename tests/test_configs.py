@@ -42,7 +42,7 @@ def test_compare_config_is_valid(name):
 def test_best_learner_compare_config_names_its_run(dataset):
     """It reuses the DP run of the best-learner config (dp_run) and so cannot be parsed before
     that run exists; its baselines and options are checked here without it."""
-    from dpcert.workflows.compare import BASELINES, _settings
+    from dpcert.workflows.compare import BASELINES, parse_settings
 
     name = dataset.split("-")[0]
     data = load_config_file(Path(__file__).parent.parent / "configs" /
@@ -50,7 +50,7 @@ def test_best_learner_compare_config_names_its_run(dataset):
     assert data["dp_run"] == f"runs/{dataset}_sigma3_best"
     assert data["methods"] == ["dp", "dpa", "roe", "fa", "bagging"]
     for kind in data["methods"][1:]:
-        assert kind in BASELINES and _settings(kind, data[kind])
+        assert kind in BASELINES and parse_settings(kind, data[kind])
 
 
 @pytest.mark.parametrize("name", ["compare_mnist_tuned.yaml", "compare_fashion_tuned.yaml"])

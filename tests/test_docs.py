@@ -136,3 +136,15 @@ def test_the_readme_demo_table_is_what_make_demo_prints(workspace):
     readme = {line for line in (ROOT / "README.md").read_text().splitlines()
               if line.startswith("|")}
     assert table and all(line in readme for line in table), "README's demo table is stale"
+
+
+def test_the_readme_partition_table_is_what_its_command_prints(workspace):
+    work, env = workspace
+    cmd = "dpcert run --defence dpa --models 50 --learner kernel-ridge --output runs/digits-dpa"
+    assert cmd in (ROOT / "README.md").read_text()
+    res = _run_block("bash", cmd + " --quiet", work, env)  # resumes if the README ran it
+    assert res.returncode == 0, res.stderr
+    table = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    readme = {line for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith("|")}
+    assert table and all(line in readme for line in table), "README's DPA table is stale"

@@ -296,6 +296,24 @@ def test_baseline_models_are_kept_and_certify_with_their_own_certificate(tmp_pat
             assert (rows[:, 2] >= 1).mean() > 0.2  # certificates with teeth
     with pytest.raises(UserError, match="takes its own certificate"):
         load_ensemble(tmp_path / "dpa_k12_epochs3").certify(x_test[:2], accounting="rdp")
+    # `dpcert predict` on every kind of baseline (a partition's votes have no bounds to print)
+    from click.testing import CliRunner
+
+    from dpcert.cli import main
+
+    np.save(tmp_path / "new.npy", x_test[:20])
+    for folder in ("dpa_k12_epochs3", "fa_k6_d2_epochs3", "bagging_N10_k120_epochs3"):
+        out = tmp_path / f"{folder}.csv"
+        res = CliRunner().invoke(main, ["predict", str(tmp_path / folder),
+                                        str(tmp_path / "new.npy"), "--output", str(out),
+                                        "--quiet"])
+        assert res.exit_code == 0, res.output
+        rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+        want = np.loadtxt(tmp_path / folder / "certificates.csv", delimiter=",", skiprows=1,
+                          dtype=np.int64)[:20]
+        assert [int(r[3]) for r in rows] == want[:, 2].tolist()
+        if folder.startswith(("dpa", "fa")):
+            assert all(r[-2:] == ["", ""] for r in rows)
     # exported, a baseline ensemble certifies the same way
     export_ensemble(tmp_path / "fa_k6_d2_epochs3", tmp_path / "fa.safetensors")
     again = load_ensemble(tmp_path / "fa.safetensors").certify(x_test)

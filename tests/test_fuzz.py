@@ -57,7 +57,7 @@ def test_run_config_fuzz(mapping):
         assert isinstance(cfg.instances, int) and cfg.instances >= 2
         assert isinstance(cfg.seed, int) and isinstance(cfg.workers, int)
         assert 0 < cfg.eta < 1 and isinstance(cfg.max_radius, int) and cfg.max_radius >= 1
-        assert cfg.dataset in ("digits", "mnist", "fashion-mnist", "cifar10", "npz")
+        assert cfg.dataset in ("digits", "mnist", "fashion-mnist", "cifar10", "npz", "folder")
         assert cfg.model in ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn")
         assert cfg.data_dir is None or isinstance(cfg.data_dir, str)
 

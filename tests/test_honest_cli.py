@@ -81,7 +81,7 @@ def test_options_the_method_ignores_are_errors(tmp_path, args, message):
 
 def test_config_typos_name_the_closest_key(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("dp:\n  instances: 4\ndpa:\n  modles: 10\n")
+    cfg.write_text("methods: [dpa]\ndp:\n  instances: 4\ndpa:\n  modles: 10\n")
     res = _cli("compare", cfg, "--output", tmp_path / "out")
     assert res.returncode == 2 and "'modles' (did you mean 'models'?)" in res.stderr
     run_cfg = tmp_path / "r.yaml"

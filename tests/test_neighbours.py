@@ -296,6 +296,12 @@ def test_a_dp_run_without_a_declared_size_is_refused_before_anything_is_written(
             tmp_path / "run", progress=False)
     _one_line(err)
     assert not (tmp_path / "run").exists()
+    # declared in the run's configuration instead: trained, and recorded with the run
+    cfg = RunConfig(dataset="npz", data_dir=str(path), instances=2, steps=2, workers=1,
+                    max_radius=3, train_size=N_TRAIN)
+    run(cfg, tmp_path / "run", progress=False)
+    assert load_run_data(cfg).declared_size == N_TRAIN
+    assert '"train_size": 240' in (tmp_path / "run" / "config.json").read_text()
 
 
 def test_an_ensemble_trained_before_the_inputs_were_declared_is_refused(tmp_path):
@@ -322,3 +328,55 @@ def test_an_ensemble_trained_before_the_inputs_were_declared_is_refused(tmp_path
         with pytest.raises(UserError, match="trained by dpcert < 0.3") as err:
             attempt()
         _one_line(err)
+
+
+def _image_folder(root: Path, x, y, xt, yt) -> Path:
+    from PIL import Image
+
+    for split, images, labels in (("train", x, y), ("test", xt, yt)):
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            d = root / split / f"class_{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.round(img * 255).astype(np.uint8)).save(d / f"{i:04d}.png")
+    return root
+
+
+def test_image_folders_declare_labels_size_and_channels_by_the_test_split(tmp_path):
+    """A folder per class: the same digits as the embedded reader gives (to a byte), a
+    training class the test split lacks refused, an image of another size resized on its
+    own (every other example bit for bit the same), and a partition defence trained on it."""
+    x, y, xt, yt = _digits_split()
+    root = _image_folder(tmp_path / "digits", x, y, xt, yt)
+    d = data_mod.load_dataset("folder", root)
+    assert (d.num_classes, d.raw_max, d.declared_size, d.x_train.shape[1:]) == \
+        (10, 255, None, (1, 8, 8))
+    order = np.argsort(y, kind="stable")  # files are read class by class, then by name
+    np.testing.assert_array_equal(d.y_train, y[order])
+    np.testing.assert_array_equal(d.x_train[:, 0], (np.round(x[order] * 255) / 255.0)
+                                  .astype(np.float32))
+    from PIL import Image
+
+    big = np.kron(np.round(x[3] * 255), np.ones((4, 4))).astype(np.uint8)  # 32 x 32
+    Image.fromarray(big).save(root / "train" / "class_0" / "0000a.png")
+    bigger = data_mod.load_dataset("folder", root)
+    assert len(bigger.y_train) == len(y) + 1 and bigger.x_train.shape[1:] == (1, 8, 8)
+    names = sorted([f"{i:04d}.png" for i in np.flatnonzero(y == 0)] + ["0000a.png"])
+    inserted = names.index("0000a.png")  # class 0 is read first, its files by name
+    np.testing.assert_array_equal(np.delete(bigger.x_train, inserted, axis=0), d.x_train)
+    (root / "train" / "class_x").mkdir()
+    Image.fromarray(big).save(root / "train" / "class_x" / "a.png")
+    with pytest.raises(UserError) as err:
+        data_mod.load_dataset("folder", root)
+    assert "class 'class_x' is not among the test split's classes" in _one_line(err)
+    (root / "train" / "class_x" / "a.png").unlink()
+    (root / "train" / "class_x").rmdir()
+    from dpcert.cli import main
+
+    res = CliRunner().invoke(main, [
+        "run", "--dataset", "folder", "--data-dir", str(root), "--defence", "dpa", "--models",
+        "10", "--learner", "kernel-ridge", "--output", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, [
+        "run", "--dataset", "folder", "--data-dir", str(root), "--instances", "2",
+        "--output", str(tmp_path / "dp"), "--quiet"])
+    assert res.exit_code == 2 and "--train-size" in res.output

@@ -74,3 +74,33 @@ def test_cli_plan_json_and_errors():
     res = _cli("--sample-rate", 2, "--noise-multiplier", "2", "--steps", 100,
                "--instances", 300)
     assert res.returncode == 2 and "sample rate" in res.stderr
+
+
+def test_plan_for_partition_defences_and_bagging_matches_their_certificates():
+    """The planned radius is the certificate of the planned votes: DPA's floor((gap - 1)/2)
+    when the runner-up wins ties, FA's count-only bound, Bagging's by its own function."""
+    from click.testing import CliRunner
+
+    from dpcert.certification import baselines
+    from dpcert.certification.planning import plan_baseline
+    from dpcert.cli import main
+
+    rows = plan_baseline(defence="dpa", models=1200)
+    assert [r["radius"] for r in rows] == [599, 587, 539, 479, 359]  # (2 s k - k - 1) // 2
+    fa = plan_baseline(defence="fa", models=300, spread=4)
+    assert [r["radius"] for r in fa] == [(2 * round(s * 1200) - 1200 - 1) // 8 for s in
+                                         (1.0, 0.99, 0.95, 0.9, 0.8)]
+    bag = plan_baseline(defence="bagging", models=1000, train_size=60000, subsample=100)
+    votes = np.array([[0, 1000 - round(s * 1000), round(s * 1000)] + [0] * 7
+                      for s in (1.0, 0.99, 0.95, 0.9, 0.8)])
+    _, want = baselines.bagging_radius(votes, train_size=60000, subsample_size=100, eta=1e-3)
+    assert [r["radius"] for r in bag] == want.tolist()
+    res = CliRunner().invoke(main, ["plan", "--defence", "dpa", "--models", "1200"])
+    assert res.exit_code == 0 and "| dpa | 599 | 587 | 539 | 479 | 359 |" in res.output
+    for args, message in ((["--defence", "dpa", "--models", "9", "--steps", "3"],
+                           "--steps: DP-SGD option, not of dpa"),
+                          (["--defence", "bagging", "--models", "9"], "--train-size"),
+                          (["--defence", "dpa"], "needs --models"),
+                          (["--instances", "9"], "needs --sample-rate")):
+        res = CliRunner().invoke(main, ["plan", *args])
+        assert res.exit_code == 2 and message in res.output, res.output

@@ -25,6 +25,8 @@ from dpcert.certification.certify import (
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError, check_device
 from dpcert.store import atomic_write_text, load_array
+from dpcert.workflows.compare import LEARNERS
+from dpcert.workflows.defence import DEFENCE_KINDS
 from dpcert.workflows.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
 
 #: Radii at which certified accuracy is reported.
@@ -351,9 +353,31 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 
 @main.command("run")
 @click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--defence", type=click.Choice(DEFENCE_KINDS),
+              help="dp: DP-SGD instances (default); dpa, fa, roe, fa-roe: partition "
+                   "defences (Deep Partition Aggregation, Finite Aggregation, Run-off "
+                   "Election over either); bagging. Every one gives a run directory that "
+                   "predict, export and serve accept.")
+@click.option("--models", type=int,
+              help="Partition defences: k parts (FA trains k * spread models); bagging: N "
+                   "bags [default: 50].")
+@click.option("--learner", type=click.Choice(LEARNERS),
+              help="Partition defences and bagging: how each model is fitted to its "
+                   "examples [default: minibatch]. The closed-form learners (prototype, "
+                   "prototype-cosine, nearest-neighbour, kernel-ridge) take feature vectors, "
+                   "or the images flattened when no feature map is given.")
+@click.option("--spread", type=int, help="fa, fa-roe: d, the models every example trains.")
+@click.option("--subsample", type=int, help="bagging: examples per bag [default: 200].")
+@click.option("--epochs", type=int, help="minibatch learner: passes over a part [default: 10].")
+@click.option("--batch-size", type=int, help="minibatch learner: batch size [default: 32].")
+@click.option("--weight-decay", type=float, help="Gradient learners: weight decay [default: 0].")
+@click.option("--gamma", type=float,
+              help="kernel-ridge: kernel width gamma of exp(-gamma |a - b|^2) [default: 0.25].")
+@click.option("--ridge", type=float, help="kernel-ridge: regularisation [default: 0.001].")
 @click.option("--dataset", type=click.Choice(DATASETS),
               help="Training and test data [default: digits, embedded].")
-@click.option("--data-dir", help="Folder (IDX / CIFAR batches) or .npz file of the dataset.")
+@click.option("--data-dir", help="Folder (IDX / CIFAR batches; train/ and test/ class "
+              "folders of images for --dataset folder) or .npz file of the dataset.")
 @click.option("--model", type=click.Choice(MODEL_NAMES),
               help="Model family [default: digits_cnn; linear needs --features].")
 @click.option("--instances", type=int, help="Number P of DP-SGD instances [default: 100].")
@@ -363,12 +387,14 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 @click.option("--noise-multiplier", type=float,
               help="sigma: noise N(0, sigma^2 C^2) on the clipped gradient sum; larger sigma, "
                    "larger radii, noisier models [default: 3].")
-@click.option("--steps", type=int, help="DP-SGD steps T per instance [default: 300].")
+@click.option("--steps", type=int, help="DP-SGD steps T per instance [default: 300]; the "
+              "full-batch learner: its optimiser steps [default: 300].")
 @click.option("--clip-norm", type=float,
               help="Per-example gradient clipping norm C [default: 1].")
 @click.option("--lr", type=float, help="Learning rate [default: 0.01].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]),
-              help="Optimiser of the DP-SGD steps [default: adam; the linear model: sgd].")
+              help="Optimiser of the DP-SGD steps or of a gradient learner [default: adam; "
+                   "the linear model: sgd].")
 @click.option("--subset-size", type=int,
               help="Train each instance on its own random subset of this size [default: the "
                    "whole training set].")
@@ -392,6 +418,11 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
               help="Hold out the last N training examples: train on the rest and certify "
                    "on them instead of the test set, which is then not read [default: 0, "
                    "off].")
+@click.option("--train-size", type=int,
+              help="The declared number of training examples DP-SGD scales its steps by "
+                   "(q times it) [default: the dataset's: the standard split's size, an "
+                   ".npz's train_size]; never counted from the data, which a poisoner "
+                   "extends.")
 @click.option("--eta", type=float,
               help="Certificates hold with probability >= 1 - eta [default: 0.001].")
 @click.option("--max-radius", type=int, help="Largest radius searched [default: 1000].")
@@ -410,20 +441,26 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
               help="Run directory [default: runs/DATASET]; a rerun resumes it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_cmd(config, output, quiet, **options) -> None:
-    """Train DP instances, certify every test point, and report (digits by default).
+    """Train a defence, certify every test point, and report (DP instances on digits by
+    default; --defence for the partition defences and Bagging).
 
     CONFIG: an optional YAML file of the same options (keys with underscores, e.g.
     sample_rate: 0.001); options given here override it."""
 
     def action() -> None:
-        from dpcert.workflows.run import RunConfig, load_config_file, run
+        from dpcert.workflows.defence import defence_config, run_defence
+        from dpcert.workflows.run import load_config_file, run
 
         values = load_config_file(config) if config is not None else {}
         values.update({k: v for k, v in options.items() if v is not None})
-        cfg = RunConfig.from_mapping(values)
+        kind, cfg, setting = defence_config(values)
         check_device(cfg.device)
-        run_dir = output or Path("runs") / cfg.dataset
-        text = run(cfg, run_dir, progress=not quiet)
+        if setting is None:
+            run_dir = output or Path("runs") / cfg.dataset
+            text = run(cfg, run_dir, progress=not quiet)
+        else:
+            run_dir = output or Path("runs") / f"{cfg.dataset}-{kind}"
+            text = run_defence(kind, setting, cfg, run_dir, progress=not quiet)
         click.echo(text)
         click.echo(f"run directory: {run_dir} (certificates.csv, report.md, "
                    "certified_accuracy.png)")
@@ -542,13 +579,19 @@ def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius
             name = names[i].replace('"', '""')
             lines.append(f'{i},"{name}",{row["prediction"]},{row["radius"]},{row["top_label"]},'
                          f'{row["top_votes"]},{row["runner_up"]},{row["runner_up_votes"]},'
-                         f'{row["p_lower"]:.6g},{row["p_upper"]:.6g}')
+                         f'{_bound(row["p_lower"])},{_bound(row["p_upper"])}')
         atomic_write_text(output, "\n".join(lines) + "\n")
         certified = int((cert.radius >= 0).sum())
         click.echo(f"{len(cert)} inputs, {certified} certified (median radius "
                    f"{np.median(cert.radius):g}); wrote {output}")
 
     _run_user(action)
+
+
+def _bound(value: float | None) -> str:
+    """A confidence bound for the CSV; empty where the defence has none (a partition
+    defence's vote count is deterministic: there is nothing to bound)."""
+    return "" if value is None else f"{value:.6g}"
 
 
 @main.command("export")
@@ -599,59 +642,115 @@ def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device) -> None:
 
 
 @main.command("plan")
-@click.option("--sample-rate", type=float, required=True, help="Poisson sampling rate q.")
-@click.option("--noise-multiplier", "noise_multipliers", required=True,
-              help="One sigma or several, comma-separated (e.g. 3,6,10).")
-@click.option("--steps", type=click.IntRange(1), required=True, help="DP-SGD steps T.")
-@click.option("--instances", type=click.IntRange(2), required=True,
-              help="Number P of instances the ensemble will have.")
+@click.option("--defence", type=click.Choice(("dp", "dpa", "fa", "bagging")), default="dp",
+              show_default=True, help="Which defence to plan.")
+@click.option("--sample-rate", type=float, help="dp: Poisson sampling rate q.")
+@click.option("--noise-multiplier", "noise_multipliers",
+              help="dp: one sigma or several, comma-separated (e.g. 3,6,10).")
+@click.option("--steps", type=click.IntRange(1), help="dp: DP-SGD steps T.")
+@click.option("--instances", type=click.IntRange(2),
+              help="dp: number P of instances the ensemble will have.")
+@click.option("--models", type=click.IntRange(1),
+              help="dpa, fa: partitions k; bagging: bags N.")
+@click.option("--spread", type=click.IntRange(1), default=1, show_default=True,
+              help="fa: models every example trains (d).")
+@click.option("--subsample", type=click.IntRange(1), help="bagging: examples per bag.")
+@click.option("--train-size", type=click.IntRange(1), help="bagging: training-set size n.")
 @click.option("--num-classes", type=click.IntRange(2), default=10, show_default=True,
               help="Number of labels L.")
 @click.option("--eta", type=float, default=1e-3, show_default=True,
-              help="Certificates hold with probability >= 1 - eta.")
+              help="Certificates hold with probability >= 1 - eta (dp, bagging).")
 @click.option("--accounting", type=click.Choice(ACCOUNTINGS), default="pld", show_default=True,
-              help="Privacy accounting (pld: tightest; rdp: fastest).")
+              help="dp: privacy accounting (pld: tightest; rdp: fastest).")
 @click.option("--max-radius", type=click.IntRange(1), default=1000, show_default=True,
               help="Largest radius searched.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows instead.")
-def plan_cmd(sample_rate, noise_multipliers, steps, instances, num_classes, eta, accounting,
-             max_radius, as_json) -> None:
-    """What each mechanism can certify, before training: the radius at top-label vote shares
+def plan_cmd(defence, sample_rate, noise_multipliers, steps, instances, models, spread,
+             subsample, train_size, num_classes, eta, accounting, max_radius, as_json) -> None:
+    """What a defence can certify, before training: the radius at top-label vote shares
     1.0, 0.99, 0.95, 0.9 and 0.8 (the rest of the votes on one runner-up label) — the number
-    dpcert certify gives those votes — and the single-example (epsilon, delta = 1e-5)."""
+    the certificate gives those votes. dp: per mechanism (q, sigma, T, P), with the
+    single-example (epsilon, delta = 1e-5); dpa, fa: per number of parts k (fa: the
+    count-only bound); bagging: per (N, bag size, n)."""
 
     def action() -> None:
         import json
 
-        from dpcert.certification.planning import SHARES, plan
+        from dpcert.certification.planning import SHARES
 
-        try:
-            sigmas = [float(v) for v in noise_multipliers.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--noise-multiplier takes numbers separated by commas, got "
-                            f"{noise_multipliers!r}") from None
-        if not sigmas:
-            raise UserError("--noise-multiplier names no value")
         if not 0.0 < eta < 1.0:
             raise UserError(f"--eta must lie in (0, 1), got {eta}")
-        rows = plan(sample_rate=sample_rate, noise_multipliers=sigmas, steps=steps,
-                    instances=instances, num_classes=num_classes, eta=eta,
-                    accounting=accounting, max_radius=max_radius)
+        dp_given = [n for n, v in (("--sample-rate", sample_rate),
+                                   ("--noise-multiplier", noise_multipliers),
+                                   ("--steps", steps), ("--instances", instances)) if v is not None]
+        if defence == "dp":
+            rows = _plan_dp(sample_rate, noise_multipliers, steps, instances, num_classes, eta,
+                            accounting, max_radius, quiet=as_json)
+        else:
+            from dpcert.certification.planning import plan_baseline
+
+            if dp_given:
+                raise UserError(f"{', '.join(dp_given)}: DP-SGD option"
+                                f"{'s' if len(dp_given) > 1 else ''}, not of {defence}")
+            if models is None:
+                raise UserError(f"planning {defence} needs --models")
+            rows = plan_baseline(defence=defence, models=models, num_classes=num_classes,
+                                 spread=spread, train_size=train_size, subsample=subsample,
+                                 eta=eta, max_radius=max_radius)
         if as_json:
             click.echo(json.dumps(rows, indent=1))
             return
-        click.echo(f"q = {sample_rate}, T = {steps}, P = {instances}, L = {num_classes}, "
-                   f"eta = {eta}, {accounting} accounting; radius by top-label vote share "
+        shares = " | ".join(f"share {s:g}" for s in SHARES)
+        if defence == "dp":
+            click.echo(f"q = {sample_rate}, T = {steps}, P = {instances}, L = {num_classes}, "
+                       f"eta = {eta}, {accounting} accounting; radius by top-label vote share "
+                       "(-1: abstain)")
+            click.echo(f"| sigma | {shares} | eps (delta 1e-5) |")
+            click.echo("|---" * (len(SHARES) + 2) + "|")
+            for sigma in dict.fromkeys(r["noise_multiplier"] for r in rows):
+                sel = [r for r in rows if r["noise_multiplier"] == sigma]
+                click.echo(f"| {sigma:g} | " + " | ".join(str(r["radius"]) for r in sel)
+                           + f" | {sel[0]['epsilon']:.3g} |")
+            return
+        what = {"dpa": f"k = {models}", "fa": f"k = {models}, d = {spread} (count-only bound)",
+                "bagging": f"N = {models}, bags of {subsample} from n = {train_size}, "
+                           f"eta = {eta}"}[defence]
+        click.echo(f"{defence}: {what}, L = {num_classes}; radius by top-label vote share "
                    "(-1: abstain)")
-        head = "| sigma | " + " | ".join(f"share {s:g}" for s in SHARES) + " | eps (delta 1e-5) |"
-        click.echo(head)
-        click.echo("|---" * (len(SHARES) + 2) + "|")
-        for sigma in sigmas:
-            sel = [r for r in rows if r["noise_multiplier"] == sigma]
-            click.echo(f"| {sigma:g} | " + " | ".join(str(r["radius"]) for r in sel)
-                       + f" | {sel[0]['epsilon']:.3g} |")
+        click.echo(f"| defence | {shares} |")
+        click.echo("|---" * (len(SHARES) + 1) + "|")
+        click.echo(f"| {defence} | " + " | ".join(str(r["radius"]) for r in rows) + " |")
 
     _run_user(action)
+
+
+def _plan_dp(sample_rate, noise_multipliers, steps, instances, num_classes, eta, accounting,
+             max_radius, *, quiet: bool) -> list[dict]:
+    """``plan``'s DP rows, one mechanism at a time with a line on stderr as each starts
+    (a PLD group table takes minutes at large radii)."""
+    from dpcert.certification.planning import plan
+
+    missing = [n for n, v in (("--sample-rate", sample_rate),
+                              ("--noise-multiplier", noise_multipliers), ("--steps", steps),
+                              ("--instances", instances)) if v is None]
+    if missing:
+        raise UserError(f"planning a DP ensemble needs {', '.join(missing)}")
+    try:
+        sigmas = [float(v) for v in noise_multipliers.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--noise-multiplier takes numbers separated by commas, got "
+                        f"{noise_multipliers!r}") from None
+    if not sigmas:
+        raise UserError("--noise-multiplier names no value")
+    rows = []
+    for i, sigma in enumerate(sigmas):
+        if not quiet:
+            click.echo(f"[{i + 1}/{len(sigmas)}] sigma = {sigma:g}: {accounting} group tables "
+                       f"up to r = {max_radius} (cached after the first time) ...", err=True)
+        rows += plan(sample_rate=sample_rate, noise_multipliers=[sigma], steps=steps,
+                     instances=instances, num_classes=num_classes, eta=eta,
+                     accounting=accounting, max_radius=max_radius)
+    return rows
 
 
 _default_showwarning = __import__("warnings").showwarning

@@ -67,3 +67,44 @@ def plan(*, sample_rate: float, noise_multipliers, steps: int, instances: int,
                          "eta": eta, "accounting": accounting, "vote_share": float(share),
                          "radius": int(radius), "epsilon": eps, "delta": delta})
     return rows
+
+
+#: Baseline defences :func:`plan_baseline` plans (from vote counts alone).
+PLANNED_BASELINES = ("dpa", "fa", "bagging")
+
+
+def plan_baseline(*, defence: str, models: int, num_classes: int = 10, spread: int = 1,
+                  train_size: int | None = None, subsample: int | None = None,
+                  eta: float = 1e-3, max_radius: int = 1000, shares=SHARES) -> list[dict]:
+    """One row per vote share: the radius a partition defence or Bagging certifies when
+    ``round(s models)`` of its models vote for the top label and the rest for one runner-up.
+
+    ``dpa``: floor((n1 - n2 - 1) / 2) (Levine & Feizi 2021; the runner-up label taken as the
+    smaller one, the worst tie-break). ``fa``: the count-only bound floor(gap / 2d) over its
+    k d models (the per-model certificate that ``dpcert run --defence fa`` gives can only be
+    larger). ``bagging``: Jia et al. 2021 with SimuEM bounds at level 1 - eta, for bags of
+    ``subsample`` examples drawn from ``train_size``. Run-off Election is not planned from
+    counts: its certificate depends on the models' second choices."""
+    from dpcert.certification import baselines
+
+    if defence not in PLANNED_BASELINES:
+        raise UserError(f"plan takes dp, {', '.join(PLANNED_BASELINES)}; got {defence!r}")
+    if not (isinstance(spread, int) and spread >= 1):
+        raise UserError(f"spread must be an integer >= 1, got {spread!r}")
+    total = models * spread if defence == "fa" else models
+    votes = share_votes(total, shares, num_classes)[:, ::-1]  # top label 1: loses ties
+    votes = np.ascontiguousarray(votes)
+    if defence == "dpa":
+        _, radius = baselines.dpa_radius(votes)
+    elif defence == "fa":
+        _, radius = baselines.fa_radius(votes, spread)
+    else:
+        if train_size is None or subsample is None:
+            raise UserError("planning Bagging needs the training-set size and the bag size "
+                            "(--train-size, --subsample)")
+        _, radius = baselines.bagging_radius(votes, train_size=train_size,
+                                             subsample_size=subsample, eta=eta,
+                                             max_radius=max_radius)
+    return [{"defence": defence, "models": models, "spread": spread, "train_size": train_size,
+             "subsample": subsample, "num_classes": num_classes, "vote_share": float(s),
+             "radius": int(min(r, max_radius))} for s, r in zip(shares, radius, strict=True)]

@@ -355,8 +355,75 @@ def _npz_features(path: Path, x_tr, x_te) -> list[np.ndarray]:
     return out
 
 
+def load_image_folder(folder: Path) -> Dataset:
+    """Image files in class folders: ``folder/train/<class>/*`` and ``folder/test/<class>/*``
+    (PNG, JPEG, anything Pillow reads), class folders sorted by name: label i is the i-th.
+
+    The test split declares what the training split may not change: the label set (its
+    class folders), the image size and the channels (grey when every test image is grey,
+    else RGB). Training images are converted and, when their size differs, resized to it
+    one by one, as ``dpcert predict`` does with new inputs; a training class folder that the
+    test split lacks is refused, naming it. Pixels are bytes / 255. No size is declared: a
+    DP run on a folder takes ``--train-size``."""
+    folder = Path(folder)
+    splits = [folder / "train", folder / "test"]
+    for split in splits:
+        if not split.is_dir():
+            raise UserError(f"{folder} must hold train/ and test/ folders with one sub-folder "
+                            f"per class; {split} is missing")
+    classes = sorted(p.name for p in splits[1].iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise UserError(f"{splits[1]} holds {len(classes)} class folders; the test split "
+                        "declares the label set and needs at least 2")
+    extra = sorted(p.name for p in splits[0].iterdir()
+                   if p.is_dir() and p.name not in classes)
+    if extra:
+        raise UserError(f"{splits[0] / extra[0]}: class {extra[0]!r} is not among the test "
+                        f"split's classes ({', '.join(classes)}); the label set is declared "
+                        "by the test split, never grown by the training data")
+    from dpcert.learning.inputs import IMAGE_SUFFIXES, InputSpec, read_image_file
+
+    files = {split.name: [(p, c) for c, name in enumerate(classes) if (split / name).is_dir()
+                          for p in sorted((split / name).iterdir())
+                          if p.suffix.lower() in IMAGE_SUFFIXES]
+             for split in splits}
+    for name, items in files.items():
+        if not items:
+            raise UserError(f"{folder / name} holds no image files "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+    shape = _declared_image_shape([p for p, _ in files["test"]])
+    spec = InputSpec(shape, 255)
+    arrays = {name: (np.stack([read_image_file(p, spec) for p, _ in items]),
+                     np.array([c for _, c in items], np.int64))
+              for name, items in files.items()}
+    return Dataset(folder.name, *arrays["train"], *arrays["test"], num_classes=len(classes),
+                   raw_max=255, declared_size=None)
+
+
+def _declared_image_shape(paths: list[Path]) -> tuple[int, int, int]:
+    """(C, H, W) of the test split's images: one size for all, grey (C = 1) when all are."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise missing_extra("image folders", "Pillow", "serve") from None
+    sizes, grey = set(), True
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                sizes.add(img.size)
+                grey &= img.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except (OSError, ValueError, SyntaxError) as err:
+            raise UserError(f"{p} is not a readable image ({err})") from None
+    if len(sizes) != 1:
+        raise UserError(f"the test images have {len(sizes)} sizes ({sorted(sizes)[:3]} ...); "
+                        "the test split declares one image size")
+    (w, h), = sizes
+    return (1 if grey else 3, h, w)
+
+
 def load_dataset(name: str, path: Path | None = None) -> Dataset:
-    """By name: digits (embedded), mnist / fashion-mnist (IDX folder), cifar10, npz (file)."""
+    """By name: digits (embedded), mnist / fashion-mnist (IDX folder), cifar10, npz (file),
+    folder (image files in class folders)."""
     if name == "digits":
         return load_digits()
     if path is None:
@@ -367,7 +434,10 @@ def load_dataset(name: str, path: Path | None = None) -> Dataset:
         return load_cifar10(Path(path))
     if name == "npz":
         return load_npz(Path(path))
-    raise UserError(f"unknown dataset {name!r} (digits, mnist, fashion-mnist, cifar10, npz)")
+    if name == "folder":
+        return load_image_folder(Path(path))
+    raise UserError(f"unknown dataset {name!r} (digits, mnist, fashion-mnist, cifar10, npz, "
+                    "folder)")
 
 
 # Two entries: a worker training partition models on translated images reads the images and

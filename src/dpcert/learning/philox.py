@@ -227,9 +227,10 @@ def expected_batch(sample_rate: float, *, subset_size: int | None,
     size = subset_size if subset_size is not None else declared_size
     if size is None:
         raise UserError("DP-SGD divides each noisy gradient sum by q times the declared "
-                        "number of training examples, and none is declared: give the "
-                        "dataset's train_size (an .npz entry; declared_size= in the Python "
-                        "API) — it is never counted from the training data")
+                        "number of training examples, and none is declared: give "
+                        "--train-size N (train_size: in a config, or an .npz entry; "
+                        "declared_size= in the Python API) — it is never counted from the "
+                        "training data")
     if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
         raise UserError(f"the declared number of training examples must be a positive "
                         f"integer, got {size!r}")

@@ -184,7 +184,7 @@ class CompareConfig:
 
     dp: dict = field(default_factory=dict)  # RunConfig fields
     settings: dict[str, tuple[BaselineConfig, ...]] = field(default_factory=dict)
-    methods: tuple[str, ...] = ("dp", "dpa", "bagging")
+    methods: tuple[str, ...] = ()
     calibrate: bool = False
     dp_run: str | None = None  # an existing run directory to reuse (resumed, not retrained)
     dp_grid: tuple[dict, ...] = ()
@@ -198,8 +198,12 @@ class CompareConfig:
         unknown = set(data) - _KEYS
         if unknown:
             raise unknown_keys_error(unknown, _KEYS, "compare config keys")
-        given = [k for k in BASELINES if k in data]
-        methods = data.get("methods", ["dp", *(given or ["dpa", "bagging"])])
+        if "methods" not in data:
+            found = ", ".join(sorted(data)) or "none"
+            raise UserError(f"a compare config must say what it compares: add methods: "
+                            f"[...] from {', '.join(('dp', *BASELINES))} (sections found: "
+                            f"{found})")
+        methods = data["methods"]
         if not isinstance(methods, list | tuple) or not methods:
             raise UserError(f"methods must be a non-empty list ({', '.join(('dp', *BASELINES))})")
         bad = [m for m in methods if not isinstance(m, str) or m not in ("dp", *BASELINES)]
@@ -211,7 +215,9 @@ class CompareConfig:
             raise UserError(f"calibrate must be true or false, got {calibrate!r}")
         if calibrate and "dp" not in methods:
             raise UserError("calibrate needs the dp method (its clean accuracy is the target)")
-        settings = {k: _settings(k, data.get(k, {})) for k in BASELINES if k in methods}
+        # every section given is validated now, before any training, used or not
+        given = {k: parse_settings(k, data[k]) for k in BASELINES if k in data}
+        settings = {k: given.get(k) or parse_settings(k, {}) for k in BASELINES if k in methods}
         if not isinstance(data.get("dp", {}), dict):
             raise UserError("the dp section must be a mapping of run options")
         dp_run = data.get("dp_run")
@@ -258,7 +264,7 @@ class CompareConfig:
         return out
 
 
-def _settings(kind: str, section) -> tuple[BaselineConfig, ...]:
+def parse_settings(kind: str, section) -> tuple[BaselineConfig, ...]:
     items = section if isinstance(section, list) else [section]
     if not items:
         raise UserError(f"the {kind} section lists no settings")
@@ -330,12 +336,13 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
         for (_, _, out), idx, gen in zip(jobs, parts, gens, strict=True):
             write_trained(Path(out), _train_one(cfg, setting, data, idx, gen), keep_model)
         return [i for i, _, _ in jobs]
-    params = [_fit_free(cfg, setting, data, idx) for idx in parts]
+    x_train, x_test = vectors(data.x_train), vectors(data.x_test)
+    params = [_fit_free(setting, x_train, data.y_train, data.num_classes, idx) for idx in parts]
     family = learner_model(setting, "linear")
     stacked = {k: torch.from_numpy(v) for k, v in stack_params(params).items()}
     # scored by the same routine that scores the kept models later (same rounding)
-    scores = score_instances(family, stacked, torch.from_numpy(data.x_test),
-                             in_channels=data.x_train.shape[1], num_classes=data.num_classes)
+    scores = score_instances(family, stacked, torch.from_numpy(x_test),
+                             in_channels=x_train.shape[1], num_classes=data.num_classes)
     for j, ((_, _, out), idx) in enumerate(zip(jobs, parts, strict=True)):
         if len(idx) == 0 and family == "linear":  # an empty part votes for label 0
             scores[j] = 0.0
@@ -344,10 +351,16 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
     return [i for i, _, _ in jobs]
 
 
-def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray
-              ) -> dict[str, np.ndarray]:
-    """Parameters of a learner fitted in closed form: the nearest example, a class mean, or
-    kernel ridge regression."""
+def vectors(x: np.ndarray) -> np.ndarray:
+    """Inputs as the vectors (n, D) the closed-form learners take: feature vectors as they
+    are, images flattened (each on its own: a function of the example alone)."""
+    return x if x.ndim == 2 else np.ascontiguousarray(x.reshape(len(x), -1))
+
+
+def _fit_free(setting: BaselineConfig, x: np.ndarray, y: np.ndarray, num_classes: int,
+              idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Parameters of a learner fitted in closed form on the vectors ``x[idx]``: the nearest
+    example, a class mean, or kernel ridge regression."""
     from dpcert.learning.inference import KERNEL, NEAREST, constant_params
     from dpcert.learning.reference import (
         kernel_ridge_params,
@@ -357,20 +370,20 @@ def _fit_free(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray
 
     # an empty part's nearest-neighbour or kernel-ridge model has no examples: it answers 0
     if setting.learner == NEAREST:
-        return nearest_neighbour_params(data.x_train[idx], data.y_train[idx], len(idx))
+        return nearest_neighbour_params(x[idx], y[idx], len(idx))
     if setting.learner == KERNEL:
-        return kernel_ridge_params(data.x_train[idx], data.y_train[idx], data.num_classes,
-                                   len(idx), gamma=setting.gamma, ridge=setting.ridge)
+        return kernel_ridge_params(x[idx], y[idx], num_classes, len(idx), gamma=setting.gamma,
+                                   ridge=setting.ridge)
     if len(idx) == 0:
-        return constant_params(cfg.model, data.x_train.shape[1], data.num_classes, label=0)
-    return prototype_params(data.x_train[idx], data.y_train[idx], data.num_classes,
-                            metric=PROTOTYPES[setting.learner])
+        return constant_params("linear", x.shape[1], num_classes, label=0)
+    return prototype_params(x[idx], y[idx], num_classes, metric=PROTOTYPES[setting.learner])
 
 
 def learner_model(setting: BaselineConfig, run_model: str) -> str:
     """The model family a setting's learner trains (its kept models' family)."""
     return {"scatter-cnn": "scatter_cnn", "nearest-neighbour": "nearest-neighbour",
-            "kernel-ridge": "kernel-ridge"}.get(setting.learner, run_model)
+            "kernel-ridge": "kernel-ridge", "prototype": "linear",
+            "prototype-cosine": "linear"}.get(setting.learner, run_model)
 
 
 def _training_examples(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray
@@ -435,13 +448,13 @@ def _guard_folder(folder: Path, identity: dict) -> None:
 
 
 def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.ndarray,
-                 folder: Path, progress: bool) -> np.ndarray:
-    """Scores (M, N, L) of a baseline's models, training (in parallel) those not yet on disk."""
+                 folder: Path, progress: bool, *, defence: str | None = None) -> np.ndarray:
+    """Scores (M, N, L) of a baseline's models, training (in parallel) those not yet on disk.
+    ``defence``: the certificate the folder's kept ensemble takes by default (the defence
+    whose models these are, unless a run directory of a run-off says otherwise)."""
     from tqdm import tqdm
 
     # ROE aggregates DPA's (or FA's) models: same training, same folder, same identity.
-    if bc.learner in FREE_LEARNERS and run_cfg.model != "linear":
-        raise UserError(f"the {bc.learner} learner needs feature vectors: model: linear")
     if bc.learner == "scatter-cnn" and run_cfg.features != "scatter":
         raise UserError("the scatter-cnn learner trains on ScatterNet maps: model: linear "
                         "with features: scatter")
@@ -457,7 +470,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     if keep:
         if keeps_models(folder):
             read_info(folder)  # refuses models trained before the inputs were declared
-        write_info(folder, baseline_info(kind, bc, run_cfg, m))
+        write_info(folder, baseline_info(kind, bc, run_cfg, m, defence=defence))
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
     found = _finished_models(paths, keep, bc.name(kind), progress)
     todo = [i for i in range(m) if i not in found]
@@ -517,8 +530,8 @@ def _gather_scores(paths: list[Path], found: dict[int, np.ndarray], folder: Path
     return out
 
 
-def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
-                  ) -> EnsembleInfo:
+def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int, *,
+                  defence: str | None = None) -> EnsembleInfo:
     """The description of a baseline setting's kept models (``ensemble.json`` in its folder):
     which certificate they take and everything it needs."""
     from dpcert.workflows.run import input_spec
@@ -529,7 +542,7 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
                         num_classes=data.num_classes, instances=models,
                         input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,
                         max_radius=run_cfg.max_radius, training={**asdict(bc)},
-                        defence=trained_as(kind),
+                        defence=defence or trained_as(kind),
                         defence_params={"spread": bc.spread, "subsample": bc.subsample,
                                         "train_size": len(data.y_train)})
 

@@ -45,9 +45,12 @@ from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_write_text, load_tensors, tensors_digest
 
 ENSEMBLE_FILE = "ensemble.json"
-#: What kept models can be certified as: the DP ensemble, or a baseline defence's models.
-DEFENCES = ("dp", "dpa", "fa", "bagging")
+#: What kept models can be certified as: the DP ensemble, or a baseline defence's models
+#: (roe and fa-roe: Run-off Election over DPA's or FA's models, as their default certificate).
+DEFENCES = ("dp", "dpa", "fa", "bagging", "roe", "fa-roe")
 FORMAT, VERSION = "dpcert-ensemble", 1
+#: Model families that take vectors (N, D): trained on images, they see them flattened.
+VECTOR_FAMILIES = ("linear", "nearest-neighbour", "kernel-ridge")
 #: Radii at which the test-set certified accuracy curve is kept in an ensemble's description.
 CURVE_POINTS = 64
 #: Parameters read per block when streaming instances (bytes of float32).
@@ -318,16 +321,22 @@ class Ensemble:
 
     def _in_channels(self) -> int:
         """What the model factories take: the feature dimension for models on feature
-        vectors, the image channels otherwise."""
+        vectors (images flattened for the vector families), the image channels otherwise."""
         spec = self.info.input
         if spec.shape is None or spec.features is not None:
             return int(spec.feature_dim or 0)
+        if self.info.model in VECTOR_FAMILIES:
+            return int(np.prod(spec.shape))
         return spec.shape[0]
 
     def model_input(self, x: np.ndarray) -> np.ndarray:
         """``x`` in any accepted form (:class:`~dpcert.learning.inputs.InputSpec`) -> what the
-        instances take (images or features)."""
-        return self.info.input.to_model_input(np.asarray(x))
+        instances take (images, features, or images flattened for the models that take
+        vectors: a partition defence's closed-form learners trained on raw images)."""
+        x = self.info.input.to_model_input(np.asarray(x))
+        if self.info.model in VECTOR_FAMILIES and x.ndim > 2:
+            x = np.ascontiguousarray(x.reshape(len(x), -1))
+        return x
 
     def predict(self, x: np.ndarray, *, keep_scores: bool = False,
                 progress: bool = False) -> Prediction:
@@ -425,6 +434,8 @@ class Ensemble:
         from dpcert.workflows.compare import RUNOFF
 
         runoff = {base: kind for kind, base in RUNOFF.items()}.get(self.info.defence)
+        if self.info.defence in RUNOFF:
+            runoff = self.info.defence
         if runoff is None:
             raise UserError("Run-off Election aggregates the models of a DPA or Finite "
                             f"Aggregation ensemble, not of a {self.info.defence} ensemble")

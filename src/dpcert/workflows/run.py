@@ -138,6 +138,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     expected_batch(cfg.sample_rate, subset_size=cfg.subset_size,
                    declared_size=data.declared_size)
     cfg_path = run_dir / "config.json"
+    if (run_dir / "settings.json").exists():
+        raise UserError(f"{run_dir} holds the models of a partition defence or Bagging; use "
+                        "another --output directory")
     if cfg_path.exists():
         if keeps_models(run_dir):
             read_info(run_dir)  # refuses a run trained before the inputs were declared

@@ -21,7 +21,7 @@ from dpcert.store import atomic_save_unit
 
 #: Datasets and models a run can name (models.MODELS holds the builders; a test keeps the two
 #: in step, so that validating a config does not import torch).
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "npz")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "npz", "folder")
 MODEL_NAMES = ("digits_cnn", "lenet5", "cifar_cnn", "resnet18_gn", "linear")
 #: Iterate averaging of the linear engine (dpcert.learning.linear.AVERAGING, which needs torch).
 AVERAGING_NAMES = ("tail",)
@@ -58,6 +58,9 @@ class RunConfig:
     augment_copies: int = 1  # ... this many per example, averaged before clipping
     seed: int = 0
     validation: int = 0  # > 0: train on all but the last N training examples, evaluate on them
+    #: the declared number of training examples DP-SGD scales its steps by (q times it);
+    #: None: the dataset's own declaration (never a count of the examples present)
+    train_size: int | None = None
     # certification and execution (do not change trained instances)
     eta: float = 1e-3
     max_radius: int = 1000
@@ -72,7 +75,7 @@ class RunConfig:
     TRAINING_FIELDS = ("dataset", "model", "instances", "sample_rate", "noise_multiplier",
                        "steps", "clip_norm", "lr", "optimizer", "subset_size", "features",
                        "averaging", "bias_feature", "augment_shift", "augment_copies",
-                       "seed", "validation")
+                       "seed", "validation", "train_size")
 
     def __post_init__(self) -> None:
         for name, choices in (("dataset", DATASETS), ("model", MODEL_NAMES),
@@ -81,6 +84,8 @@ class RunConfig:
             if getattr(self, name) not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)}, got "
                                 f"{getattr(self, name)!r}")
+        if self.train_size is not None and not _is_int(self.train_size, 1):
+            raise UserError(f"train_size must be an integer >= 1, got {self.train_size!r}")
         checks = [("instances", 2), ("seed", 0), ("validation", 0), ("max_radius", 1),
                   ("workers", 0),
                   ("augment_shift", 0), ("augment_copies", 1)]
@@ -162,6 +167,10 @@ def _load(cfg: RunConfig, features: str | None):
     from dpcert.learning.data import load_dataset_cached
 
     data = load_dataset_cached(cfg.dataset, cfg.data_dir, features)
+    if cfg.train_size is not None:
+        import dataclasses
+
+        data = dataclasses.replace(data, declared_size=cfg.train_size)
     return validation_split(data, cfg.validation) if cfg.validation else data
 
 

@@ -1,0 +1,106 @@
+"""`dpcert run --defence`: every baseline defence as a run directory that the other commands
+accept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dpcert.cli import main
+from dpcert.errors import UserError
+from dpcert.learning.data import load_digits
+from dpcert.workflows.defence import defence_config
+from dpcert.workflows.ensemble import export_ensemble, load_ensemble
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, [*args, "--quiet"])
+
+
+def _certificates(path):
+    return np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64)
+
+
+@pytest.mark.parametrize(("kind", "extra", "files"), [
+    ("dpa", ["--models", "20"], ["certificates.csv"]),
+    ("roe", ["--models", "20"], ["certificates.csv", "certificates_dpa.csv"]),
+    ("fa", ["--models", "10", "--spread", "2"], ["certificates.csv"]),
+    ("bagging", ["--models", "12", "--subsample", "150"], ["certificates.csv"]),
+])
+def test_a_baseline_defence_is_a_run_that_predict_export_and_serve_take(tmp_path, kind, extra,
+                                                                        files):
+    """On the embedded digits as they are (the closed-form learner takes the images
+    flattened): trained, certified, its ensemble reproduces its own certificates through
+    `predict` and an export, and a rerun resumes without retraining."""
+    out = tmp_path / kind
+    res = _invoke("run", "--defence", kind, "--learner", "kernel-ridge", *extra,
+                  "--output", str(out))
+    assert res.exit_code == 0, res.output
+    for name in (*files, "votes.npy", "labels.npy", "report.md", "ensemble.json",
+                 "certified_accuracy.png"):
+        assert (out / name).exists(), name
+    certs = _certificates(out / "certificates.csv")
+    labels = np.load(out / "labels.npy")
+    np.testing.assert_array_equal(certs[:, 3], labels)
+    assert (certs[:, 1] == labels).mean() > 0.8  # kernel ridge on raw pixels learns digits
+    if kind != "bagging":
+        assert (certs[:, 2] >= 1).mean() > 0.5  # certificates with teeth
+    x = load_digits().x_test
+    np.save(tmp_path / "new.npy", x[:25])
+    res = _invoke("predict", str(out), str(tmp_path / "new.npy"), "--output",
+                  str(tmp_path / "p.csv"))
+    assert res.exit_code == 0, res.output
+    rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert [int(r[3]) for r in rows] == certs[:25, 2].tolist()
+    assert [int(r[2]) for r in rows] == certs[:25, 1].tolist()
+    export_ensemble(out, tmp_path / "e.safetensors")
+    again = load_ensemble(tmp_path / "e.safetensors")
+    assert again.info.defence == kind
+    np.testing.assert_array_equal(again.certify(x).radius, certs[:, 2])
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("model_*")}
+    res = _invoke("run", "--defence", kind, "--learner", "kernel-ridge", *extra,
+                  "--output", str(out))
+    assert res.exit_code == 0, res.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("model_*")} == stamps
+    np.testing.assert_array_equal(_certificates(out / "certificates.csv"), certs)
+
+
+def test_a_run_directory_holds_one_defence_and_one_setting(tmp_path):
+    out = tmp_path / "dpa"
+    assert _invoke("run", "--defence", "dpa", "--models", "10", "--learner", "prototype",
+                   "--output", str(out)).exit_code == 0
+    for args, message in (
+            (["--defence", "dpa", "--models", "11", "--learner", "prototype"], "other settings"),
+            (["--instances", "2", "--steps", "2"], "holds the models of a partition defence"),
+    ):
+        res = _invoke("run", *args, "--output", str(out))
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+    dp = tmp_path / "dp"
+    assert _invoke("run", "--instances", "2", "--steps", "2", "--max-radius", "3",
+                   "--output", str(dp)).exit_code == 0
+    res = _invoke("run", "--defence", "dpa", "--models", "10", "--output", str(dp))
+    assert res.exit_code == 2 and "holds a DP run" in res.output
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"defence": "dpa", "sample_rate": 0.1}, "sample_rate: DP-SGD option"),
+    ({"defence": "bagging", "noise_multiplier": 2, "instances": 3}, "instances, noise_multiplier"),
+    ({"spread": 2}, "spread: option of the partition defences"),
+    ({"defence": "dpa", "spread": 2}, "spread applies to fa and fa-roe only"),
+    ({"defence": "magic"}, "defence must be one of"),
+    ({"defence": "dpa", "modles": 3}, "did you mean 'models'"),
+])
+def test_options_belong_to_the_defence_they_are_given_to(values, message):
+    with pytest.raises(UserError, match=message):
+        defence_config(values)
+
+
+def test_a_partition_learner_reads_its_own_options_and_the_run_its_own():
+    kind, cfg, bc = defence_config({"defence": "fa", "models": 4, "spread": 2, "lr": 0.5,
+                                    "steps": 7, "seed": 3, "dataset": "digits"})
+    assert (kind, bc.models, bc.spread, bc.lr, bc.steps) == ("fa", 4, 2, 0.5, 7)
+    assert cfg.seed == 3 and cfg.lr != 0.5 and cfg.steps != 7  # the learner's, not DP-SGD's
+    _, cfg, _ = defence_config({"defence": "dpa", "features": "scatter"})
+    assert cfg.model == "linear"
