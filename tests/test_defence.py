@@ -104,3 +104,53 @@ def test_a_partition_learner_reads_its_own_options_and_the_run_its_own():
     assert cfg.seed == 3 and cfg.lr != 0.5 and cfg.steps != 7  # the learner's, not DP-SGD's
     _, cfg, _ = defence_config({"defence": "dpa", "features": "scatter"})
     assert cfg.model == "linear"
+
+
+def test_best_chooses_on_validation_and_trains_only_the_winner(tmp_path):
+    """The winner is the candidate with the highest validation CA at R (recomputed here from
+    the candidates' own certificates on the held-out training examples); it alone is trained
+    on the whole training set, into an ordinary run directory."""
+    from dpcert.workflows.best import run_best
+
+    data = load_digits()
+    grid = {"methods": ["dpa", "roe", "bagging"],
+            "dpa": [{"models": 8, "learner": "prototype"},
+                    {"models": 30, "learner": "kernel-ridge"}],
+            "roe": [{"models": 30, "learner": "kernel-ridge"}],
+            "bagging": [{"models": 10, "subsample": 100, "learner": "prototype"}]}
+    text = run_best({}, radius=4, validation=300, candidates=grid, run_dir=tmp_path / "best",
+                    progress=False)
+    tuning = tmp_path / "best" / "tuning"
+    at_r = {}
+    for folder, csv in (("dpa_k8_learnerprototype", "certificates.csv"),
+                        ("dpa_k30_learnerkernel-ridge", "certificates.csv"),
+                        ("dpa_k30_learnerkernel-ridge", "certificates_roe.csv"),
+                        ("bagging_N10_k100_learnerprototype", "certificates.csv")):
+        rows = _certificates(tuning / folder / csv)
+        np.testing.assert_array_equal(rows[:, 3], data.y_train[-300:])  # never the test set
+        at_r[(folder, csv)] = np.mean((rows[:, 1] == rows[:, 3]) & (rows[:, 2] >= 4))
+    assert len(at_r) == 4 and "| yes |" in text
+    chosen = [line for line in text.splitlines() if line.endswith("| yes |")][0]
+    assert float(chosen.split("|")[3]) == pytest.approx(max(at_r.values()), abs=5e-4)
+    ens = load_ensemble(tmp_path / "best")  # an ordinary run directory of the winner
+    assert ens.info.defence in ("dpa", "roe", "bagging")
+    certs = _certificates(tmp_path / "best" / "certificates.csv")
+    np.testing.assert_array_equal(certs[:, 3], data.y_test)
+    assert "How this defence was chosen" in (tmp_path / "best" / "report.md").read_text()
+
+
+def test_best_options_and_its_default_grid():
+    from dpcert.workflows.best import default_grid, part_counts
+    from dpcert.workflows.compare import CompareConfig
+    from dpcert.workflows.runconfig import RunConfig
+
+    assert part_counts(5, 1000) == [14, 28, 55] and part_counts(100, 60) == [20]
+    grid = default_grid(RunConfig(), 2, 1100)
+    cfg = CompareConfig.from_mapping({**grid, "dp": {}, "validation": 300, "tune_radius": 2})
+    assert cfg.methods == ("dp", "dpa", "roe", "fa", "bagging")
+    assert {bc.learner for kind in ("dpa", "roe", "fa", "bagging")
+            for bc in cfg.settings[kind]} == {"kernel-ridge"}
+    res = _invoke("run", "--radius", "3", "--output", "/nonexistent/x")
+    assert res.exit_code == 2 and "radius: option of --defence best" in res.output
+    res = _invoke("run", "--defence", "best", "--output", "/nonexistent/x")
+    assert res.exit_code == 2 and "needs --radius" in res.output

@@ -353,11 +353,17 @@ def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, 
 
 @main.command("run")
 @click.argument("config", required=False, type=click.Path(path_type=Path))
-@click.option("--defence", type=click.Choice(DEFENCE_KINDS),
+@click.option("--defence", type=click.Choice((*DEFENCE_KINDS, "best")),
               help="dp: DP-SGD instances (default); dpa, fa, roe, fa-roe: partition "
                    "defences (Deep Partition Aggregation, Finite Aggregation, Run-off "
-                   "Election over either); bagging. Every one gives a run directory that "
-                   "predict, export and serve accept.")
+                   "Election over either); bagging; best: the one that certifies most at "
+                   "--radius on a validation split of the training set. Every one gives a "
+                   "run directory that predict, export and serve accept.")
+@click.option("--radius", type=int,
+              help="best: the radius R to certify most at (validation CA@R decides).")
+@click.option("--tune-validation", type=int,
+              help="best: training examples held out to choose on [default: a fifth of "
+                   "them, at most 10,000]; the test set is not read to choose.")
 @click.option("--models", type=int,
               help="Partition defences: k parts (FA trains k * spread models); bagging: N "
                    "bags [default: 50].")
@@ -449,10 +455,29 @@ def run_cmd(config, output, quiet, **options) -> None:
 
     def action() -> None:
         from dpcert.workflows.defence import defence_config, run_defence
-        from dpcert.workflows.run import load_config_file, run
+        from dpcert.workflows.run import RunConfig, load_config_file, run
 
         values = load_config_file(config) if config is not None else {}
         values.update({k: v for k, v in options.items() if v is not None})
+        best = {k: values.pop(k) for k in ("radius", "tune_validation", "candidates")
+                if k in values}
+        if values.get("defence") == "best":
+            from dpcert.workflows.best import run_best
+
+            del values["defence"]
+            cfg = RunConfig.from_mapping(values)
+            check_device(cfg.device)
+            run_dir = output or Path("runs") / f"{cfg.dataset}-best"
+            click.echo(run_best(values, radius=best.get("radius"),
+                                validation=best.get("tune_validation"),
+                                candidates=best.get("candidates"), run_dir=run_dir,
+                                progress=not quiet))
+            click.echo(f"run directory: {run_dir} (certificates.csv, report.md, "
+                       "certified_accuracy.png; the candidates in tuning/)")
+            return
+        if best:
+            raise UserError(f"{', '.join(best)}: option{'s' if len(best) > 1 else ''} of "
+                            "--defence best")
         kind, cfg, setting = defence_config(values)
         check_device(cfg.device)
         if setting is None:

@@ -592,10 +592,10 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
                                                                               run_cfg.eta)
     per_kind: dict[str, dict[str, Certificates]] = {}
     last: dict = {}
-    cands = _candidates(cfg)
+    cands = setting_candidates(cfg)
     for kind, name, folder, bc in cands:
         if kind != "dp":
-            per_kind.setdefault(kind, {})[name] = _evaluate(kind, bc, run_cfg, out / folder,
+            per_kind.setdefault(kind, {})[name] = evaluate_setting(kind, bc, run_cfg, out / folder,
                                                             progress, last)
     last.clear()
     calibration: list[tuple[str, float, bool]] = []
@@ -624,7 +624,7 @@ def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool) -> Certi
     return _cert(rows[:, 1], rows[:, 2])
 
 
-def _candidates(cfg: CompareConfig) -> list[tuple[str, str, str, object]]:
+def setting_candidates(cfg: CompareConfig) -> list[tuple[str, str, str, object]]:
     """(defence, setting name, folder, setting) of every setting the config lists, those that
     share a folder (a run-off and the models it aggregates) next to each other, so that one
     reading of the folder's models serves them all."""
@@ -638,7 +638,7 @@ def _candidates(cfg: CompareConfig) -> list[tuple[str, str, str, object]]:
     return out + sorted(baselines_, key=lambda c: first[c[2]])
 
 
-def _evaluate(kind: str, setting, run_cfg: RunConfig, folder: Path, progress: bool,
+def evaluate_setting(kind: str, setting, run_cfg: RunConfig, folder: Path, progress: bool,
               last: dict | None = None) -> Certificates:
     """Certificates of one setting of one defence on ``run_cfg``'s evaluation set (the test
     set, or the held-out training examples when ``run_cfg.validation`` is set). ``last``
@@ -713,7 +713,7 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     val_cfg = RunConfig.from_mapping({**cfg.dp, "validation": cfg.validation})
     top = base.max_radius if cfg.tune_radius is None else cfg.tune_radius
     radii = np.arange(top + 1)
-    cands = _candidates(cfg)
+    cands = setting_candidates(cfg)
     if not cands:
         raise UserError("nothing to compare: list at least one method")
     val_data = load_run_data(val_cfg)
@@ -722,7 +722,7 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     val_certs: dict[str, Certificates] = {}
     last: dict = {}
     for kind, name, folder, setting in cands:
-        cert = _evaluate(kind, setting, val_cfg, out / "validation" / folder, progress, last)
+        cert = evaluate_setting(kind, setting, val_cfg, out / "validation" / folder, progress, last)
         val_certs[name] = cert
         val.setdefault(kind, {})[name] = certified_accuracy(cert, val_labels, radii)
     last.clear()
@@ -737,7 +737,7 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     for kind, name, folder, setting in cands:
         if name not in needed:
             continue
-        cert = _evaluate(kind, setting, base, out / folder, progress, last)
+        cert = evaluate_setting(kind, setting, base, out / folder, progress, last)
         test_curves[name] = certified_accuracy(cert, labels, np.arange(base.max_radius + 1))
         if name == choices[kind].best:
             results[name] = cert
