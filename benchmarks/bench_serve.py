@@ -79,10 +79,10 @@ def one_by_one(run_dir: Path, x: np.ndarray, instances: int,
     ``features``: the batch's model input, when already computed."""
     import torch
 
+    from dpcert.certification.aggregation import tally_votes
     from dpcert.learning.inference import score_instances
     from dpcert.store import load_tensors
     from dpcert.workflows.ensemble import load_ensemble, model_path
-    from dpcert.workflows.run import tally_votes
 
     info = load_ensemble(run_dir).info
     xin = torch.from_numpy(info.input.to_model_input(x) if features is None else features)

@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
+from dpcert.certification.aggregation import tally_votes
 from dpcert.certification.certify import certified_accuracy, certify
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.learning import linear
 from dpcert.learning.data import load_dataset_cached
-from dpcert.workflows.run import tally_votes
 
 RADII = [0, 40, 80, 100, 150]
 

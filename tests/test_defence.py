@@ -154,3 +154,22 @@ def test_best_options_and_its_default_grid():
     assert res.exit_code == 2 and "radius: option of --defence best" in res.output
     res = _invoke("run", "--defence", "best", "--output", "/nonexistent/x")
     assert res.exit_code == 2 and "needs --radius" in res.output
+
+
+def test_a_resumed_kernel_ridge_run_votes_exactly_as_a_fresh_one(tmp_path):
+    """Example-row models are scored in aligned blocks of 50 (their company sets the rounding
+    of the batched products): a model lost mid-run is fitted again with its whole block,
+    and the kept ensemble, read in the same blocks, reproduces the run's votes."""
+    args = ["--defence", "dpa", "--models", "60", "--learner", "kernel-ridge"]
+    assert _invoke("run", *args, "--output", str(tmp_path / "a")).exit_code == 0
+    fresh = _certificates(tmp_path / "a" / "certificates.csv")
+    votes = np.load(tmp_path / "a" / "votes.npy")
+    for suffix in (".npz", ".safetensors"):
+        (tmp_path / "a" / f"model_000055{suffix}").unlink()
+    kept = (tmp_path / "a" / "model_000010.npz").stat().st_mtime_ns
+    assert _invoke("run", *args, "--output", str(tmp_path / "a")).exit_code == 0
+    assert (tmp_path / "a" / "model_000010.npz").stat().st_mtime_ns == kept  # other block
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "votes.npy"), votes)
+    np.testing.assert_array_equal(_certificates(tmp_path / "a" / "certificates.csv"), fresh)
+    pred = load_ensemble(tmp_path / "a").predict(load_digits().x_test)
+    np.testing.assert_array_equal(pred.votes, votes)

@@ -11,8 +11,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
-
 import dpcert
 
 SRC = Path(dpcert.__file__).parent
@@ -70,7 +68,7 @@ def test_certification_wing_loads_without_torch():
     loaded = ast.literal_eval(out)
     assert "torch" not in loaded
     allowed = {f"dpcert.certification.{m}" for m in CERTIFICATION}
-    allowed |= {"dpcert.certification", "dpcert.errors", "dpcert.store", "dpcert._moved"}
+    allowed |= {"dpcert.certification", "dpcert.errors", "dpcert.store"}
     assert set(loaded) <= allowed
 
 
@@ -82,18 +80,56 @@ def test_run_options_validate_without_torch():
     assert out.strip() == "False"
 
 
-@pytest.mark.parametrize(("old", "new"), [("dpcert.engine", "dpcert.learning.linear"),
-                                          ("dpcert.training", "dpcert.workflows.dispatch"),
-                                          ("dpcert.bounds", "dpcert.certification.bounds")])
-def test_old_module_paths_are_deprecated_aliases(old, new):
-    code = (f"import warnings\nwarnings.simplefilter('error')\n"
-            f"try:\n    import {old}\nexcept DeprecationWarning as w:\n    print('warned', w)\n"
-            f"warnings.simplefilter('ignore')\nimport importlib, sys\n"
-            f"print(importlib.import_module('{old}') is importlib.import_module('{new}'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out[0].startswith("warned") and new in out[0]
-    assert out[1] == "True"
+def _module_graph() -> dict[str, set[str]]:
+    """dpcert module -> the dpcert modules it imports (imports inside functions included;
+    ``from package import module`` counts as importing the module)."""
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(
+        ".__init__"): p for p in SRC.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle among modules (not counting a package's own __init__), or []."""
+    packages = {m for m in graph if (SRC.parent / m.replace(".", "/") / "__init__.py").exists()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m] - packages):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return []
+
+    for m in sorted(set(graph) - packages):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_no_import_cycle_between_modules():
+    assert _cycle(_module_graph()) == []
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
 
 
 def test_public_api_and_python_dash_m():

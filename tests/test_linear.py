@@ -251,7 +251,7 @@ def test_bad_averaging_is_a_user_error():
 def test_library_entry_point_trains_scores_and_records_the_mechanism():
     """The README's example: own features in, scores and the mechanism record out, certified."""
     from dpcert import certify
-    from dpcert.workflows.run import tally_votes
+    from dpcert.certification.aggregation import tally_votes
 
     x, y = _data(n=300, dim=10, classes=3, seed=5)
     scores, record = linear.train_linear_ensemble(

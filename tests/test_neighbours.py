@@ -380,3 +380,82 @@ def test_image_folders_declare_labels_size_and_channels_by_the_test_split(tmp_pa
         "run", "--dataset", "folder", "--data-dir", str(root), "--instances", "2",
         "--output", str(tmp_path / "dp"), "--quiet"])
     assert res.exit_code == 2 and "--train-size" in res.output
+
+
+def test_a_feature_too_large_to_square_is_refused_and_cannot_poison_the_clipping(tmp_path):
+    """A finite feature of 1e20 overflows its squared norm to inf in float32; when the model
+    already fits that example, the gradient norm was inf * 0 = NaN, and the NaN clipping
+    factor turned every weight of every instance into NaN. Refused by the readers and the
+    library entry points, and harmless to the clipping itself."""
+    import torch
+
+    from dpcert.learning import linear
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    huge = np.array([1e20, 0, 0, 0], np.float32)
+    path = tmp_path / "f.npz"
+    np.savez(path, x_train=_insert(x, 9, huge), y_train=rng.integers(0, 3, 61), x_test=x[:5],
+             y_test=np.array([0, 1, 2, 0, 1]))
+    with pytest.raises(UserError) as err:
+        data_mod.load_npz(path)
+    assert "train example 9 has a value that is not a finite number, or too large" in \
+        _one_line(err)
+    with pytest.raises(UserError, match="training example 9"):
+        linear.train_linear_ensemble(_insert(x, 9, huge), rng.integers(0, 3, 61), x[:5],
+                                     instances=2, sample_rate=0.5, noise_multiplier=1.0,
+                                     steps=2, clip_norm=1.0, lr=0.1, num_classes=3,
+                                     declared_size=60)
+    # the clipping: an example with an infinite squared norm that the model fits exactly
+    xb = torch.tensor(np.stack([x[:3], x[:3]]))  # (K=2, B=3, D=4)
+    xb[:, 1] = torch.tensor(huge)
+    weight, bias = torch.zeros(2, 3, 4), torch.zeros(2, 3)
+    bias[:, 0] = 1e4  # softmax exactly one-hot at label 0: err = 0 for a label-0 example
+    onehot = torch.zeros(2, 3, 3)
+    onehot[:, :, 0] = 1.0
+    sq_norm = xb.pow(2).sum(2) + 1.0
+    assert torch.isinf(sq_norm[:, 1]).all()
+    gw, gb = linear.clipped_gradient_sum(weight, bias, xb, onehot, sq_norm,
+                                         torch.ones(2, 3), 1.0)
+    assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
+
+
+def test_models_kept_by_dpcert_0_1_are_not_resumed_into_a_certificate(tmp_path):
+    """A baseline folder without ensemble.json (dpcert 0.1) on an .npz: its models may have
+    been trained through the rescaling reader; resuming it is refused, not certified."""
+    import json
+
+    from dpcert.workflows.compare import BaselineConfig
+    from dpcert.workflows.defence import run_defence
+
+    x, y, xt, yt = _digits_split()
+    npz = _features_npz(tmp_path / "d.npz", x, y, xt, yt)
+    cfg = RunConfig(dataset="npz", data_dir=str(npz), model="linear", optimizer="sgd",
+                    workers=1)
+    bc = BaselineConfig(models=5, learner="prototype")
+    run_defence("dpa", bc, cfg, tmp_path / "run", progress=False)  # today's: fine
+    (tmp_path / "run" / "ensemble.json").unlink()  # as dpcert 0.1 left it
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["kind"] == "dpa"
+    with pytest.raises(UserError, match="trained by dpcert < 0.3") as err:
+        run_defence("dpa", bc, cfg, tmp_path / "run", progress=False)
+    _one_line(err)
+
+
+def test_dp_ensembles_of_before_0_3_load_only_if_their_steps_used_the_declared_size():
+    """Before 0.3 every DP run divided its steps by q times the number of examples present;
+    on the fixed readers that equals the declared size only for the standard split."""
+    from dpcert.certification.mechanism import MechanismRecord
+    from dpcert.workflows.ensemble import check_declared_inputs
+
+    def mech(n, m=None):
+        return MechanismRecord(sample_rate=0.05, noise_multiplier=3.0, steps=10,
+                               dataset_size=n, subset_size=m)
+
+    check_declared_inputs("digits", 10, False, mech(1438))
+    check_declared_inputs("mnist", 10, False, mech(50_000), validation=10_000)
+    check_declared_inputs("mnist", 10, False, mech(1000, m=500))  # sub-datasets: m declared
+    check_declared_inputs("npz", 10, True, mech(7))  # made by 0.3
+    for args in (("mnist", 10, False, mech(1000)), ("npz", 10, False, None),
+                 ("digits", 11, False, None)):
+        with pytest.raises(UserError, match="trained by dpcert < 0.3"):
+            check_declared_inputs(*args)

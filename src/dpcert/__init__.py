@@ -12,7 +12,6 @@ The names below are the public API. The certification names import eagerly (no t
 training entry points and the kept-ensemble API import on first use.
 """
 
-from dpcert import _moved
 from dpcert.certification.accounting import AccountingSpec, GroupBounds
 from dpcert.certification.certify import (
     ABSTAIN,
@@ -23,8 +22,6 @@ from dpcert.certification.certify import (
 )
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
-
-_moved.install()
 
 # name -> module; resolved on first access so that `import dpcert` stays torch-free.
 _LAZY = {

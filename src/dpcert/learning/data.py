@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import io
 import math
 import pickle
@@ -28,9 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.errors import UserError, missing_extra
-
-#: Largest IDX dimension product we accept (guards against hostile headers).
-_MAX_IDX_ITEMS = 1 << 31
+from dpcert.learning.idx import read_idx
 
 
 @dataclass(frozen=True)
@@ -89,15 +86,31 @@ def check_examples(x: np.ndarray, name: str, split: str) -> None:
     if x.ndim not in (2, 4) or len(x) == 0 or x.dtype != np.float32:
         raise UserError(f"{name}: {split} inputs must be non-empty float32 images (n, C, H, W) "
                         f"or features (n, D), got {x.dtype} {x.shape}")
+    if x.ndim == 2:
+        check_finite_examples(x, f"{name}: {split} example")
+        return
     with np.errstate(invalid="ignore"):
-        ok = np.isfinite(x) if x.ndim == 2 else (x >= 0) & (x <= 1)
+        ok = (x >= 0) & (x <= 1)
     first, count = _first_bad(ok)
     if count:
-        what = ("a value that is not a finite number" if x.ndim == 2
-                else "values outside the declared input range")
-        raise UserError(f"{name}: {split} example {first} has {what} ({count} such "
-                        f"example{'s' if count > 1 else ''}); the scale of the data is "
-                        "declared, not read from it — fix or remove the example")
+        raise UserError(f"{name}: {split} example {first} has values outside the declared "
+                        f"input range ({count} such example{'s' if count > 1 else ''}); the "
+                        "scale of the data is declared, not read from it — fix or remove "
+                        "the example")
+
+
+def check_finite_examples(x: np.ndarray, what: str = "example") -> None:
+    """Refuse an example (a row of x (n, ...)) with a non-finite value or a squared norm that
+    overflows float32, naming the first: DP-SGD's clipping computes that norm, and one
+    inf * 0 there (an example the model already fits) would make every instance NaN."""
+    flat = np.asarray(x).reshape(len(x), -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float32)
+    first, count = _first_bad(np.isfinite(sq))
+    if count:
+        raise UserError(f"{what} {first} has a value that is not a finite number, or too "
+                        f"large to square in float32 ({count} such example"
+                        f"{'s' if count > 1 else ''}) — fix or remove it")
 
 
 def check_labels(y: np.ndarray, num_classes: int, name: str, split: str) -> None:
@@ -130,44 +143,14 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
     # the embedded dataset is fixed: its split's size is a constant of the package
     return Dataset("digits", x[~test], y[~test], x[test], y[test], num_classes=10, raw_max=16,
-                   declared_size=int((~test).sum()))
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (raw or .gz): magic 0 0 dtype ndim, big-endian dims, then data."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"IDX file not found: {path}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise UserError(f"{path} is a damaged gzip file: {err}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise UserError(f"{path} is not an IDX file (bad magic number)")
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if raw[2] not in dtypes:
-        raise UserError(f"{path}: unknown IDX data type 0x{raw[2]:02x}")
-    ndim = raw[3]
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
-        raise UserError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(dims, dtype=object))
-    if count > _MAX_IDX_ITEMS:
-        raise UserError(f"{path}: IDX header claims {count} items, refusing")
-    if count == 0:  # also keeps numpy away from empty shapes with enormous other dimensions
-        raise UserError(f"{path}: IDX file holds no items (dimensions {dims})")
-    dt = np.dtype(dtypes[raw[2]])
-    body = raw[4 + 4 * ndim:]
-    if len(body) != count * dt.itemsize:
-        raise UserError(f"{path}: IDX body has {len(body)} bytes, header implies "
-                        f"{count * dt.itemsize}")
-    return np.frombuffer(body, dtype=dt).reshape(dims)
+                   declared_size=DIGITS_TRAIN_SIZE if test_fraction == 0.2 and seed == 0
+                   else int((~test).sum()))
 
 
 #: The standard training splits' sizes: what a DP run on these datasets declares.
-MNIST_TRAIN_SIZE, CIFAR10_TRAIN_SIZE = 60_000, 50_000
+MNIST_TRAIN_SIZE, CIFAR10_TRAIN_SIZE, DIGITS_TRAIN_SIZE = 60_000, 50_000, 1_438
+DECLARED_SIZES = {"digits": DIGITS_TRAIN_SIZE, "mnist": MNIST_TRAIN_SIZE,
+                  "fashion-mnist": MNIST_TRAIN_SIZE, "cifar10": CIFAR10_TRAIN_SIZE}
 
 
 def _scaled(x: np.ndarray, raw_max: float) -> np.ndarray:

@@ -52,6 +52,11 @@ def constant_params(model: str, in_channels: int, num_classes: int, *, label: in
     return params
 
 
+#: Models the example-row families (nearest neighbour, kernel ridge) are scored together,
+#: in blocks aligned to model 0, 50, 100, ...: the batched products round each model's scores
+#: the same way only in the same company, so training, resuming and loading all use these
+#: blocks and a kept ensemble reproduces its run's votes bit for bit.
+ROW_MODELS_PER_CALL = 50
 #: Parameters holding one row per training example (the nearest-neighbour and kernel-ridge
 #: families), and the value of a padding row: it never matches (label -1) or adds an exact
 #: zero (coefficient 0), so scores do not depend on how many rows a stack is padded to.

@@ -176,7 +176,7 @@ def read_inputs(path: Path, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
     ``.npy`` (an array in any form :class:`InputSpec` accepts), an IDX file (raw or .gz, e.g.
     ``t10k-images-idx3-ubyte``), one image file, or a folder of image files (sorted by name).
     Returns the array (not yet converted) and the names (``file`` or ``file[i]``)."""
-    from dpcert.learning.data import read_idx
+    from dpcert.learning.idx import read_idx
     from dpcert.store import load_array
 
     path = Path(path)

@@ -203,7 +203,10 @@ def clipped_gradient_sum(weight: torch.Tensor, bias: torch.Tensor, xb: torch.Ten
     logits = torch.bmm(xb, weight.transpose(1, 2)) + bias[:, None, :]
     err = torch.softmax(logits, dim=2) - onehot  # d loss_i / d logits_i
     norm = (sq_norm * err.pow(2).sum(2)).sqrt()
-    err = err * (mask * torch.clamp(clip / norm.clamp_min(1e-12), max=1.0))[..., None]
+    # NaN only from inf * 0 (an overflowing example the model fits exactly): its gradient is
+    # then 0, and its factor must be too, or one example would turn every weight into NaN
+    factor = torch.nan_to_num(torch.clamp(clip / norm.clamp_min(1e-12), max=1.0), nan=0.0)
+    err = err * (mask * factor)[..., None]
     return torch.bmm(err.transpose(1, 2), xb, out=out), err.sum(1)
 
 
@@ -242,7 +245,8 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
     The library entry point (in the spirit of Opacus' ``make_private``): features x (n, D)
     and int labels y (n,), any device. Returns softmax scores (P, N, L) of every instance on
     x_eval (N, D) and the :class:`~dpcert.MechanismRecord` of what ran, which
-    :func:`dpcert.certify` consumes (votes: ``dpcert.workflows.run.tally_votes(scores)``).
+    :func:`dpcert.certify` consumes (votes:
+    ``dpcert.certification.aggregation.tally_votes(scores)``).
 
     ``num_classes`` (the label set 0..L-1) and ``declared_size`` (the number of training
     examples each noisy gradient sum is divided by, times q) are declared, never read off
@@ -265,6 +269,9 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
                         f"{tuple(xt.shape)}, {tuple(yt.shape)}, {tuple(xe.shape)}")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    from dpcert.learning.data import check_finite_examples
+
+    check_finite_examples(xt.cpu().numpy(), "training example")
     if len(yt) and (int(yt.min()) < 0 or int(yt.max()) >= num_classes):
         bad = int(torch.nonzero((yt < 0) | (yt >= num_classes))[0, 0])
         raise UserError(f"training example {bad} has label {int(yt[bad])}, outside the "

@@ -573,10 +573,11 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     so Dropout is off). x (n, ...) float
     inputs, y (n,) int labels, x_eval (N, ...). Returns softmax scores (P, N, L) and the
     :class:`~dpcert.MechanismRecord` of what ran, which :func:`dpcert.certify`
-    consumes (votes: ``dpcert.workflows.run.tally_votes(scores)``). Instance i depends on (seed, i)
-    only, whatever ``batch_instances`` and ``device``. ``augment_shift`` > 0 trains on random
-    translations of image inputs (N, C, H, W), ``augment_copies`` of them per example averaged
-    before clipping (:class:`Augmentation`; the mechanism record is unchanged).
+    consumes (votes: ``dpcert.certification.aggregation.tally_votes(scores)``). Instance i
+    depends on (seed, i) only, whatever ``batch_instances`` and ``device``. ``augment_shift``
+    > 0 trains on random translations of image inputs (N, C, H, W), ``augment_copies`` of them
+    per example averaged before clipping (:class:`Augmentation`; the mechanism record is
+    unchanged).
 
     ``declared_size``: the number of training examples you declare, which each noisy
     gradient sum is divided by (times q); pass a number fixed before seeing the data (e.g. the
@@ -612,6 +613,9 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
                         f"shaped like x; got {tuple(xt.shape)}, {tuple(yt.shape)} "
                         f"{yt.dtype}, {tuple(xe.shape)}")
     yt = yt.long()
+    from dpcert.learning.data import check_finite_examples
+
+    check_finite_examples(xt.cpu().numpy(), "training example")
     if augment_shift and xt.ndim != 4:
         raise UserError(f"augmentation translates images (n, C, H, W); x is {tuple(xt.shape)}")
     record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,

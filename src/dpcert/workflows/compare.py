@@ -38,17 +38,26 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.certification import baselines
+from dpcert.certification.aggregation import (
+    BASELINES,
+    RUNOFF,
+    baseline_certificate,
+    deterministic_certificates,
+)
 from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
 from dpcert.workflows.dispatch import worker_pool, write_trained
-from dpcert.workflows.ensemble import EnsembleInfo, keeps_models, read_info, write_info
-from dpcert.workflows.run import METHODS, run, stored_config, tally_votes
+from dpcert.workflows.ensemble import (
+    EnsembleInfo,
+    check_declared_inputs,
+    keeps_models,
+    read_info,
+    write_info,
+)
+from dpcert.workflows.run import METHODS, run, stored_config
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit
 
-BASELINES = ("dpa", "fa", "bagging", "roe", "fa-roe")
-#: The defences that aggregate another defence's models differently: whose models they use.
-RUNOFF = {"roe": "dpa", "fa-roe": "fa"}
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
 _SEED_OFFSET = 7919
 
@@ -303,8 +312,6 @@ def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list
     return [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
 
 
-#: Models per job for the learners that fit no parameters (scored in one stacked call).
-UNITS_PER_JOB = 50
 
 
 def _train_units(run_cfg: dict, bc: dict, kind: str,
@@ -465,6 +472,8 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                 **({"validation": run_cfg.validation} if run_cfg.validation else {})}
     # A new folder keeps its models; one trained before models were kept resumes as it was.
     keep = not (folder / "settings.json").exists() or keeps_models(folder)
+    if not keep:  # models of dpcert 0.1: no record of how their inputs were read
+        check_declared_inputs(run_cfg.dataset, load_run_data(run_cfg).num_classes, False)
     _guard_folder(folder, identity)
     m = bc.trained_models(kind)
     if keep:
@@ -476,14 +485,22 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     todo = [i for i in range(m) if i not in found]
     if todo:
         indices = training_indices(kind, bc, x_train)
-        workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(todo)))
+        from dpcert.learning.inference import ROW_MODELS_PER_CALL
+
+        # learners without training score an aligned block of models per call (a block with
+        # any model missing is fitted again whole: the company a model is scored in sets
+        # its rounding); the others one model each
+        per = ROW_MODELS_PER_CALL if bc.learner in FREE_LEARNERS else 1
+        blocks = sorted({i // per for i in todo})
+        redo = [i for b in blocks for i in range(b * per, min(m, (b + 1) * per))]
+        for i in redo:
+            found.pop(i, None)
+        workers = run_cfg.workers or max(1, min(os.cpu_count() or 1, len(redo)))
         if run_cfg.device == "cuda":
             workers = 1  # one process drives the GPU
-        bar = tqdm(total=m, initial=m - len(todo), desc=f"training {bc.name(kind)}",
+        bar = tqdm(total=m, initial=m - len(redo), desc=f"training {bc.name(kind)}",
                    unit="model", disable=not progress)
-        units = [(i, None if indices is None else indices[i], str(paths[i])) for i in todo]
-        # learners without training score a chunk of models per call; the others one each
-        per = UNITS_PER_JOB if bc.learner in FREE_LEARNERS else 1
+        units = [(i, None if indices is None else indices[i], str(paths[i])) for i in redo]
         jobs = [(asdict(run_cfg), asdict(bc), kind, units[j:j + per], keep)
                 for j in range(0, len(units), per)]
         if workers == 1:
@@ -547,28 +564,6 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
                                         "train_size": len(data.y_train)})
 
 
-def baseline_certificate(kind: str, scores: np.ndarray, *, spread: int, train_size: int,
-                         subsample: int, eta: float, max_radius: int) -> Certificates:
-    """Certificates of a partition or bagging defence from its models' scores (M, N, L)."""
-    votes = tally_votes(scores)
-    if kind == "dpa":
-        pred, radius = baselines.dpa_radius(votes)
-    elif kind == "fa":
-        pred, radius = baselines.fa_certificate(scores.argmax(axis=2).T, scores.shape[2],
-                                                spread)
-    elif kind == "roe":
-        pred, radius = baselines.roe_certificate(scores)
-    elif kind == "fa-roe":
-        pred, radius = baselines.fa_roe_certificate(scores, spread)
-    elif kind == "bagging":
-        pred, radius = baselines.bagging_radius(votes, train_size=train_size,
-                                                subsample_size=subsample, eta=eta,
-                                                max_radius=max_radius)
-    else:
-        raise UserError(f"no certificate for defence {kind!r} ({', '.join(BASELINES)})")
-    return _cert(pred, np.minimum(radius, max_radius))
-
-
 def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,
                      run_cfg: RunConfig) -> Certificates:
     return baseline_certificate(kind, scores, spread=bc.spread, train_size=n_train,
@@ -621,7 +616,7 @@ def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool) -> Certi
     run(run_cfg, run_dir, progress, methods=METHODS[:1])
     rows = np.loadtxt(run_dir / "certificates.csv", delimiter=",", skiprows=1, dtype=np.int64,
                       ndmin=2)
-    return _cert(rows[:, 1], rows[:, 2])
+    return deterministic_certificates(rows[:, 1], rows[:, 2])
 
 
 def setting_candidates(cfg: CompareConfig) -> list[tuple[str, str, str, object]]:
@@ -792,11 +787,6 @@ def _tuning_report(cfg: CompareConfig, val: dict[str, dict[str, np.ndarray]],
 
 def _clean(cert: Certificates, labels: np.ndarray) -> float:
     return float(np.mean(cert.prediction == labels))
-
-
-def _cert(pred: np.ndarray, radius: np.ndarray) -> Certificates:
-    nan = np.full(len(pred), np.nan)
-    return Certificates(np.asarray(pred), np.asarray(radius), nan, nan)
 
 
 def instance_accuracies(scores: np.ndarray, labels: np.ndarray, values: int = 2**24

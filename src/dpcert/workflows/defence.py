@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpcert.certification.aggregation import tally_votes
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_save_npy, atomic_write_text
 from dpcert.workflows.compare import (
@@ -30,7 +31,6 @@ from dpcert.workflows.compare import (
     train_models,
     trained_as,
 )
-from dpcert.workflows.run import tally_votes
 from dpcert.workflows.runconfig import RunConfig, load_run_data
 
 #: What ``--defence`` may name: the DP ensemble, or a baseline defence.

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.certification.accounting import AccountingSpec, GroupBounds, default_cache_dir
+from dpcert.certification.aggregation import RUNOFF, baseline_certificate, tally_votes
 from dpcert.certification.certify import (
     Certificates,
     certified_accuracy,
@@ -96,7 +97,8 @@ class EnsembleInfo:
     declared_inputs: bool = True
 
     def __post_init__(self) -> None:
-        check_declared_inputs(self.dataset, self.num_classes, self.declared_inputs)
+        check_declared_inputs(self.dataset, self.num_classes, self.declared_inputs,
+                              self.mechanism, int(self.training.get("validation") or 0))
         if self.defence not in DEFENCES:
             raise UserError(f"unknown defence {self.defence!r} ({', '.join(DEFENCES)})")
         if (self.mechanism is None) != (self.defence != "dp"):
@@ -134,20 +136,27 @@ class EnsembleInfo:
             raise UserError(f"{where} is damaged: {err}") from None
 
 
-#: Datasets whose readers have always used a fixed scale and 10 classes.
-_FIXED_READERS = ("digits", "mnist", "fashion-mnist", "cifar10")
-
-
-def check_declared_inputs(dataset: str, num_classes: int, declared: bool) -> None:
+def check_declared_inputs(dataset: str, num_classes: int, declared: bool,
+                          mechanism: MechanismRecord | None = None, validation: int = 0
+                          ) -> None:
     """Refuse an ensemble trained before dpcert 0.3 on a path that read statistics of the
     training set: the .npz reader then rescaled every image when one lay outside [0, 1] and
-    took the label set (and, for DP runs, the step size) from the training data, so one
-    poisoned example could change every model, which no certificate covers. Runs on the
-    fixed-scale readers with their 10 classes are unaffected and load as before."""
-    if declared or (dataset in _FIXED_READERS and num_classes == 10):
+    took the label set from the training data, and every DP run scaled its steps by the
+    number of examples present — so one poisoned example could change every model, which no
+    certificate covers. Runs on the fixed-scale readers with their 10 classes (and, for DP
+    runs, trained on exactly the standard split's size, or on sub-datasets) are unaffected
+    and load as before."""
+    from dpcert.learning.data import DECLARED_SIZES
+
+    if declared:
         return
-    raise UserError(f"this {dataset} ensemble was trained by dpcert < 0.3, whose reader took "
-                    "the image scale, label set and step size from the training data itself; "
+    if dataset in DECLARED_SIZES and num_classes == 10:
+        if mechanism is None or mechanism.subset_size is not None:
+            return
+        if mechanism.dataset_size == DECLARED_SIZES[dataset] - validation:
+            return
+    raise UserError(f"this {dataset} ensemble was trained by dpcert < 0.3, which took the image "
+                    "scale, the label set or the DP step size from the training data itself; "
                     "no certificate covers that, so it is refused: retrain it")
 
 
@@ -292,7 +301,12 @@ class Ensemble:
 
     def _block_size(self) -> int:
         """Instances per block: as many as fit in BLOCK_BYTES (instance 0 read once to size
-        them)."""
+        them); the example-row families in the aligned blocks they were trained and scored
+        in, so that the kept models vote exactly as the run's own did."""
+        from dpcert.learning.inference import KERNEL, NEAREST, ROW_MODELS_PER_CALL
+
+        if self.info.model in (NEAREST, KERNEL):
+            return min(self.info.instances, ROW_MODELS_PER_CALL)
         if self._per_instance is None:
             first = self._source.read(0, 1)
             self._per_instance = sum(a[0].nbytes for a in first.values())
@@ -344,7 +358,6 @@ class Ensemble:
         import torch
 
         from dpcert.learning.inference import score_instances
-        from dpcert.workflows.run import tally_votes
 
         xin = torch.from_numpy(self.model_input(x)).to(self.device)
         n, labels = len(xin), self.info.num_classes
@@ -414,7 +427,6 @@ class Ensemble:
     def _certify_baseline(self, x: np.ndarray, eta: float | None, max_radius: int | None,
                           progress: bool, method: str | None = None
                           ) -> tuple[Certificates, Prediction]:
-        from dpcert.workflows.compare import baseline_certificate
 
         pred = self.predict(x, keep_scores=True, progress=progress)
         assert pred.scores is not None
@@ -431,7 +443,6 @@ class Ensemble:
     def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:
         """Run-off Election over a DPA or Finite Aggregation ensemble's models (the same
         models, another aggregation and certificate: ROE, or FA + ROE)."""
-        from dpcert.workflows.compare import RUNOFF
 
         runoff = {base: kind for kind, base in RUNOFF.items()}.get(self.info.defence)
         if self.info.defence in RUNOFF:

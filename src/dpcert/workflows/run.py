@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.certification.accounting import AccountingSpec
+from dpcert.certification.aggregation import tally_votes
 from dpcert.certification.certify import Certificates, certify
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
@@ -104,14 +105,6 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return votes, np.load(path, mmap_mode="r")
 
 
-def tally_votes(scores: np.ndarray) -> np.ndarray:
-    """Vote counts (N, L) from per-model scores (P, N, L): each model votes for its argmax."""
-    p, n, n_labels = scores.shape
-    votes = np.zeros((n, n_labels), dtype=np.int64)
-    np.add.at(votes, (np.tile(np.arange(n), p), scores.argmax(axis=2).ravel()), 1)
-    return votes
-
-
 # -- the whole job ---------------------------------------------------------------------------
 
 
@@ -145,7 +138,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
         if keeps_models(run_dir):
             read_info(run_dir)  # refuses a run trained before the inputs were declared
         else:
-            check_declared_inputs(cfg.dataset, data.num_classes, False)
+            check_declared_inputs(cfg.dataset, data.num_classes, False,
+                                  MechanismRecord.load(run_dir / "mechanism.json"),
+                                  cfg.validation)
         old = stored_config(run_dir)
         # a key an older run did not store had its default then (fields are only ever added)
         default = RunConfig()
