@@ -3,6 +3,7 @@ change nothing, concurrent clients on loopback get correct answers, and the page
 real browser (Debian's headless Chromium, driven by Playwright)."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -32,7 +33,14 @@ def server(tmp_path_factory):
     out = tmp_path_factory.mktemp("served")
     run(RunConfig(instances=30, steps=60, sample_rate=0.05, noise_multiplier=2.0, workers=2,
                   eta=0.05, max_radius=20), out, progress=False)
-    ens = load_ensemble(out)
+    with _serving(out) as url:
+        yield url, load_ensemble(out)
+
+
+@contextlib.contextmanager
+def _serving(path):
+    """A server for the kept ensemble at ``path`` on a free loopback port, for the block."""
+    ens = load_ensemble(path)
     app = create_app(ens, max_batch=64, max_body=1 << 20)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     srv = uvicorn.Server(config)
@@ -43,9 +51,11 @@ def server(tmp_path_factory):
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
     port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", load_ensemble(out)
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 def _post(url, body: bytes, content_type="application/json"):
@@ -210,7 +220,24 @@ def test_page_in_a_real_browser(server, tmp_path):
         answer = page.text_content("#answer")
         bars = page.locator("#hist .bar").count()
         page.screenshot(path=str(shot))
+        # an uploaded image replaces the drawing on the pad: the picture is what was sent
+        digit = np.round(load_digits().x_test[5, 0] * 255).astype(np.uint8)
+        Image.fromarray(digit).save(tmp_path / "digit.png")
+        page.evaluate("document.getElementById('answer').textContent = ''")
+        page.set_input_files("#file", str(tmp_path / "digit.png"))
+        page.wait_for_function("document.getElementById('answer').textContent"
+                               ".startsWith('Prediction')", timeout=30000)
+        uploaded = page.text_content("#answer")
+        page.screenshot(path=str(tmp_path / "upload.png"))
         browser.close()
+    want = server[1].certify((digit[None, None] / 255.0).astype(np.float32))
+    assert f"Prediction {int(want.prediction[0])}" in uploaded
+    shown = np.asarray(Image.open(tmp_path / "upload.png").convert("L")).astype(float)
+    cell = box["width"] / 8
+    centres = np.array([[shown[int(box["y"] + (i + 0.5) * cell),
+                               int(box["x"] + (j + 0.5) * cell)] for j in range(8)]
+                        for i in range(8)])
+    assert np.corrcoef(centres.ravel(), digit.astype(float).ravel())[0, 1] > 0.9
     assert bars == 10 and ("certified radius" in answer or "abstain" in answer)
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     pad = img[int(box["y"]):int(box["y"] + box["height"]), int(box["x"]):int(box["x"]
@@ -221,3 +248,44 @@ def test_page_in_a_real_browser(server, tmp_path):
     green = ((abs(img[..., 0] - 0x0a) < 20) & (abs(img[..., 1] - 0x6b) < 20)
              & (abs(img[..., 2] - 0x2d) < 20))
     assert green.sum() > 50
+
+
+@pytest.mark.skipif(not (Path(CHROMIUM).exists() or os.environ.get("DPCERT_REQUIRE_BROWSER")),
+                    reason="headless Chromium not installed (CI installs it)")
+def test_page_of_a_feature_vector_ensemble_takes_vectors(tmp_path):
+    """An ensemble trained on the user's own feature vectors has no image to draw: the page
+    offers a vector field instead, and its answer is the ensemble's."""
+    from playwright.sync_api import sync_playwright
+
+    from dpcert.workflows.compare import BaselineConfig
+    from dpcert.workflows.defence import run_defence
+
+    d = load_digits()
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+    np.savez(tmp_path / "f.npz", x_train=flat(d.x_train), y_train=d.y_train,
+             x_test=flat(d.x_test), y_test=d.y_test)
+    run_defence("dpa", BaselineConfig(models=10, learner="prototype"),
+                RunConfig(dataset="npz", data_dir=str(tmp_path / "f.npz"), model="linear",
+                          optimizer="sgd"), tmp_path / "run", progress=False)
+    want = load_ensemble(tmp_path / "run").certify(flat(d.x_test[:1]))
+    with _serving(tmp_path / "run") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('about').textContent.includes('×')")
+        assert not page.is_visible("#pad") and page.is_visible("#vector")
+        assert page.text_content("#dim") == "64"
+        page.fill("#vector", json.dumps(flat(d.x_test[:1])[0].tolist()))
+        page.click("#sendvec")
+        page.wait_for_function("document.getElementById('answer').textContent"
+                               ".startsWith('Prediction')", timeout=30000)
+        answer = page.text_content("#answer")
+        page.fill("#vector", "[1, 2,")
+        page.click("#sendvec")
+        page.wait_for_function("document.getElementById('error').textContent != ''")
+        error = page.text_content("#error")
+        browser.close()
+    assert answer.startswith(f"Prediction {int(want.prediction[0])}")
+    assert "not a JSON array" in error
