@@ -101,3 +101,25 @@ def _run_catching(cfg, out, errors):
         run(cfg, out, progress=False)
     except Exception as err:  # reported by the test's main thread
         errors.append(repr(err))
+
+
+@pytest.mark.parametrize("learner", ["kernel-ridge", "full-batch"])
+def test_a_partition_defence_trains_on_ray_as_locally(tmp_path, cluster, learner):
+    """The models of a partition defence go through the same Ray path as DP instances
+    (written by the driver as each task returns): the same models and certificates as the
+    local backend."""
+    from dpcert.store import load_tensors
+    from dpcert.workflows.defence import defence_config, run_defence
+
+    opts = {"defence": "dpa", "models": 8, "learner": learner, "steps": 5}
+    out = {}
+    for backend in ("local", "ray"):
+        kind, cfg, bc = defence_config({**opts, "backend": backend, "workers": 1})
+        out[backend] = tmp_path / backend
+        run_defence(kind, bc, cfg, out[backend], progress=False)
+    assert (out["ray"] / "certificates.csv").read_text() == \
+        (out["local"] / "certificates.csv").read_text()
+    for i in range(8):
+        a, _ = load_tensors(out["local"] / f"model_{i:06d}.safetensors")
+        b, _ = load_tensors(out["ray"] / f"model_{i:06d}.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -47,7 +47,7 @@ from dpcert.certification.aggregation import (
 from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
-from dpcert.workflows.dispatch import worker_pool, write_trained
+from dpcert.workflows.dispatch import Trained, ray_map, worker_pool, write_trained
 from dpcert.workflows.ensemble import (
     EnsembleInfo,
     check_declared_inputs,
@@ -318,11 +318,20 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
                  jobs: list[tuple[int, np.ndarray | None, str]], keep_model: bool = True
                  ) -> list[int]:
     """Train baseline models ``jobs`` = [(i, example indices or None, unit path)] and write
-    their files (runs in a worker). The learners fitted in closed form score all their models
-    in one stacked call (the test features are read once, not once per model); each model is
-    kept with exactly its own examples' rows, so that its file is a function of its part
-    alone (the stacked call pads them, which changes no score:
-    :func:`dpcert.learning.inference.stack_params`)."""
+    their files (a local worker process)."""
+    for (_, _, out), trained in zip(jobs, _fit_units(run_cfg, bc, kind, jobs), strict=True):
+        write_trained(Path(out), trained, keep_model)
+    return [i for i, _, _ in jobs]
+
+
+def _fit_units(run_cfg: dict, bc: dict, kind: str,
+               jobs: list[tuple[int, np.ndarray | None, str]]) -> list[Trained]:
+    """(test scores, parameters) of baseline models ``jobs`` = [(i, example indices or None,
+    unit path)]; pure, no files (a local worker or a Ray task). The learners fitted in closed
+    form score all their models in one stacked call (the test features are read once, not
+    once per model); each model is kept with exactly its own examples' rows, so that its
+    file is a function of its part alone (the stacked call pads them, which changes no
+    score: :func:`dpcert.learning.inference.stack_params`)."""
     import torch
 
     from dpcert.learning.inference import score_instances, stack_params
@@ -340,9 +349,8 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
         parts.append(idx)
         gens.append(gen)
     if setting.learner not in FREE_LEARNERS:
-        for (_, _, out), idx, gen in zip(jobs, parts, gens, strict=True):
-            write_trained(Path(out), _train_one(cfg, setting, data, idx, gen), keep_model)
-        return [i for i, _, _ in jobs]
+        return [_train_one(cfg, setting, data, idx, gen)
+                for idx, gen in zip(parts, gens, strict=True)]
     x_train, x_test = vectors(data.x_train), vectors(data.x_test)
     params = [_fit_free(setting, x_train, data.y_train, data.num_classes, idx) for idx in parts]
     family = learner_model(setting, "linear")
@@ -350,12 +358,20 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
     # scored by the same routine that scores the kept models later (same rounding)
     scores = score_instances(family, stacked, torch.from_numpy(x_test),
                              in_channels=x_train.shape[1], num_classes=data.num_classes)
-    for j, ((_, _, out), idx) in enumerate(zip(jobs, parts, strict=True)):
+    for j, idx in enumerate(parts):
         if len(idx) == 0 and family == "linear":  # an empty part votes for label 0
             scores[j] = 0.0
             scores[j, :, 0] = 1.0
-        write_trained(Path(out), (scores[j], params[j]), keep_model)
-    return [i for i, _, _ in jobs]
+    return [(scores[j], params[j]) for j in range(len(parts))]
+
+
+def _fit_units_ray(run_cfg: dict, bc: dict, kind: str,
+                   jobs: list[tuple[int, np.ndarray | None, str]]) -> list[Trained]:
+    """Ray task body: one worker thread, as a local worker process has."""
+    import torch
+
+    torch.set_num_threads(1)
+    return _fit_units(run_cfg, bc, kind, jobs)
 
 
 def vectors(x: np.ndarray) -> np.ndarray:
@@ -503,7 +519,14 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
         units = [(i, None if indices is None else indices[i], str(paths[i])) for i in redo]
         jobs = [(asdict(run_cfg), asdict(bc), kind, units[j:j + per], keep)
                 for j in range(0, len(units), per)]
-        if workers == 1:
+        if run_cfg.backend == "ray":
+            def written(job: tuple, trained: list[Trained]) -> None:
+                for (_, _, out), one in zip(job[3], trained, strict=True):
+                    write_trained(Path(out), one, keep)
+                bar.update(len(trained))
+
+            ray_map(run_cfg, _fit_units_ray, [job[:4] for job in jobs], written)
+        elif workers == 1:
             for job in jobs:
                 bar.update(len(_train_units(*job)))
         else:

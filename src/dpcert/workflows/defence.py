@@ -39,7 +39,7 @@ DEFENCE_KINDS = ("dp", *BASELINES)
 #: learners train, execution and certification. (lr, optimizer, steps and augment_shift are
 #: its learner's own options.)
 RUN_KEYS = ("dataset", "data_dir", "model", "features", "seed", "validation", "eta",
-            "max_radius", "workers", "device")
+            "max_radius", "workers", "device", "backend", "ray_address", "gpu_fraction")
 _LEARNER_KEYS = tuple(k for k in BaselineConfig.__dataclass_fields__ if k not in RUN_KEYS)
 
 

@@ -124,13 +124,17 @@ def _ray_group(cfg_dict: dict, instances: list[int], data) -> list[Trained]:
     return train_group_models(RunConfig(**cfg_dict), instances, data)
 
 
-def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar, keep_models: bool
-               ) -> None:
-    """Ray backend: one task per group, the dataset shipped once through the object store.
+def ray_map(cfg: RunConfig, fn: Callable, jobs: list[tuple],
+            on_result: Callable[[tuple, object], None], shared: object = None) -> None:
+    """``fn(*job)`` for every job as a Ray task (one CPU each, ``gpu_fraction`` of a GPU on a
+    CUDA run, retried up to 3 times if its worker dies), ``on_result(job, result)`` called in
+    the driver as each returns — the one Ray path of every defence's training. ``shared``
+    (e.g. the dataset), when given, goes into the object store once and is passed to every
+    task as its last argument.
 
-    The driver writes each unit atomically as its task returns, so workers need no shared
-    filesystem; a crashed driver loses only the tasks in flight (rerun resumes), and Ray
-    retries tasks whose worker died (``max_retries``)."""
+    The driver writes whatever the results hold, so workers need no shared filesystem, and a
+    crashed driver loses only the tasks in flight (a rerun resumes). Without a cluster
+    address, a private local cluster reachable on loopback only."""
     try:
         import ray
     except ImportError:
@@ -147,19 +151,29 @@ def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar, keep_models: 
             raise UserError(f"cannot start or reach the Ray cluster: {err}") from None
     try:
         gpus = cfg.gpu_fraction if cfg.device == "cuda" else 0
-        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_ray_group)
-        data_ref = ray.put(load_run_data(cfg))
-        cfg_dict = asdict(cfg)
-        pending = {task.remote(cfg_dict, g, data_ref): g for g in groups}
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(fn)
+        extra = () if shared is None else (ray.put(shared),)
+        pending = {task.remote(*job, *extra): job for job in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            group = pending.pop(done[0])
-            for trained, out in zip(ray.get(done[0]), outs(group), strict=True):
-                write_trained(Path(out), trained, keep_models)
-            bar.update(len(group))
+            on_result(pending.pop(done[0]), ray.get(done[0]))
     finally:
         if started:
             ray.shutdown()
+
+
+def _train_ray(cfg: RunConfig, groups: list[list[int]], outs, bar, keep_models: bool
+               ) -> None:
+    """Ray backend of a DP run: one task per group, the dataset shipped once."""
+
+    def written(job: tuple, trained: list[Trained]) -> None:
+        group = job[1]
+        for one, out in zip(trained, outs(group), strict=True):
+            write_trained(Path(out), one, keep_models)
+        bar.update(len(group))
+
+    ray_map(cfg, _ray_group, [(asdict(cfg), g) for g in groups], written,
+            shared=load_run_data(cfg))
 
 
 def resolve_batch_instances(cfg: RunConfig, todo: int) -> int:
