@@ -240,7 +240,7 @@ def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, sub
     labels = _load_labels(labels_path, n_points)
     if group == "paper":
         click.echo("warning: --group paper reproduces the published group privacy, which is "
-                   "NOT a valid certificate (DESIGN.md section 2)", err=True)
+                   "NOT a valid certificate (docs/method.md, section 2)", err=True)
     cache = None if no_cache else (cache_dir or "default")
     cert = certify(outputs, record, inference=inference, eta=eta, bound=bound, spec=spec,
                    cache_dir=cache, progress=not quiet and sys.stderr.isatty(), workers=workers)

@@ -3,7 +3,7 @@
 Pure numpy/scipy (no torch). All shifts are in units of the clipping norm C, so the noise has
 standard deviation ``sigma`` (the noise multiplier); values are per SGM step unless stated.
 
-Group of r changed examples (DESIGN.md section 2a). With Poisson sampling at rate q, the number
+Group of r changed examples (docs/method.md, section 2). With Poisson sampling at rate q, the number
 of the r examples that enter a step is K ~ Binomial(r, q) and moves the clipped sum by at most
 K; the worst case aligns all shifts, so one step is dominated by the scalar pair
 
@@ -206,7 +206,7 @@ def paper_group_rdp(
 ) -> np.ndarray:
     """The paper's Theorem 8 (UNSOUND, reproduction only): the SGM at q_r = 1-(1-q)^r, same sigma.
 
-    It ignores that several of the r examples can share a batch; see DESIGN.md section 2a.
+    It ignores that several of the r examples can share a batch; see docs/method.md, section 2.
     """
     if r == 0:
         return np.zeros(np.shape(orders))
