@@ -151,6 +151,8 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 MNIST_TRAIN_SIZE, CIFAR10_TRAIN_SIZE, DIGITS_TRAIN_SIZE = 60_000, 50_000, 1_438
 DECLARED_SIZES = {"digits": DIGITS_TRAIN_SIZE, "mnist": MNIST_TRAIN_SIZE,
                   "fashion-mnist": MNIST_TRAIN_SIZE, "cifar10": CIFAR10_TRAIN_SIZE}
+#: The integer range each fixed reader divides its images by.
+RAW_MAX = {"digits": 16, "mnist": 255, "fashion-mnist": 255, "cifar10": 255}
 
 
 def _scaled(x: np.ndarray, raw_max: float) -> np.ndarray:

@@ -15,9 +15,13 @@ altered model is refused, never used), and certifies with the same functions as 
 certify`` — so certifying a run's own test set through a loaded ensemble reproduces the run's
 ``certificates.csv``.
 
-What the checksums do and do not give: they detect damaged and accidentally altered files.
-Whoever can write the file can also rewrite its checksums; to know that a file is the one
-you trained, compare its sha256 (printed by ``dpcert export``) with the one you recorded.
+What loading checks: every model's checksum, its slot and that it lies inside the directory,
+its weights against the model's parameter names, shapes and dtype (finite float32), the
+description against the settings the directory was trained with and against the ranges its
+numbers may take, and the claimed number of models against the files present before reading
+any. That catches damage and edits of one file. Whoever can write every file can forge a
+consistent record; to know that a file is the one you trained, compare its sha256 (printed by
+``dpcert export``) with the one you recorded.
 """
 
 from __future__ import annotations
@@ -97,12 +101,39 @@ class EnsembleInfo:
     declared_inputs: bool = True
 
     def __post_init__(self) -> None:
+        def bad(what: str) -> UserError:
+            return UserError(f"the ensemble description is damaged or altered: {what}")
+
+        if not (_is_int(self.num_classes) and 2 <= self.num_classes <= MAX_CLASSES):
+            raise bad(f"num_classes {self.num_classes!r}")
+        if not (_is_int(self.instances) and 1 <= self.instances <= MAX_INSTANCES):
+            raise bad(f"instances {self.instances!r}")
+        if not (isinstance(self.eta, float) and 0 < self.eta < 1):
+            raise bad(f"eta {self.eta!r} (must lie in (0, 1))")
+        if not (_is_int(self.max_radius) and 1 <= self.max_radius <= MAX_RADIUS):
+            raise bad(f"max_radius {self.max_radius!r}")
+        from dpcert.learning.data import RAW_MAX
+
+        if self.dataset in RAW_MAX and self.input.shape is not None and \
+                self.input.raw_max != RAW_MAX[self.dataset]:
+            raise bad(f"raw_max {self.input.raw_max} for {self.dataset}, whose reader divides "
+                      f"by {RAW_MAX[self.dataset]}")
         check_declared_inputs(self.dataset, self.num_classes, self.declared_inputs,
                               self.mechanism, int(self.training.get("validation") or 0))
         if self.defence not in DEFENCES:
             raise UserError(f"unknown defence {self.defence!r} ({', '.join(DEFENCES)})")
         if (self.mechanism is None) != (self.defence != "dp"):
             raise UserError("a DP ensemble needs its mechanism record, a baseline has none")
+        if self.mechanism is not None:
+            # what was trained (training) and what is certified (mechanism) must agree
+            for key in ("sample_rate", "noise_multiplier", "steps", "clip_norm",
+                        "subset_size"):
+                if key in self.training and self.training[key] != getattr(self.mechanism, key):
+                    raise bad(f"the mechanism's {key} {getattr(self.mechanism, key)!r} is not "
+                              f"the training's {self.training[key]!r}")
+            if self.training.get("instances", self.instances) != self.instances:
+                raise bad(f"{self.instances} instances, but {self.training['instances']} "
+                          "were trained")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "dataset": self.dataset,
@@ -134,6 +165,14 @@ class EnsembleInfo:
                        declared_inputs=d.get("declared_inputs") is True)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} is damaged: {err}") from None
+
+
+#: Bounds on an ensemble description's numbers, checked before any work they would size.
+MAX_CLASSES, MAX_INSTANCES, MAX_RADIUS = 100_000, 1_000_000, 1_000_000
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_declared_inputs(dataset: str, num_classes: int, declared: bool,
@@ -178,7 +217,34 @@ def read_info(run_dir: Path) -> EnsembleInfo:
         if mech != info.mechanism:
             raise UserError(f"{path} and mechanism.json disagree; the run directory is "
                             "damaged")
+    _agrees_with_settings(Path(run_dir), info)
     return info
+
+
+def _agrees_with_settings(run_dir: Path, info: EnsembleInfo) -> None:
+    """The description against the settings the directory was trained with (config.json of
+    a run, settings.json of a baseline's folder): an edit of one file alone is refused."""
+    name = "config.json" if (run_dir / "config.json").exists() else "settings.json"
+    try:
+        stored = json.loads((run_dir / name).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{run_dir / name} is damaged ({err})") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"{run_dir / name} is damaged (not a JSON object)")
+    if name == "config.json":
+        checks = {k: getattr(info, k) for k in ("dataset", "instances", "eta", "max_radius")}
+        checks.update({k: v for k, v in info.training.items()})
+    else:
+        k, d = stored.get("models"), stored.get("spread", 1)
+        models = k * d if stored.get("kind") == "fa" and _is_int(d) else k
+        if not (_is_int(k) and models == info.instances):
+            raise UserError(f"{run_dir}: ensemble.json describes {info.instances} models, "
+                            f"settings.json {models!r}; the folder is damaged or altered")
+        checks = dict(info.training)
+    for key, value in checks.items():
+        if key in stored and stored[key] != value:
+            raise UserError(f"{run_dir}: ensemble.json says {key} = {value!r}, {name} "
+                            f"{stored[key]!r}; the directory is damaged or altered")
 
 
 def test_curve(run_dir: Path, max_radius: int) -> dict | None:
@@ -186,11 +252,18 @@ def test_curve(run_dir: Path, max_radius: int) -> dict | None:
     csv, labels = Path(run_dir) / "certificates.csv", Path(run_dir) / "labels.npy"
     if not (csv.exists() and labels.exists()):
         return None
-    rows = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    try:
+        rows = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+        y = np.load(labels, allow_pickle=False)
+        if rows.shape[1:] != (4,) or y.shape != (len(rows),) or len(rows) == 0:
+            raise ValueError("shapes do not match")
+    except (OSError, ValueError, EOFError) as err:
+        raise UserError(f"{run_dir}: certificates.csv or labels.npy is damaged ({err}); "
+                        "rerun the command that wrote them") from None
     cert = Certificates(rows[:, 1], rows[:, 2], np.zeros(len(rows)), np.zeros(len(rows)))
     top = int(max(1, rows[:, 2].max()))
     radii = np.unique(np.linspace(0, min(top, max_radius), CURVE_POINTS).round().astype(int))
-    ca = certified_accuracy(cert, np.load(labels), radii)
+    ca = certified_accuracy(cert, y, radii)
     return {"radii": radii.tolist(), "ca": [round(float(c), 6) for c in ca],
             "method": "pld, sound, votes", "test_points": len(rows)}
 
@@ -210,11 +283,19 @@ class _RunDirSource:
 
         params = []
         for i in range(start, stop):
-            got = load_tensors(self.paths[i])
+            path = self.paths[i]
+            if path.is_symlink() or not path.resolve().is_relative_to(self.run_dir.resolve()):
+                raise UserError(f"model of instance {i} ({path}) is a link or lies outside "
+                                f"{self.run_dir}; refusing to use it")
+            got = load_tensors(path)
             if got is None:
                 raise UserError(f"model of instance {i} in {self.run_dir} is missing, damaged or "
                                 "fails its checksum; refusing to use it (rerun the command "
                                 "that trained it on the same directory to retrain it)")
+            slot = path.stem.removeprefix("inst_")
+            if got[1].get("instance") != slot:
+                raise UserError(f"{path} holds the model of slot {got[1].get('instance')!r}, not "
+                                f"{slot!r}: moved or copied; refusing to use it")
             params.append(got[0])
         return stack_params(params)
 
@@ -257,7 +338,10 @@ def _open_export(path: Path) -> tuple[EnsembleInfo, _ExportSource]:
         info = EnsembleInfo.from_dict(json.loads(header), str(path))
     except (KeyError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not a dpcert ensemble file (header: {err})") from None
-    if len(digests) != info.instances or any(s[0] != info.instances for s in shapes.values()):
+    if not (isinstance(digests, list) and all(isinstance(d, str) for d in digests)):
+        raise UserError(f"{path}: the models' checksums are damaged (not a list of strings)")
+    if len(digests) != info.instances or any(not s or s[0] != info.instances
+                                             for s in shapes.values()):
         raise UserError(f"{path}: the number of instances does not match its description")
     return info, _ExportSource(path, digests, sorted(shapes))
 
@@ -323,8 +407,38 @@ class Ensemble:
         k, p = self._block_size(), self.info.instances
         for start in range(0, p, k):
             block = self._source.read(start, min(p, start + k))
+            self._check_weights(block, start)
             yield prepare(self.info.model,
                           {n: torch.from_numpy(a).to(self.device) for n, a in block.items()})
+
+    def _check_weights(self, block: dict[str, np.ndarray], start: int) -> None:
+        """Refuse weights that are not what this ensemble's model holds: float32, finite,
+        the family's parameter names and shapes (example-row families: any number of rows
+        of the right width)."""
+        from dpcert.learning.inference import KERNEL, NEAREST, ROW_PADDING, expected_shapes
+
+        stop = start + len(next(iter(block.values())))
+        where = f"the models of instances {start}..{stop - 1} in {self.origin}"
+        for name, a in block.items():
+            if a.dtype != np.float32:
+                raise UserError(f"{where}: {name} is {a.dtype}, not float32; damaged or altered")
+            if not np.isfinite(a).all():
+                raise UserError(f"{where}: {name} holds non-finite weights; damaged or altered")
+        labels, d = self.info.num_classes, self._in_channels()
+        if self.info.model in (NEAREST, KERNEL):
+            want = {"examples": (d,), "scale": (1,)}
+            want.update({"labels": ()} if self.info.model == NEAREST else
+                        {"coef": (labels,), "gamma": (1,), "bias": (labels,)})
+            got = {n: a.shape[2:] if n in ROW_PADDING else a.shape[1:] for n, a in block.items()}
+        else:
+            want = expected_shapes(self.info.model, d, labels,
+                                   feature_dim=d if self.info.model == "linear" else None)
+            got = {n: a.shape[1:] for n, a in block.items()}
+        if got != want:
+            name = next(n for n in sorted({*got, *want}) if got.get(n) != want.get(n))
+            raise UserError(f"{where}: parameter {name!r} of shape {got.get(name)} is not that "
+                            f"of a {self.info.model} model ({want.get(name)}); their "
+                            "parameters are not those of the model: damaged or altered")
 
     def load(self) -> Ensemble:
         """Read and verify every instance once and keep them on the device (a server does
@@ -482,6 +596,12 @@ def load_ensemble(path: str | Path, *, device: str = "cpu") -> Ensemble:
                             "certify its own test set (dpcert certify) but not predict new "
                             "inputs; retrain into a new directory to get models")
         info = read_info(path)
+        folder = path / "instances" if is_run else path
+        # before any work the claimed number would size: are there that many model files?
+        present = sum(1 for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+        if present < info.instances:
+            raise UserError(f"{path} describes {info.instances} models but holds {present} "
+                            "model files; it is incomplete, damaged or altered")
         if is_run:
             paths = [model_path(path, i) for i in range(info.instances)]
             curve = test_curve(path, info.max_radius)
