@@ -577,9 +577,13 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
               help="Largest radius searched [default: the run's].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the instances run.")
+@click.option("--threat", type=click.Choice(["poisoning", "label-flip"]), default="poisoning",
+              show_default=True,
+              help="What the radius counts: inserted + deleted training examples (a "
+                   "modification counts 2), or flipped training labels.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius, device,
-                quiet) -> None:
+                threat, quiet) -> None:
     """Certify new INPUTS with a kept ENSEMBLE (a run directory or an exported file).
 
     INPUTS: a .npy array, an IDX file (raw or .gz), an image file (PNG, JPEG, ...) or a
@@ -595,7 +599,7 @@ def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius
         x, names = read_inputs(inputs, ens.info.input)
         cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
                                             inference=inference, max_radius=max_radius,
-                                            progress=not quiet)
+                                            progress=not quiet, threat=threat)
         from dpcert.workflows.serve import result_rows
 
         lines = ["index,name,prediction,radius,top_label,top_votes,runner_up,runner_up_votes,"

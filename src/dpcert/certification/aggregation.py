@@ -18,6 +18,23 @@ from dpcert.errors import UserError
 RUNOFF = {"roe": "dpa", "fa-roe": "fa"}
 #: Every baseline defence :func:`baseline_certificate` certifies.
 BASELINES = ("dpa", "fa", "bagging", "roe", "fa-roe")
+#: The attacks a radius can count: inserted plus deleted examples (a modification counts 2),
+#: or flipped labels (inputs untouched).
+THREATS = ("poisoning", "label-flip")
+
+
+def check_threat(threat: str) -> None:
+    if threat not in THREATS:
+        raise UserError(f"threat must be one of {', '.join(THREATS)}, got {threat!r}")
+
+
+def dp_label_flips(cert: Certificates) -> Certificates:
+    """A DP ensemble's certificate against label flips from its certificate against
+    insertions and deletions: one flip replaces an example — one deletion and one insertion,
+    a group of 2 under the add/remove accounting — so r flips are certified wherever 2r
+    changes are: radius floor(r / 2), abstentions kept."""
+    radius = np.where(cert.radius >= 0, cert.radius // 2, cert.radius)
+    return Certificates(cert.prediction, radius, cert.p_lower, cert.p_upper)
 
 
 def tally_votes(scores: np.ndarray) -> np.ndarray:
@@ -35,11 +52,19 @@ def deterministic_certificates(prediction: np.ndarray, radius: np.ndarray) -> Ce
 
 
 def baseline_certificate(kind: str, scores: np.ndarray, *, spread: int, train_size: int,
-                         subsample: int, eta: float, max_radius: int) -> Certificates:
+                         subsample: int, eta: float, max_radius: int,
+                         threat: str = "poisoning") -> Certificates:
     """Certificates of a partition or bagging defence from its models' scores (M, N, L):
     DPA (Levine & Feizi 2021), Finite Aggregation (Wang et al. 2022; ``spread`` d), Run-off
     Election over DPA's or FA's models (Rezaei et al. 2023), Bagging (Jia et al. 2021; bags
-    of ``subsample`` from ``train_size``, SimuEM bounds at level 1 - ``eta``)."""
+    of ``subsample`` from ``train_size``, SimuEM bounds at level 1 - ``eta``).
+
+    ``threat="label-flip"``: the radius counts flipped labels. The partitions assign an
+    example by a hash of its input alone, so a flip reaches exactly the models its insertion
+    would (one part; FA's d models of its bucket) and the same counting certificates hold,
+    flip for flip (SS-DPA, Levine & Feizi 2021). Bagging's bags are positions, which a flip
+    keeps: :func:`~dpcert.certification.baselines.bagging_flip_threshold`."""
+    check_threat(threat)
     votes = tally_votes(scores)
     if kind == "dpa":
         pred, radius = baselines.dpa_radius(votes)
@@ -53,7 +78,8 @@ def baseline_certificate(kind: str, scores: np.ndarray, *, spread: int, train_si
     elif kind == "bagging":
         pred, radius = baselines.bagging_radius(votes, train_size=train_size,
                                                 subsample_size=subsample, eta=eta,
-                                                max_radius=max_radius)
+                                                max_radius=max_radius,
+                                                label_flips=threat == "label-flip")
     else:
         raise UserError(f"no certificate for defence {kind!r} ({', '.join(BASELINES)})")
     return deterministic_certificates(pred, np.minimum(radius, max_radius))

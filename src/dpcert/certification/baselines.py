@@ -394,16 +394,31 @@ def bagging_threshold(n: int, k: int, max_radius: int) -> np.ndarray:
     return np.maximum.accumulate(out)
 
 
+def bagging_flip_threshold(n: int, k: int, max_radius: int) -> np.ndarray:
+    """t[r] = 2 - 2 ((n - r) / n)^k, r = 0..max_radius: against r flipped labels (the inputs
+    stay, so n' = n). A bag of k positions drawn with replacement from n misses all r flipped
+    examples with probability ((n - r)/n)^k, and then trains the same model, so the vote
+    probabilities move by at most delta = 1 - ((n - r)/n)^k each: certified at r iff
+    p1_lo - delta > p2_hi + delta (Jia et al. 2021's bound with n' = n)."""
+    r = np.arange(max_radius + 1, dtype=float)
+    with np.errstate(divide="ignore"):
+        return 2.0 - 2.0 * np.exp(k * np.log(np.maximum(n - r, 0.0) / n))
+
+
 def bagging_radius(counts: np.ndarray, *, train_size: int, subsample_size: int, eta: float,
-                   max_radius: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """(prediction, radius) for bagging votes (N, L) with SimuEM bounds at level 1 - eta."""
+                   max_radius: int = 1000, label_flips: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, radius) for bagging votes (N, L) with SimuEM bounds at level 1 - eta;
+    ``label_flips``: the radius counts flipped labels (:func:`bagging_flip_threshold`)
+    instead of inserted and deleted examples."""
     if not (isinstance(train_size, int) and train_size >= 1):
         raise UserError(f"--train-size must be a positive integer, got {train_size!r}")
     if not (isinstance(subsample_size, int) and subsample_size >= 1):
         raise UserError(f"--subsample-size must be a positive integer, got {subsample_size!r}")
     conf = vote_bounds(counts, eta)
     margin = conf.p_lower - conf.p_upper
-    t = bagging_threshold(train_size, subsample_size, max_radius)
+    t = (bagging_flip_threshold if label_flips else bagging_threshold)(
+        train_size, subsample_size, max_radius)
     # largest r with margin > t[r]; t is non-decreasing, t[0] = 0
     radius = np.searchsorted(t, margin, side="left") - 1
     radius = np.where(margin > 0, radius, ABSTAIN)

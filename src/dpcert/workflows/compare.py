@@ -588,10 +588,10 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
 
 
 def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,
-                     run_cfg: RunConfig) -> Certificates:
+                     run_cfg: RunConfig, threat: str = "poisoning") -> Certificates:
     return baseline_certificate(kind, scores, spread=bc.spread, train_size=n_train,
                                 subsample=bc.subsample, eta=run_cfg.eta,
-                                max_radius=run_cfg.max_radius)
+                                max_radius=run_cfg.max_radius, threat=threat)
 
 
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:

@@ -9,6 +9,7 @@ run's:
     model_NNNNNN.npz / .safetensors   each model's test scores and its parameters, atomic
     certificates.csv     index,prediction,radius,label: the defence's own certificate
     certificates_<base>.csv   a run-off's: the certificate of the defence whose models it uses
+    certificates_label_flip.csv   the defence's certificate against flipped labels
     votes.npy  labels.npy    int64 (N, L) vote counts and (N,) test labels
     report.md  certified_accuracy.png
 
@@ -31,6 +32,7 @@ from dpcert.workflows.compare import (
     train_models,
     trained_as,
 )
+from dpcert.workflows.run import LABEL_FLIP_CSV
 from dpcert.workflows.runconfig import RunConfig, load_run_data
 
 #: What ``--defence`` may name: the DP ensemble, or a baseline defence.
@@ -94,6 +96,8 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
         name = "certificates.csv" if k == kind else f"certificates_{k}.csv"
         atomic_write_text(run_dir / name, certificates_csv(cert, data.y_test))
         results[bc.name(k)] = cert
+    flips = certify_baseline(kind, bc, scores, len(data.y_train), cfg, threat="label-flip")
+    atomic_write_text(run_dir / LABEL_FLIP_CSV, certificates_csv(flips, data.y_test))
     atomic_save_npy(run_dir / "votes.npy", tally_votes(scores))
     atomic_save_npy(run_dir / "labels.npy", data.y_test)
     where = "held-out training examples" if cfg.validation else "test set"
@@ -103,7 +107,11 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
              "Radius = inserted + deleted training examples (a modification counts 2); "
              "median/max over all points, with -1 for wrong or abstained ones. The "
              "certificates are deterministic except Bagging's, which holds with probability "
-             f">= 1 - eta (eta = {cfg.eta}).", "", *ca_table(results, data.y_test)]
+             f">= 1 - eta (eta = {cfg.eta}).", "", *ca_table(results, data.y_test), "",
+             "Against label flips (inputs untouched; radius = flipped labels; "
+             f"{LABEL_FLIP_CSV}): the parts hash each example's input alone, so a flip "
+             "reaches the models its insertion would.", "",
+             *ca_table({bc.name(kind): flips}, data.y_test)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(run_dir / "report.md", text)
     plot_curves(results, data.y_test, run_dir / "certified_accuracy.png",

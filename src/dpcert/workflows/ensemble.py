@@ -37,7 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.certification.accounting import AccountingSpec, GroupBounds, default_cache_dir
-from dpcert.certification.aggregation import RUNOFF, baseline_certificate, tally_votes
+from dpcert.certification.aggregation import (
+    RUNOFF,
+    baseline_certificate,
+    check_threat,
+    dp_label_flips,
+    tally_votes,
+)
 from dpcert.certification.certify import (
     Certificates,
     certified_accuracy,
@@ -506,25 +512,30 @@ class Ensemble:
 
     def certify(self, x: np.ndarray, *, eta: float | None = None, accounting: str = "pld",
                 group: str = "sound", inference: str = "multinomial", bound: str | None = None,
-                max_radius: int | None = None, progress: bool = False) -> Certificates:
+                max_radius: int | None = None, progress: bool = False,
+                threat: str = "poisoning") -> Certificates:
         """Prediction and certified radius per input (radius -1: abstain), as
         :func:`dpcert.certify` gives them for this ensemble's outputs on ``x``. Defaults:
-        the run's eta and largest radius, PLD accounting, sound group privacy, votes."""
+        the run's eta and largest radius, PLD accounting, sound group privacy, votes.
+        ``threat="label-flip"``: the radius counts flipped training labels instead of
+        inserted and deleted examples (:mod:`dpcert.certification.aggregation`)."""
         return self.certify_with_votes(x, eta=eta, accounting=accounting, group=group,
                                        inference=inference, bound=bound,
-                                       max_radius=max_radius, progress=progress)[0]
+                                       max_radius=max_radius, progress=progress,
+                                       threat=threat)[0]
 
     def certify_with_votes(self, x: np.ndarray, *, eta: float | None = None,
                            accounting: str = "pld", group: str = "sound",
                            inference: str = "multinomial", bound: str | None = None,
-                           max_radius: int | None = None, progress: bool = False
-                           ) -> tuple[Certificates, Prediction]:
+                           max_radius: int | None = None, progress: bool = False,
+                           threat: str = "poisoning") -> tuple[Certificates, Prediction]:
         """:meth:`certify`, also returning the :class:`Prediction` it rests on."""
+        check_threat(threat)
         if self.info.defence != "dp":
             if (accounting, group, inference, bound) != ("pld", "sound", "multinomial", None):
                 raise UserError(f"a {self.info.defence} ensemble takes its own certificate; "
                                 "accounting, group, inference and bound are for DP ensembles")
-            return self._certify_baseline(x, eta, max_radius, progress)
+            return self._certify_baseline(x, eta, max_radius, progress, threat=threat)
         spec = AccountingSpec(accounting=accounting, group=group,
                               max_radius=self.info.max_radius if max_radius is None
                               else max_radius)
@@ -535,12 +546,13 @@ class Ensemble:
         bounds = self.group_bounds(spec)
         with self._lock:  # the tables grow in place as larger radii are probed
             radius = search_radius(conf, bounds, max_radius=spec.max_radius)
-        return Certificates(conf.prediction, radius, conf.p_lower, conf.p_upper), pred
+        cert = Certificates(conf.prediction, radius, conf.p_lower, conf.p_upper)
+        return (dp_label_flips(cert) if threat == "label-flip" else cert), pred
 
 
     def _certify_baseline(self, x: np.ndarray, eta: float | None, max_radius: int | None,
-                          progress: bool, method: str | None = None
-                          ) -> tuple[Certificates, Prediction]:
+                          progress: bool, method: str | None = None,
+                          threat: str = "poisoning") -> tuple[Certificates, Prediction]:
 
         pred = self.predict(x, keep_scores=True, progress=progress)
         assert pred.scores is not None
@@ -551,7 +563,7 @@ class Ensemble:
                                     subsample=int(params.get("subsample", 1)),
                                     eta=self.info.eta if eta is None else eta,
                                     max_radius=self.info.max_radius if max_radius is None
-                                    else max_radius)
+                                    else max_radius, threat=threat)
         return cert, pred
 
     def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:

@@ -11,6 +11,7 @@ Run directory layout (a public contract other tools read):
     labels.npy           int64 (N,) test labels
     certificates.csv     index,prediction,radius,label for the default method (pld, sound, votes)
     certificates_<method>.csv   the same for every other method
+    certificates_label_flip.csv the default certificate counted in flipped labels
     report.md            certified-accuracy table        certified_accuracy.png  CA_r curves
 
 Each instance is written atomically as soon as it finishes; a rerun skips the finished ones
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dpcert.certification.accounting import AccountingSpec
-from dpcert.certification.aggregation import tally_votes
+from dpcert.certification.aggregation import dp_label_flips, tally_votes
 from dpcert.certification.certify import Certificates, certify
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
@@ -59,6 +60,8 @@ __all__ = ["AVERAGING_NAMES", "DATASETS", "FEATURE_NAMES", "METHODS", "MODEL_NAM
            "prepare_run_dir", "read_unit", "report", "run", "stored_config", "tally_votes",
            "train_all", "train_group", "worker_pool", "write_unit"]
 
+#: The default certificate counted in flipped labels instead of inserted + deleted examples.
+LABEL_FLIP_CSV = "certificates_label_flip.csv"
 #: (label, accounting, group, inference, confidence bound); the first is the default method.
 METHODS = (
     ("pld", "pld", "sound", "multinomial", None),
@@ -211,6 +214,9 @@ def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: n
         cert = certify(outputs, record, inference=inference, eta=cfg.eta, bound=bound, spec=spec)
         fname = "certificates.csv" if name == methods[0][0] else f"certificates_{name}.csv"
         atomic_write_text(run_dir / fname, certificates_csv(cert, labels))
+        if name == methods[0][0]:  # the default certificate, counted in flipped labels
+            atomic_write_text(run_dir / LABEL_FLIP_CSV,
+                              certificates_csv(dp_label_flips(cert), labels))
         results[name] = cert
     return results
 
@@ -231,7 +237,10 @@ def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
              "examples (a modification counts 2); median/max over all test points, with -1 for "
              "wrong or abstained ones. Methods marked (paper) reproduce the published, UNSOUND "
              "formulas and are shown for comparison only.",
-             "", *ca_table(results, labels)]
+             "", *ca_table(results, labels), "",
+             f"Against label flips (inputs untouched): {LABEL_FLIP_CSV}, the default "
+             "certificate counted in flipped labels — one flip replaces an example, one "
+             "deletion and one insertion, so r flips are certified where 2r changes are."]
     text = "\n".join(lines) + "\n"
     atomic_write_text(run_dir / "report.md", text)
     plot_curves(results, labels, run_dir / "certified_accuracy.png",
