@@ -38,10 +38,10 @@ def server(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _serving(path):
+def _serving(path, **settings):
     """A server for the kept ensemble at ``path`` on a free loopback port, for the block."""
     ens = load_ensemble(path)
-    app = create_app(ens, max_batch=64, max_body=1 << 20)
+    app = create_app(ens, **{"max_batch": 64, "max_body": 1 << 20, **settings})
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -289,3 +289,90 @@ def test_page_of_a_feature_vector_ensemble_takes_vectors(tmp_path):
         browser.close()
     assert answer.startswith(f"Prediction {int(want.prediction[0])}")
     assert "not a JSON array" in error
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply|inputs"),
+    (b'{"inputs": [[' + b"1" * 5000 + b"]]}", "a number of 5000 characters"),
+    (b'{"inputs": [[NaN]]}', "NaN is not a number"),
+])
+def test_hostile_json_gets_a_400_never_a_500(server, body, match):
+    import re
+
+    url, _ = server
+    status, doc = _post(url, body)
+    assert status == 400 and re.search(match, doc["error"]), doc
+    assert _get(url, "/health")[0] == 200
+
+
+def test_images_are_bounded_by_their_claimed_pixels_before_decoding(server):
+    """Two 4096 x 4096 PNGs (a few kB each) claim more pixels than a request may decode."""
+    url, _ = server
+    big = _png(np.zeros((4096, 4096), np.uint8))
+    assert len(big) < 100_000
+    images = [base64.b64encode(big).decode()] * 2
+    status, doc = _post(url, json.dumps({"images": images}).encode())
+    assert status == 413 and "pixels" in doc["error"]
+    status, _ = _post(url, big, "image/png")  # one alone is within the limit
+    assert status == 200
+
+
+def test_a_token_guards_certify_and_the_description_but_not_health(server):
+    _, ens = server
+    with _serving(Path(ens.origin), token="s3cret-s3cret-s3cret") as url:
+        body = json.dumps({"inputs": load_digits().x_test[:1].tolist()}).encode()
+        assert _post(url, body)[0] == 401
+        req = urllib.request.Request(url + "/certify", data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer s3cret-s3cret-s3cret"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _get(url, "/ensemble")
+        assert err.value.code == 401
+        assert _get(url, "/health")[0] == 200
+
+
+def test_requests_beyond_the_in_flight_bound_get_503_with_retry_after(server):
+    _, ens = server
+    with _serving(Path(ens.origin), max_in_flight=0) as url:
+        req = urllib.request.Request(url + "/certify", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 503 and err.value.headers["Retry-After"] == "1"
+
+
+def test_a_slow_body_is_cut_off_and_a_vanished_client_costs_one_log_line(server, caplog):
+    import socket
+
+    _, ens = server
+    with _serving(Path(ens.origin), body_timeout=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /certify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{")
+            answer = sock.recv(4096).decode()  # the server answers before the body ends
+        assert answer.startswith("HTTP/1.1 408")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /certify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100000\r\n\r\n{\"in")
+        time.sleep(1.0)  # the client has gone mid-body
+        assert _get(url, "/health")[0] == 200
+    assert "Traceback" not in caplog.text
+
+
+def test_serving_beyond_loopback_needs_a_token_or_insecure(tmp_path):
+    from click.testing import CliRunner
+
+    from dpcert.cli import main
+    from dpcert.workflows.serve import check_exposure
+
+    check_exposure("127.0.0.1", None, False)
+    check_exposure("0.0.0.0", "a-token", False)
+    check_exposure("0.0.0.0", None, True)
+    res = CliRunner().invoke(main, ["serve", str(tmp_path / "nothing"), "--host", "0.0.0.0"])
+    assert res.exit_code == 2 and "--token-file" in res.output  # refused before loading
+    (tmp_path / "short").write_text("abc")
+    res = CliRunner().invoke(main, ["serve", str(tmp_path / "nothing"), "--token-file",
+                                    str(tmp_path / "short")])
+    assert res.exit_code == 2 and "at least 16" in res.output

@@ -655,17 +655,38 @@ def export_cmd(run_dir, file, quiet) -> None:
               help="Most inputs per request.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the instances run.")
-def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device) -> None:
+@click.option("--token-file", type=click.Path(path_type=Path),
+              help="A file holding a secret: /certify and /ensemble then need "
+                   "'Authorization: Bearer <secret>'. Required beyond loopback.")
+@click.option("--insecure", is_flag=True,
+              help="Serve beyond loopback without a token (anyone reaching the port may "
+                   "query the ensemble).")
+def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device, token_file,
+              insecure) -> None:
     """Serve a kept ENSEMBLE over HTTP: POST /certify, GET /health, GET /ensemble, and a page
-    at / to upload or draw an image (pip install 'dpcert[serve]')."""
+    at / to upload or draw an image (pip install 'dpcert[serve]'). Bodies must arrive
+    within 30 s; at most 64 requests are certified at once (then 503); a request may decode
+    at most 16.7 million pixels."""
 
     def action() -> None:
         from dpcert.workflows.ensemble import load_ensemble
-        from dpcert.workflows.serve import serve
+        from dpcert.workflows.serve import check_exposure, serve
 
+        token = None
+        if token_file is not None:
+            try:
+                token = token_file.read_text().strip()
+            except OSError as err:
+                raise UserError(f"cannot read {token_file}: {err.strerror or err}") from None
+            if len(token) < 16:
+                raise UserError(f"{token_file} holds a token of {len(token)} characters; "
+                                "use at least 16 (e.g. python -c 'import secrets; "
+                                "print(secrets.token_urlsafe(32))')")
+        check_exposure(host, token, insecure)  # before the work of loading
         ens = load_ensemble(ensemble, device=device)
         click.echo(f"loading {ens} ...", err=True)
-        serve(ens, host=host, port=port, eta=eta, accounting=accounting, max_batch=max_batch)
+        serve(ens, host=host, port=port, eta=eta, accounting=accounting, max_batch=max_batch,
+              token=token, insecure=insecure)
 
     _run_user(action)
 

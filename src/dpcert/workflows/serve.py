@@ -22,6 +22,7 @@ message and change nothing; the server listens on loopback unless told otherwise
 # (``request: Request``) at run time, from names local to create_app.
 import base64
 import binascii
+import io
 import json
 from importlib import resources
 
@@ -36,6 +37,17 @@ from dpcert.workflows.ensemble import Ensemble
 #: Largest request body accepted (bytes) and largest batch of inputs.
 MAX_BODY = 16 << 20
 MAX_BATCH = 1024
+#: Most pixels one request may decode (all its images together), checked from the images'
+#: headers before any is decoded: a few kB of PNG can claim 4096 x 4096 pixels each.
+MAX_REQUEST_PIXELS = 1 << 24
+#: Most digits of a JSON number: inputs are pixels or features, never 5000-digit integers.
+MAX_NUMBER_CHARS = 40
+#: Requests certified at once; beyond it, 503 with Retry-After.
+MAX_IN_FLIGHT = 64
+#: Seconds a client may take to send its body.
+BODY_TIMEOUT = 30.0
+#: Addresses that need no token.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _require_web():
@@ -77,14 +89,63 @@ def result_rows(cert, pred) -> list[dict]:
     return rows
 
 
+class _TooLarge(UserError):
+    """A request whose decoding would cost more than the server allows (413)."""
+
+
+def _bounded(text: str) -> str:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise UserError(f"a number of {len(text)} characters; at most {MAX_NUMBER_CHARS}")
+    return text
+
+
+def _no_constant(name: str):
+    raise UserError(f"{name} is not a number a request may hold")
+
+
+def _parse_json(body: bytes):
+    """The request's JSON, with numbers bounded in size and nesting bounded by the parser's
+    recursion limit — every failure a 400, never a 500."""
+    try:
+        return json.loads(body, parse_int=lambda t: int(_bounded(t)),
+                          parse_float=lambda t: float(_bounded(t)),
+                          parse_constant=_no_constant)
+    except RecursionError:
+        raise UserError("the JSON body is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"the body is not valid JSON ({err})") from None
+
+
+def _image_pixels(raw: bytes) -> int:
+    """Pixels an encoded image claims in its header (read without decoding it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 0  # not an image: decode_image says so, in its own words
+    return w * h
+
+
 def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pld",
                max_radius: int | None = None, max_batch: int = MAX_BATCH,
-               max_body: int = MAX_BODY):
-    """The ASGI app serving ``ens`` (loaded and warmed up here)."""
+               max_body: int = MAX_BODY, token: str | None = None,
+               max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT):
+    """The ASGI app serving ``ens`` (loaded and warmed up here). ``token``: when given,
+    ``/certify`` and ``/ensemble`` need ``Authorization: Bearer <token>``."""
     _require_web()
+    import asyncio
+    import hmac
+    import logging
+
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
+
+    log = logging.getLogger("dpcert.serve")
+    in_flight = 0
 
     eta = ens.info.eta if eta is None else eta
     spec = AccountingSpec(accounting=accounting, max_radius=max_radius or ens.info.max_radius)
@@ -99,19 +160,30 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
     app = FastAPI(title="dpcert", description="Certified predictions against training-data "
                   "poisoning", docs_url=None, redoc_url=None)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        log.warning("client error %d: %s", status, message)  # one line, no traceback
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def authorised(request: Request) -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # the server keeps answering
-        return error(500, f"internal error: {type(exc).__name__}")
+        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"},
+                            status_code=500)
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "instances": ens.info.instances}
 
     @app.get("/ensemble")
-    def ensemble() -> dict:
+    def ensemble(request: Request):
+        if not authorised(request):
+            return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         return {**info, "serving": settings}
 
     @app.get("/", response_class=HTMLResponse)
@@ -120,14 +192,14 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
 
     def _inputs(body: bytes, content_type: str) -> np.ndarray:
         if content_type.startswith("image/"):
+            if _image_pixels(body) > MAX_REQUEST_PIXELS:
+                raise _TooLarge(f"the image claims {_image_pixels(body)} pixels; at most "
+                                f"{MAX_REQUEST_PIXELS} per request")
             return decode_image(body, ens.info.input, "the uploaded image")[None]
         if not content_type.startswith("application/json"):
             raise UserError("send JSON ({\"inputs\": [...]} or {\"images\": [...]}) or one "
                             f"image (Content-Type image/png or image/jpeg), not {content_type!r}")
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"the body is not valid JSON ({err})") from None
+        doc = _parse_json(body)
         if not isinstance(doc, dict) or len({"inputs", "images"} & set(doc)) != 1:
             raise UserError("the JSON body must be an object with one key: inputs (arrays) or "
                             "images (base64-encoded image files)")
@@ -137,14 +209,18 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
                 raise UserError("images must be a non-empty list of base64 strings")
             if len(images) > max_batch:
                 raise UserError(f"at most {max_batch} inputs per request, got {len(images)}")
-            out = []
+            raws = []
             for j, s in enumerate(images):
                 try:
-                    raw = base64.b64decode(s, validate=True)
+                    raws.append(base64.b64decode(s, validate=True))
                 except (binascii.Error, TypeError, ValueError):
                     raise UserError(f"images[{j}] is not base64") from None
-                out.append(decode_image(raw, ens.info.input, f"images[{j}]"))
-            return np.stack(out)
+            pixels = sum(_image_pixels(raw) for raw in raws)
+            if pixels > MAX_REQUEST_PIXELS:
+                raise _TooLarge(f"the images of this request claim {pixels} pixels; at most "
+                                f"{MAX_REQUEST_PIXELS} per request")
+            return np.stack([decode_image(raw, ens.info.input, f"images[{j}]")
+                             for j, raw in enumerate(raws)])
         items = doc["inputs"]
         if not isinstance(items, list) or not items:
             raise UserError("inputs must be a non-empty list of arrays")
@@ -165,11 +241,7 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
         return {"results": result_rows(cert, pred), **settings,
                 "mechanism": info["mechanism"], "instances": ens.info.instances}
 
-    @app.post("/certify")
-    async def certify(request: Request):
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            return error(413, f"request body over {max_body} bytes")
+    async def read_body(request: Request) -> tuple[bytearray, int]:
         body, seen = bytearray(), 0
         async for chunk in request.stream():
             seen += len(chunk)
@@ -177,24 +249,62 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
                 body += chunk
             elif seen > 4 * max_body:
                 break  # read on a little so that the client gets the answer; then stop
-        if seen > max_body:
+        return body, seen
+
+    @app.post("/certify")
+    async def certify(request: Request):
+        nonlocal in_flight
+        if not authorised(request):
+            return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
             return error(413, f"request body over {max_body} bytes")
-        if not body:
-            return error(400, "empty request body")
-        content_type = request.headers.get("content-type", "").lower()
+        if in_flight >= max_in_flight:
+            return error(503, f"{in_flight} requests in flight; try again shortly",
+                         {"Retry-After": "1"})
+        in_flight += 1
         try:
-            return await run_in_threadpool(_certify, bytes(body), content_type)
-        except UserError as err:
-            return error(400, str(err))
-        except MemoryError:
-            return error(413, "the batch is too large for this server's memory")
+            try:
+                body, seen = await asyncio.wait_for(read_body(request), body_timeout)
+            except TimeoutError:
+                return error(408, f"the body took over {body_timeout:g} s to arrive")
+            except ClientDisconnect:
+                log.warning("client disconnected before sending its whole body")
+                return JSONResponse({"error": "client disconnected"}, status_code=400)
+            if seen > max_body:
+                return error(413, f"request body over {max_body} bytes")
+            if not body:
+                return error(400, "empty request body")
+            content_type = request.headers.get("content-type", "").lower()
+            try:
+                return await run_in_threadpool(_certify, bytes(body), content_type)
+            except _TooLarge as err:
+                return error(413, str(err))
+            except UserError as err:
+                return error(400, str(err))
+            except MemoryError:
+                return error(413, "the batch is too large for this server's memory")
+        finally:
+            in_flight -= 1
 
     return app
 
 
-def serve(ens: Ensemble, *, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
-    """Run the app with uvicorn until interrupted."""
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse to serve beyond loopback without a token, unless told ``insecure``."""
+    if host not in LOOPBACK and token is None and not insecure:
+        raise UserError(f"serving on {host} exposes the ensemble beyond this machine: give "
+                        "--token-file (clients send Authorization: Bearer <token>), or "
+                        "--insecure to serve without one")
+
+
+def serve(ens: Ensemble, *, host: str = "127.0.0.1", port: int = 8000,
+          token: str | None = None, insecure: bool = False, **settings) -> None:
+    """Run the app with uvicorn until interrupted. Beyond loopback it needs a ``token``
+    (or ``insecure``: anyone who reaches the port may query the ensemble)."""
     _require_web()
     import uvicorn
 
-    uvicorn.run(create_app(ens, **settings), host=host, port=port, log_level="info")
+    check_exposure(host, token, insecure)
+    uvicorn.run(create_app(ens, token=token, **settings), host=host, port=port,
+                log_level="info", timeout_keep_alive=5)
