@@ -172,3 +172,45 @@ def test_a_whole_ensemble_of_models_of_another_shape_is_refused(clean_run, tmp_p
         arrays[name] = np.ascontiguousarray(arrays[name].reshape(arrays[name].shape[::-1]))
         atomic_save_tensors(path, arrays, {"instance": meta["instance"]})
     _refused(out, "not that of a digits_cnn model")
+
+
+def test_a_pinned_digest_catches_a_forged_record_consistent_across_files(clean_run, tmp_path):
+    """A run and its export have one digest; an edit made consistently in every file passes
+    the local checks, but not a pinned digest."""
+    from click.testing import CliRunner
+
+    from dpcert.cli import main
+    from dpcert.workflows.ensemble import export_ensemble
+
+    pinned = load_ensemble(clean_run).digest()
+    export_ensemble(clean_run, tmp_path / "e.safetensors")
+    assert load_ensemble(tmp_path / "e.safetensors").digest() == pinned
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "e.safetensors"), "--digest",
+                                    pinned, "--quiet"])
+    assert res.exit_code == 0 and f"digest {pinned}" in res.output
+    out = _copy(clean_run, tmp_path)
+    _edit_json(out / "ensemble.json", eta=0.3)
+    _edit_json(out / "config.json", eta=0.3)
+    load_ensemble(out).certify(X)  # consistent in every file: nothing local can tell
+    with pytest.raises(UserError, match="not the pinned"):
+        load_ensemble(out, digest=pinned)
+    np.save(tmp_path / "x.npy", X)
+    res = CliRunner().invoke(main, ["predict", str(out), str(tmp_path / "x.npy"), "--digest",
+                                    pinned, "--output", str(tmp_path / "p.csv"), "--quiet"])
+    assert res.exit_code == 2 and "not the pinned" in res.output
+
+
+def test_a_directory_is_not_resumed_on_other_data(tmp_path):
+    from dpcert.workflows.compare import BaselineConfig
+    from dpcert.workflows.defence import run_defence
+
+    d = load_digits()
+    for name, order in (("a", slice(None)), ("b", slice(None, None, -1))):
+        np.savez(tmp_path / f"{name}.npz", x_train=d.x_train[order], y_train=d.y_train[order],
+                 x_test=d.x_test, y_test=d.y_test)
+    bc = BaselineConfig(models=5, learner="prototype")
+    run_defence("dpa", bc, RunConfig(dataset="npz", data_dir=str(tmp_path / "a.npz")),
+                tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="trained on other data"):
+        run_defence("dpa", bc, RunConfig(dataset="npz", data_dir=str(tmp_path / "b.npz")),
+                    tmp_path / "run", progress=False)

@@ -474,6 +474,7 @@ def run_cmd(config, output, quiet, **options) -> None:
                                 progress=not quiet))
             click.echo(f"run directory: {run_dir} (certificates.csv, report.md, "
                        "certified_accuracy.png; the candidates in tuning/)")
+            _echo_digest(run_dir)
             return
         if best:
             raise UserError(f"{', '.join(best)}: option{'s' if len(best) > 1 else ''} of "
@@ -489,8 +490,17 @@ def run_cmd(config, output, quiet, **options) -> None:
         click.echo(text)
         click.echo(f"run directory: {run_dir} (certificates.csv, report.md, "
                    "certified_accuracy.png)")
+        _echo_digest(run_dir)
 
     _run_user(action)
+
+
+def _echo_digest(run_dir: Path) -> None:
+    from dpcert.workflows.ensemble import keeps_models, load_ensemble
+
+    if keeps_models(run_dir):
+        click.echo(f"ensemble digest {load_ensemble(run_dir).digest()} (pin it: predict, "
+                   "serve and verify take --digest)")
 
 
 @main.command("compare")
@@ -562,6 +572,10 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
     _run_user(action)
 
 
+DIGEST_HELP = ("Refuse the ensemble unless its digest (printed by run, export and verify) is "
+               "this one: pin the ensemble you trained.")
+
+
 @main.command("predict")
 @click.argument("ensemble", type=click.Path(path_type=Path))
 @click.argument("inputs", type=click.Path(path_type=Path))
@@ -581,9 +595,10 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
               show_default=True,
               help="What the radius counts: inserted + deleted training examples (a "
                    "modification counts 2), or flipped training labels.")
+@click.option("--digest", help=DIGEST_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius, device,
-                threat, quiet) -> None:
+                threat, digest, quiet) -> None:
     """Certify new INPUTS with a kept ENSEMBLE (a run directory or an exported file).
 
     INPUTS: a .npy array, an IDX file (raw or .gz), an image file (PNG, JPEG, ...) or a
@@ -595,7 +610,7 @@ def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius
         from dpcert.workflows.ensemble import load_ensemble
 
         _check_output(output)
-        ens = load_ensemble(ensemble, device=device)
+        ens = load_ensemble(ensemble, device=device, digest=digest)
         x, names = read_inputs(inputs, ens.info.input)
         cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
                                             inference=inference, max_radius=max_radius,
@@ -633,12 +648,40 @@ def export_cmd(run_dir, file, quiet) -> None:
     dpcert.load_ensemble accept it."""
 
     def action() -> None:
-        from dpcert.workflows.ensemble import export_ensemble
+        from dpcert.workflows.ensemble import export_ensemble, load_ensemble
 
         if file.exists() and file.is_dir():
             raise UserError(f"{file} is a directory; name the file to write")
         digest = export_ensemble(run_dir, file, progress=not quiet)
         click.echo(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB), sha256 {digest}")
+        click.echo(f"ensemble digest {load_ensemble(file).digest()} (the same as the run's)")
+
+    _run_user(action)
+
+
+@main.command("verify")
+@click.argument("ensemble", type=click.Path(path_type=Path))
+@click.option("--digest", help=DIGEST_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify_cmd(ensemble, digest, quiet) -> None:
+    """Check every model of a kept ENSEMBLE (a run directory, a compare setting's folder or
+    an exported file) and print its digest: sha256 of its manifest — the description,
+    mechanism, training settings and every model's checksum — the same for a run and its
+    export. Exit status 2 on any damage, or when it is not --digest."""
+
+    def action() -> None:
+        from dpcert.workflows.ensemble import load_ensemble
+
+        ens = load_ensemble(ensemble)
+        got = ens.verify(progress=not quiet)
+        if digest is not None and got != digest.strip().lower():
+            raise UserError(f"{ensemble} has digest {got}, not the pinned {digest.strip()}")
+        kind = "DP" if ens.info.defence == "dp" else ens.info.defence
+        click.echo(f"{ensemble}: {ens.info.instances} {kind} models of {ens.info.model}, "
+                   f"every one verified; trained by dpcert "
+                   f"{ens.info.dpcert_version or '< 0.3'} on data "
+                   f"{(ens.info.data_sha256 or 'not recorded')[:16]}")
+        click.echo(f"digest {got}")
 
     _run_user(action)
 
@@ -661,8 +704,9 @@ def export_cmd(run_dir, file, quiet) -> None:
 @click.option("--insecure", is_flag=True,
               help="Serve beyond loopback without a token (anyone reaching the port may "
                    "query the ensemble).")
+@click.option("--digest", help=DIGEST_HELP)
 def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device, token_file,
-              insecure) -> None:
+              insecure, digest) -> None:
     """Serve a kept ENSEMBLE over HTTP: POST /certify, GET /health, GET /ensemble, and a page
     at / to upload or draw an image (pip install 'dpcert[serve]'). Bodies must arrive
     within 30 s; at most 64 requests are certified at once (then 503); a request may decode
@@ -683,7 +727,7 @@ def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device, token_fi
                                 "use at least 16 (e.g. python -c 'import secrets; "
                                 "print(secrets.token_urlsafe(32))')")
         check_exposure(host, token, insecure)  # before the work of loading
-        ens = load_ensemble(ensemble, device=device)
+        ens = load_ensemble(ensemble, device=device, digest=digest)
         click.echo(f"loading {ens} ...", err=True)
         serve(ens, host=host, port=port, eta=eta, accounting=accounting, max_batch=max_batch,
               token=token, insecure=insecure)

@@ -72,6 +72,17 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def fingerprint(self) -> str:
+        """sha256 of the training split as the models see it (examples, labels, shapes):
+        binds a kept ensemble to the data it was trained on."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.x_train, self.y_train):
+            h.update(f"{a.dtype.str}|{a.shape}|".encode())
+            h.update(np.ascontiguousarray(a).view(np.uint8).ravel().data)
+        return h.hexdigest()
+
 
 def _first_bad(ok: np.ndarray) -> tuple[int, int]:
     """(index of the first example whose row of ``ok`` (n, ...) is not all true, how many)."""

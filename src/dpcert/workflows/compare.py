@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+import dpcert
 from dpcert.certification import baselines
 from dpcert.certification.aggregation import (
     BASELINES,
@@ -51,6 +52,7 @@ from dpcert.workflows.dispatch import Trained, ray_map, worker_pool, write_train
 from dpcert.workflows.ensemble import (
     EnsembleInfo,
     check_declared_inputs,
+    check_same_data,
     keeps_models,
     read_info,
     write_info,
@@ -493,9 +495,11 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     _guard_folder(folder, identity)
     m = bc.trained_models(kind)
     if keep:
+        info = baseline_info(kind, bc, run_cfg, m, defence=defence)
         if keeps_models(folder):
             read_info(folder)  # refuses models trained before the inputs were declared
-        write_info(folder, baseline_info(kind, bc, run_cfg, m, defence=defence))
+            check_same_data(folder, info)
+        write_info(folder, info)
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
     found = _finished_models(paths, keep, bc.name(kind), progress)
     todo = [i for i in range(m) if i not in found]
@@ -584,7 +588,8 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
                         max_radius=run_cfg.max_radius, training={**asdict(bc)},
                         defence=defence or trained_as(kind),
                         defence_params={"spread": bc.spread, "subsample": bc.subsample,
-                                        "train_size": len(data.y_train)})
+                                        "train_size": len(data.y_train)},
+                        data_sha256=data.fingerprint(), dpcert_version=dpcert.__version__)
 
 
 def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,

@@ -105,6 +105,10 @@ class EnsembleInfo:
     #: trained from a dataset whose input scale, label set and size were declared, never
     #: read off the training examples (every run since dpcert 0.3; absent before)
     declared_inputs: bool = True
+    #: sha256 of the training split the models were trained on, and the dpcert that
+    #: trained them (both recorded since 0.3)
+    data_sha256: str | None = None
+    dpcert_version: str | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str) -> UserError:
@@ -149,7 +153,8 @@ class EnsembleInfo:
                 "eta": self.eta, "max_radius": self.max_radius, "training": self.training,
                 "test_curve": self.test_curve, "defence": self.defence,
                 "defence_params": self.defence_params,
-                "declared_inputs": self.declared_inputs}
+                "declared_inputs": self.declared_inputs, "data_sha256": self.data_sha256,
+                "dpcert_version": self.dpcert_version}
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> EnsembleInfo:
@@ -168,13 +173,35 @@ class EnsembleInfo:
                        training=dict(d.get("training") or {}), test_curve=d.get("test_curve"),
                        defence=str(d.get("defence", "dp")),
                        defence_params=dict(d.get("defence_params") or {}),
-                       declared_inputs=d.get("declared_inputs") is True)
+                       declared_inputs=d.get("declared_inputs") is True,
+                       data_sha256=_optional_str(d.get("data_sha256")),
+                       dpcert_version=_optional_str(d.get("dpcert_version")))
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} is damaged: {err}") from None
 
 
 #: Bounds on an ensemble description's numbers, checked before any work they would size.
 MAX_CLASSES, MAX_INSTANCES, MAX_RADIUS = 100_000, 1_000_000, 1_000_000
+
+
+def _optional_str(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def check_same_data(run_dir: Path, info: EnsembleInfo) -> None:
+    """Refuse to resume a directory whose models were trained on other data (another file of
+    the same dataset kind, another order, a changed example): the new models would join
+    models of another training set."""
+    path = Path(run_dir) / ENSEMBLE_FILE
+    if not path.exists():
+        return
+    old = read_info(run_dir).data_sha256
+    if old is not None and info.data_sha256 is not None and old != info.data_sha256:
+        raise UserError(f"{run_dir} holds models trained on other data (training-set sha256 "
+                        f"{old[:12]}..., now {info.data_sha256[:12]}...); use another "
+                        "--output directory")
 
 
 def _is_int(value: object) -> bool:
@@ -305,12 +332,34 @@ class _RunDirSource:
             params.append(got[0])
         return stack_params(params)
 
+    def digests(self) -> list[str]:
+        """Every model's checksum, in slot order, from the files' headers (their contents are
+        verified against these as they are read)."""
+        from safetensors import SafetensorError, safe_open
+
+        out = []
+        for i, path in enumerate(self.paths):
+            if path.is_symlink() or not path.resolve().is_relative_to(self.run_dir.resolve()):
+                raise UserError(f"model of instance {i} ({path}) is a link or lies outside "
+                                f"{self.run_dir}; refusing to use it")
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    meta = dict(f.metadata() or {})
+            except (OSError, SafetensorError, ValueError) as err:
+                raise UserError(f"model of instance {i} in {self.run_dir} is missing or "
+                                f"damaged ({err})") from None
+            if not isinstance(meta.get("sha256"), str):
+                raise UserError(f"model of instance {i} in {self.run_dir} has no checksum")
+            out.append(meta["sha256"])
+        return out
+
 
 class _ExportSource:
     """Instances of an exported file: parameters stacked (P, ...), read a slice at a time."""
 
-    def __init__(self, path: Path, digests: list[str], names: list[str]) -> None:
-        self.path, self.digests, self.names = Path(path), digests, names
+    def __init__(self, path: Path, digests: list[str], names: list[str],
+                 rows: list[int] | None = None) -> None:
+        self.path, self.digests_, self.names, self.rows = Path(path), digests, names, rows
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         from safetensors import SafetensorError, safe_open
@@ -321,10 +370,14 @@ class _ExportSource:
         except (OSError, SafetensorError, ValueError) as err:
             raise UserError(f"cannot read models from {self.path}: {err}") from None
         for j, i in enumerate(range(start, stop)):
-            if tensors_digest({n: a[j] for n, a in block.items()}) != self.digests[i]:
+            rows = None if self.rows is None else self.rows[start:stop]
+            if tensors_digest(_instance(block, j, rows)) != self.digests_[i]:
                 raise UserError(f"model of instance {i} in {self.path} fails its checksum; "
                                 "the file is damaged or altered, refusing to use it")
         return block
+
+    def digests(self) -> list[str]:
+        return list(self.digests_)
 
 
 def _open_export(path: Path) -> tuple[EnsembleInfo, _ExportSource]:
@@ -339,6 +392,11 @@ def _open_export(path: Path) -> tuple[EnsembleInfo, _ExportSource]:
     try:
         header = meta["dpcert"]
         digests = json.loads(meta["instance_sha256"])
+        rows = None
+        if isinstance(digests, dict) and set(digests) == {"sha256", "rows"}:
+            digests, rows = digests["sha256"], digests["rows"]
+            if not (isinstance(rows, list) and all(_is_int(r) and r >= 0 for r in rows)):
+                raise UserError(f"{path}: the models' row counts are damaged")
         if _header_digest(header, meta["instance_sha256"]) != meta["header_sha256"]:
             raise UserError(f"{path}: the ensemble description fails its checksum; refusing")
         info = EnsembleInfo.from_dict(json.loads(header), str(path))
@@ -349,7 +407,10 @@ def _open_export(path: Path) -> tuple[EnsembleInfo, _ExportSource]:
     if len(digests) != info.instances or any(not s or s[0] != info.instances
                                              for s in shapes.values()):
         raise UserError(f"{path}: the number of instances does not match its description")
-    return info, _ExportSource(path, digests, sorted(shapes))
+    if rows is not None and (len(rows) != info.instances or any(
+            r > shapes.get("examples", (0, 0))[1] for r in rows)):
+        raise UserError(f"{path}: the models' row counts do not match the file")
+    return info, _ExportSource(path, digests, sorted(shapes), rows)
 
 
 # -- the ensemble --------------------------------------------------------------------------------
@@ -416,6 +477,28 @@ class Ensemble:
             self._check_weights(block, start)
             yield prepare(self.info.model,
                           {n: torch.from_numpy(a).to(self.device) for n, a in block.items()})
+
+    def digest(self) -> str:
+        """The ensemble's digest: sha256 of its canonical manifest — the description
+        (defence, mechanism, training settings, input, declared-inputs mark; not the test-set
+        curve, which is derived) and every model's checksum in slot order. The same for a run
+        directory and its export; any change to what is certified changes it."""
+        info = {k: v for k, v in self.info.to_dict().items() if k != "test_curve"}
+        manifest = {"format": "dpcert-manifest", "version": 1, "ensemble": info,
+                    "models": self._source.digests()}
+        blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def verify(self, *, progress: bool = False) -> str:
+        """Read and check every model (checksum, slot, weights) without keeping them;
+        returns :meth:`digest`."""
+        bar = _bar(progress, self.info.instances)
+        for block in self._blocks():
+            if bar is not None:
+                bar.update(len(next(iter(block.values()))))
+        if bar is not None:
+            bar.close()
+        return self.digest()
 
     def _check_weights(self, block: dict[str, np.ndarray], start: int) -> None:
         """Refuse weights that are not what this ensemble's model holds: float32, finite,
@@ -587,17 +670,30 @@ def _bar(enabled: bool, total: int):
     return tqdm(total=total, desc="running instances", unit="inst", leave=False)
 
 
-def load_ensemble(path: str | Path, *, device: str = "cpu") -> Ensemble:
+def load_ensemble(path: str | Path, *, device: str = "cpu", digest: str | None = None
+                  ) -> Ensemble:
     """A kept ensemble from a run directory, a baseline setting's folder of ``dpcert
     compare`` (e.g. ``dpa_k50``), or an exported file (``dpcert export``).
+
+    ``digest``: refuse any ensemble whose :meth:`Ensemble.digest` is not this one (pin the
+    digest that ``dpcert run``, ``export`` or ``verify`` printed when you trained it).
 
     Raises :class:`~dpcert.errors.UserError` for anything that is not a complete, intact
     ensemble — including runs made before models were kept, which can still certify their
     own test set (``dpcert certify``) but cannot predict new inputs."""
+    ens = _load_ensemble(Path(path), device)
+    if digest is not None:
+        got = ens.digest()
+        if got != digest.strip().lower():
+            raise UserError(f"{path} has digest {got}, not the pinned {digest.strip()}; "
+                            "refusing it")
+    return ens
+
+
+def _load_ensemble(path: Path, device: str) -> Ensemble:
     from dpcert.errors import check_device
 
     check_device(device)
-    path = Path(path)
     if path.is_dir():
         is_run = (path / "config.json").exists()
         if not is_run and not (path / "settings.json").exists():
@@ -635,39 +731,64 @@ def export_ensemble(run_dir: str | Path, out: str | Path, *, progress: bool = Fa
     description (model, input specification, mechanism, training settings, test-set curve),
     each instance's checksum and a checksum of the header. Each instance is verified as it is
     read. The file is written atomically."""
+    from dpcert.learning.inference import ROW_PADDING, stack_params
+
     ens = load_ensemble(run_dir)
     if not isinstance(ens._source, _RunDirSource):
         raise UserError(f"{run_dir} is already an exported file; copy it instead")
     p = ens.info.instances
     k = ens._block_size()
     bar = _bar(progress, p)
-    blocks = []
+    params, rows = [], []
     for start in range(0, p, k):
-        blocks.append(ens._source.read(start, min(p, start + k)))
+        block = ens._source.read(start, min(p, start + k))  # verified, padded to the block
+        ens._check_weights(block, start)
+        for i in range(start, min(p, start + k)):
+            got = load_tensors(ens._source.paths[i])  # each model as kept: its own rows
+            assert got is not None  # read above
+            params.append(got[0])
+            rows.append(next((len(got[0][n]) for n in ROW_PADDING if n in got[0]), None))
         if bar is not None:
             bar.update(min(p, start + k) - start)
     if bar is not None:
         bar.close()
-    stacked = {n: np.concatenate([b[n] for b in blocks]) for n in blocks[0]}
-    del blocks
-    return write_export(out, stacked, ens.info)
+    digests = [tensors_digest(a) for a in params]
+    stacked = stack_params(params)
+    del params
+    return write_export(out, stacked, ens.info, digests=digests,
+                        rows=None if rows[0] is None else rows)
+
+
+def _instance(stacked: dict[str, np.ndarray], j: int, rows: list[int] | None
+              ) -> dict[str, np.ndarray]:
+    """Instance j of stacked parameters, without the padding rows its stack added."""
+    from dpcert.learning.inference import ROW_PADDING
+
+    return {n: a[j][:rows[j]] if rows is not None and n in ROW_PADDING else a[j]
+            for n, a in stacked.items()}
 
 
 def _header_digest(header: str, digest_json: str) -> str:
     return hashlib.sha256((header + digest_json).encode()).hexdigest()
 
 
-def write_export(out: str | Path, stacked: dict[str, np.ndarray], info: EnsembleInfo) -> str:
+def write_export(out: str | Path, stacked: dict[str, np.ndarray], info: EnsembleInfo, *,
+                 digests: list[str] | None = None, rows: list[int] | None = None) -> str:
     """Write parameters stacked over instances {name: (P, ...)} and ``info`` as an exported
-    ensemble file (atomically); returns the file's sha256."""
+    ensemble file (atomically); returns the file's sha256. ``rows``: each example-row
+    model's own number of rows (the stack pads them); its checksum in ``digests`` is of the
+    model as kept, so that a run and its export have one digest."""
     from safetensors.numpy import save
 
     from dpcert.store import atomic_write
 
     p = info.instances
-    digests = [tensors_digest({n: a[i] for n, a in stacked.items()}) for i in range(p)]
+    if digests is None:
+        digests = [tensors_digest(_instance(stacked, i, rows)) for i in range(p)]
     header = json.dumps(info.to_dict(), sort_keys=True)
     digest_json = json.dumps(digests)
+    if rows is not None:  # the row counts are covered by the header checksum too
+        digest_json = json.dumps({"sha256": digests, "rows": rows})
     meta = {"dpcert": header, "instance_sha256": digest_json,
             "header_sha256": _header_digest(header, digest_json)}
     blob = save(stacked, metadata=meta)

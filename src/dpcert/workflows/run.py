@@ -38,6 +38,7 @@ from dpcert.workflows.dispatch import train_all, train_group, worker_pool
 from dpcert.workflows.ensemble import (
     EnsembleInfo,
     check_declared_inputs,
+    check_same_data,
     keeps_models,
     read_info,
     write_info,
@@ -173,7 +174,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     record.save(run_dir / "mechanism.json")
     atomic_save_npy(run_dir / "labels.npy", data.y_test)
     if keep_models:
-        write_info(run_dir, ensemble_info(cfg, data, record))
+        info = ensemble_info(cfg, data, record)
+        check_same_data(run_dir, info)
+        write_info(run_dir, info)
     return record
 
 
@@ -194,10 +197,13 @@ def input_spec(cfg: RunConfig, data) -> InputSpec:
 def ensemble_info(cfg: RunConfig, data, record: MechanismRecord) -> EnsembleInfo:
     """The description of a run's ensemble (``ensemble.json``): what its instances are and
     what input they take."""
+    import dpcert
+
     return EnsembleInfo(dataset=cfg.dataset, model=cfg.model, num_classes=data.num_classes,
                         instances=cfg.instances, input=input_spec(cfg, data),
                         mechanism=record, eta=cfg.eta, max_radius=cfg.max_radius,
-                        training=cfg.training())
+                        training=cfg.training(), data_sha256=data.fingerprint(),
+                        dpcert_version=dpcert.__version__)
 
 
 def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: np.ndarray,
