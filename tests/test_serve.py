@@ -193,6 +193,17 @@ def test_ensemble_description(server):
     assert info["input"]["shape"] == [1, 8, 8]
 
 
+def _open_page(pw, url: str):
+    """Debian's headless Chromium on the served page, once it has read the ensemble."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('about').textContent.includes('×')")
+    return browser, page
+
+
 @pytest.mark.skipif(not (Path(CHROMIUM).exists() or os.environ.get("DPCERT_REQUIRE_BROWSER")),
                     reason="headless Chromium not installed (CI installs it)")
 def test_page_in_a_real_browser(server, tmp_path):
@@ -202,12 +213,7 @@ def test_page_in_a_real_browser(server, tmp_path):
     url, _ = server
     shot = tmp_path / "page.png"
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 900, "height": 700})
-        page.goto(url + "/")
-        page.wait_for_function("document.getElementById('about').textContent.includes('×')")
+        browser, page = _open_page(pw, url)
         box = page.locator("#pad").bounding_box()
         page.mouse.move(box["x"] + 112, box["y"] + 30)
         page.mouse.down()
@@ -269,12 +275,7 @@ def test_page_of_a_feature_vector_ensemble_takes_vectors(tmp_path):
                           optimizer="sgd"), tmp_path / "run", progress=False)
     want = load_ensemble(tmp_path / "run").certify(flat(d.x_test[:1]))
     with _serving(tmp_path / "run") as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 900, "height": 700})
-        page.goto(url + "/")
-        page.wait_for_function("document.getElementById('about').textContent.includes('×')")
+        browser, page = _open_page(pw, url)
         assert not page.is_visible("#pad") and page.is_visible("#vector")
         assert page.text_content("#dim") == "64"
         page.fill("#vector", json.dumps(flat(d.x_test[:1])[0].tolist()))

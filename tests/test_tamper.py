@@ -214,3 +214,14 @@ def test_a_directory_is_not_resumed_on_other_data(tmp_path):
     with pytest.raises(UserError, match="trained on other data"):
         run_defence("dpa", bc, RunConfig(dataset="npz", data_dir=str(tmp_path / "b.npz")),
                     tmp_path / "run", progress=False)
+
+
+def test_a_rerun_interrupted_between_its_two_records_resumes(clean_run, tmp_path):
+    """A rerun with another eta writes config.json, then ensemble.json; killed between the
+    two, the directory is refused as inconsistent until the rerun completes it."""
+    out = _copy(clean_run, tmp_path)
+    _edit_json(out / "config.json", eta=0.01)  # as the interrupted rerun left it
+    _refused(out, "eta = 0.001, config.json 0.01")
+    run(RunConfig(instances=4, steps=5, workers=1, max_radius=5, eta=0.01), out,
+        progress=False)
+    assert load_ensemble(out).info.eta == 0.01

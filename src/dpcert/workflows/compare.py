@@ -497,7 +497,8 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     if keep:
         info = baseline_info(kind, bc, run_cfg, m, defence=defence)
         if keeps_models(folder):
-            read_info(folder)  # refuses models trained before the inputs were declared
+            # refuses models trained before the inputs were declared
+            read_info(folder, check_settings=False)
             check_same_data(folder, info)
         write_info(folder, info)
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]

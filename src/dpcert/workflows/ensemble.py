@@ -197,7 +197,10 @@ def check_same_data(run_dir: Path, info: EnsembleInfo) -> None:
     path = Path(run_dir) / ENSEMBLE_FILE
     if not path.exists():
         return
-    old = read_info(run_dir).data_sha256
+    try:  # the record alone: the settings beside it may be mid-update by the same rerun
+        old = json.loads(path.read_text()).get("data_sha256")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"{path} is damaged ({err})") from None
     if old is not None and info.data_sha256 is not None and old != info.data_sha256:
         raise UserError(f"{run_dir} holds models trained on other data (training-set sha256 "
                         f"{old[:12]}..., now {info.data_sha256[:12]}...); use another "
@@ -237,7 +240,7 @@ def write_info(run_dir: Path, info: EnsembleInfo) -> None:
                       json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def read_info(run_dir: Path) -> EnsembleInfo:
+def read_info(run_dir: Path, *, check_settings: bool = True) -> EnsembleInfo:
     path = Path(run_dir) / ENSEMBLE_FILE
     try:
         d = json.loads(path.read_text())
@@ -250,7 +253,8 @@ def read_info(run_dir: Path) -> EnsembleInfo:
         if mech != info.mechanism:
             raise UserError(f"{path} and mechanism.json disagree; the run directory is "
                             "damaged")
-    _agrees_with_settings(Path(run_dir), info)
+    if check_settings:  # a rerun rewrites the settings, then this record: not mid-way
+        _agrees_with_settings(Path(run_dir), info)
     return info
 
 

@@ -140,7 +140,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
                         "another --output directory")
     if cfg_path.exists():
         if keeps_models(run_dir):
-            read_info(run_dir)  # refuses a run trained before the inputs were declared
+            # refuses a run trained before the inputs were declared
+            read_info(run_dir, check_settings=False)
         else:
             check_declared_inputs(cfg.dataset, data.num_classes, False,
                                   MechanismRecord.load(run_dir / "mechanism.json"),
