@@ -123,3 +123,6 @@ def test_runs_write_and_ensembles_give_label_flip_certificates(tmp_path):
     got = [int(line.split(",")[3]) for line in
            (tmp_path / "p.csv").read_text().splitlines()[1:]]
     assert got == part[:15, 2].tolist()
+    ens = load_ensemble(tmp_path / "dpa")  # one prediction, both threats
+    pred = ens.predict(x[:15], keep_scores=True)
+    assert (ens.certify_prediction(pred, threat="label-flip").radius == part[:15, 2]).all()

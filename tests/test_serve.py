@@ -90,6 +90,8 @@ def test_answers_equal_ensemble_certify(server):
     assert [r["prediction"] for r in doc["results"]] == cert.prediction.tolist()
     assert [r["radius"] for r in doc["results"]] == cert.radius.tolist()
     assert [r["votes"] for r in doc["results"]] == pred.votes.tolist()
+    assert [r["label_flip_radius"] for r in doc["results"]] == \
+        ens.certify(x, threat="label-flip").radius.tolist()
     assert doc["eta"] == ens.info.eta and doc["mechanism"] == ens.mechanism.to_dict()
     r0 = doc["results"][0]
     assert r0["top_votes"] == max(r0["votes"]) and r0["top_votes"] >= r0["runner_up_votes"]

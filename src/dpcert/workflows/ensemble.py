@@ -642,16 +642,25 @@ class Ensemble:
                           threat: str = "poisoning") -> tuple[Certificates, Prediction]:
 
         pred = self.predict(x, keep_scores=True, progress=progress)
-        assert pred.scores is not None
+        return self.certify_prediction(pred, eta=eta, max_radius=max_radius, method=method,
+                                       threat=threat), pred
+
+    def certify_prediction(self, pred: Prediction, *, eta: float | None = None,
+                           max_radius: int | None = None, method: str | None = None,
+                           threat: str = "poisoning") -> Certificates:
+        """A baseline defence's certificate from a :class:`Prediction` that kept its scores
+        (another threat or aggregation of the same outputs, without running the models
+        again)."""
+        if pred.scores is None:
+            raise UserError("this prediction kept no scores (predict(..., keep_scores=True))")
         params = self.info.defence_params
-        cert = baseline_certificate(method or self.info.defence, pred.scores,
+        return baseline_certificate(method or self.info.defence, pred.scores,
                                     spread=int(params.get("spread", 1)),
                                     train_size=int(params.get("train_size", 1)),
                                     subsample=int(params.get("subsample", 1)),
                                     eta=self.info.eta if eta is None else eta,
                                     max_radius=self.info.max_radius if max_radius is None
                                     else max_radius, threat=threat)
-        return cert, pred
 
     def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:
         """Run-off Election over a DPA or Finite Aggregation ensemble's models (the same

@@ -29,6 +29,7 @@ from importlib import resources
 import numpy as np
 
 from dpcert.certification.accounting import AccountingSpec
+from dpcert.certification.aggregation import dp_label_flips
 from dpcert.certification.certify import confidence_bounds, search_radius
 from dpcert.errors import UserError
 from dpcert.learning.inputs import decode_image
@@ -74,8 +75,9 @@ def _number(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def result_rows(cert, pred) -> list[dict]:
-    """Per input: prediction, radius, the top two labels and their votes, all votes, bounds."""
+def result_rows(cert, pred, flips=None) -> list[dict]:
+    """Per input: prediction, radius, the top two labels and their votes, all votes, bounds;
+    with ``flips`` (the certificate against label flips) also ``label_flip_radius``."""
     rows = []
     for i in range(len(cert)):
         v = pred.votes[i]
@@ -86,6 +88,8 @@ def result_rows(cert, pred) -> list[dict]:
                      "runner_up": int(order[1]), "runner_up_votes": int(v[order[1]]),
                      "votes": v.tolist(), "p_lower": _number(cert.p_lower[i]),
                      "p_upper": _number(cert.p_upper[i])})
+        if flips is not None:
+            rows[-1]["label_flip_radius"] = int(flips.radius[i])
     return rows
 
 
@@ -238,7 +242,10 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
         x = _inputs(body, content_type)
         cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
                                             max_radius=spec.max_radius)
-        return {"results": result_rows(cert, pred), **settings,
+        flips = (dp_label_flips(cert) if ens.info.defence == "dp" else
+                 ens.certify_prediction(pred, eta=eta, max_radius=spec.max_radius,
+                                        threat="label-flip"))
+        return {"results": result_rows(cert, pred, flips), **settings,
                 "mechanism": info["mechanism"], "instances": ens.info.instances}
 
     async def read_body(request: Request) -> tuple[bytearray, int]:
