@@ -495,6 +495,28 @@ def run_cmd(config, output, quiet, **options) -> None:
     _run_user(action)
 
 
+@main.command("sign")
+@click.argument("ensemble", type=click.Path(path_type=Path))
+@click.option("--key", "private_key", type=click.Path(path_type=Path), required=True,
+              help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out KEY).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sign_cmd(ensemble, private_key, quiet) -> None:
+    """Verify every model of a kept ENSEMBLE and sign its digest: the signature goes to
+    ENSEMBLE/signature.json (a directory) or ENSEMBLE.sig (an exported file; copy it with
+    the file). A run and its export share the digest, so one signature serves both.
+    verify, predict and serve check it with --public-key."""
+
+    def action() -> None:
+        from dpcert.workflows.ensemble import load_ensemble
+        from dpcert.workflows.signing import sign
+
+        digest = load_ensemble(ensemble).verify(progress=not quiet)
+        out = sign(ensemble, digest, private_key)
+        click.echo(f"signed digest {digest}: {out}")
+
+    _run_user(action)
+
+
 def _echo_digest(run_dir: Path) -> None:
     from dpcert.workflows.ensemble import keeps_models, load_ensemble
 
@@ -574,6 +596,21 @@ def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers,
 
 DIGEST_HELP = ("Refuse the ensemble unless its digest (printed by run, export and verify) is "
                "this one: pin the ensemble you trained.")
+PUBLIC_KEY_HELP = ("Refuse the ensemble unless its signature (dpcert sign) verifies with this "
+                   "Ed25519 public key (PEM).")
+
+
+def _load_trusted(path: Path, *, device: str = "cpu", digest: str | None = None,
+                  public_key: Path | None = None):
+    """load_ensemble, pinned to a digest and/or a signer when asked."""
+    from dpcert.workflows.ensemble import load_ensemble
+
+    ens = load_ensemble(path, device=device, digest=digest)
+    if public_key is not None:
+        from dpcert.workflows.signing import check_signature
+
+        check_signature(path, ens.digest(), public_key)
+    return ens
 
 
 @main.command("predict")
@@ -596,9 +633,10 @@ DIGEST_HELP = ("Refuse the ensemble unless its digest (printed by run, export an
               help="What the radius counts: inserted + deleted training examples (a "
                    "modification counts 2), or flipped training labels.")
 @click.option("--digest", help=DIGEST_HELP)
+@click.option("--public-key", type=click.Path(path_type=Path), help=PUBLIC_KEY_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius, device,
-                threat, digest, quiet) -> None:
+                threat, digest, public_key, quiet) -> None:
     """Certify new INPUTS with a kept ENSEMBLE (a run directory or an exported file).
 
     INPUTS: a .npy array, an IDX file (raw or .gz), an image file (PNG, JPEG, ...) or a
@@ -607,10 +645,9 @@ def predict_cmd(ensemble, inputs, output, eta, accounting, inference, max_radius
 
     def action() -> None:
         from dpcert.learning.inputs import read_inputs
-        from dpcert.workflows.ensemble import load_ensemble
 
         _check_output(output)
-        ens = load_ensemble(ensemble, device=device, digest=digest)
+        ens = _load_trusted(ensemble, device=device, digest=digest, public_key=public_key)
         x, names = read_inputs(inputs, ens.info.input)
         cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
                                             inference=inference, max_radius=max_radius,
@@ -662,8 +699,9 @@ def export_cmd(run_dir, file, quiet) -> None:
 @main.command("verify")
 @click.argument("ensemble", type=click.Path(path_type=Path))
 @click.option("--digest", help=DIGEST_HELP)
+@click.option("--public-key", type=click.Path(path_type=Path), help=PUBLIC_KEY_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify_cmd(ensemble, digest, quiet) -> None:
+def verify_cmd(ensemble, digest, public_key, quiet) -> None:
     """Check every model of a kept ENSEMBLE (a run directory, a compare setting's folder or
     an exported file) and print its digest: sha256 of its manifest — the description,
     mechanism, training settings and every model's checksum — the same for a run and its
@@ -676,6 +714,11 @@ def verify_cmd(ensemble, digest, quiet) -> None:
         got = ens.verify(progress=not quiet)
         if digest is not None and got != digest.strip().lower():
             raise UserError(f"{ensemble} has digest {got}, not the pinned {digest.strip()}")
+        if public_key is not None:
+            from dpcert.workflows.signing import check_signature
+
+            check_signature(ensemble, got, public_key)
+            click.echo(f"signature: valid for the key {public_key}")
         kind = "DP" if ens.info.defence == "dp" else ens.info.defence
         click.echo(f"{ensemble}: {ens.info.instances} {kind} models of {ens.info.model}, "
                    f"every one verified; trained by dpcert "
@@ -705,15 +748,15 @@ def verify_cmd(ensemble, digest, quiet) -> None:
               help="Serve beyond loopback without a token (anyone reaching the port may "
                    "query the ensemble).")
 @click.option("--digest", help=DIGEST_HELP)
+@click.option("--public-key", type=click.Path(path_type=Path), help=PUBLIC_KEY_HELP)
 def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device, token_file,
-              insecure, digest) -> None:
+              insecure, digest, public_key) -> None:
     """Serve a kept ENSEMBLE over HTTP: POST /certify, GET /health, GET /ensemble, and a page
     at / to upload or draw an image (pip install 'dpcert[serve]'). Bodies must arrive
     within 30 s; at most 64 requests are certified at once (then 503); a request may decode
     at most 16.7 million pixels."""
 
     def action() -> None:
-        from dpcert.workflows.ensemble import load_ensemble
         from dpcert.workflows.serve import check_exposure, serve
 
         token = None
@@ -727,7 +770,7 @@ def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device, token_fi
                                 "use at least 16 (e.g. python -c 'import secrets; "
                                 "print(secrets.token_urlsafe(32))')")
         check_exposure(host, token, insecure)  # before the work of loading
-        ens = load_ensemble(ensemble, device=device, digest=digest)
+        ens = _load_trusted(ensemble, device=device, digest=digest, public_key=public_key)
         click.echo(f"loading {ens} ...", err=True)
         serve(ens, host=host, port=port, eta=eta, accounting=accounting, max_batch=max_batch,
               token=token, insecure=insecure)
