@@ -379,3 +379,24 @@ def test_serving_beyond_loopback_needs_a_token_or_insecure(tmp_path):
     res = CliRunner().invoke(main, ["serve", str(tmp_path / "nothing"), "--token-file",
                                     str(tmp_path / "short")])
     assert res.exit_code == 2 and "at least 16" in res.output
+
+
+def test_metrics_count_requests_errors_latency_and_batch_sizes(server):
+    _, ens = server
+    with _serving(Path(ens.origin)) as url:
+        x = load_digits().x_test[:3]
+        assert _post(url, json.dumps({"inputs": x.tolist()}).encode())[0] == 200
+        assert _post(url, b"{not json")[0] == 400
+        for _ in range(3):
+            try:
+                _get(url, "/probe/" + "x" * 20)  # unknown paths share one label
+            except urllib.error.HTTPError:
+                pass
+        status, body = _get(url, "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'dpcert_requests_total{path="/certify",status="200"} 1.0' in text
+    assert 'dpcert_client_errors_total{status="400"} 1.0' in text
+    assert 'dpcert_requests_total{path="other",status="404"} 3.0' in text
+    assert 'dpcert_inputs_per_request_bucket{le="4.0"} 1.0' in text
+    assert 'dpcert_request_seconds_count{path="/certify"} 2.0' in text

@@ -11,6 +11,8 @@ Endpoints:
 * ``GET /health`` — liveness; ``GET /ensemble`` — what is loaded (dataset, P, learner,
   input, mechanism, the test-set certified accuracy curve).
 * ``GET /`` — a page to upload or draw an image and see its certificate.
+* ``GET /metrics`` — Prometheus text: requests by route and status, client errors, latency,
+  inputs per request (behind the token when there is one).
 
 The ensemble is loaded, verified and kept in memory once at start, and the group tables are
 built up to the largest radius any input could certify, so a request costs the instances'
@@ -31,7 +33,7 @@ import numpy as np
 from dpcert.certification.accounting import AccountingSpec
 from dpcert.certification.aggregation import dp_label_flips
 from dpcert.certification.certify import confidence_bounds, search_radius
-from dpcert.errors import UserError
+from dpcert.errors import UserError, missing_extra
 from dpcert.learning.inputs import decode_image
 from dpcert.workflows.ensemble import Ensemble
 
@@ -150,6 +152,7 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
 
     log = logging.getLogger("dpcert.serve")
     in_flight = 0
+    metrics = _Metrics()
 
     eta = ens.info.eta if eta is None else eta
     spec = AccountingSpec(accounting=accounting, max_radius=max_radius or ens.info.max_radius)
@@ -166,7 +169,24 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         log.warning("client error %d: %s", status, message)  # one line, no traceback
+        metrics.errors.labels(status=str(status)).inc()
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        with metrics.latency.labels(path=_route(request.url.path)).time():
+            response = await call_next(request)
+        metrics.requests.labels(path=_route(request.url.path),
+                                status=str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    def prometheus(request: Request):
+        if not authorised(request):
+            return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        from fastapi.responses import Response
+
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     def authorised(request: Request) -> bool:
         if token is None:
@@ -240,6 +260,7 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
 
     def _certify(body: bytes, content_type: str) -> dict:
         x = _inputs(body, content_type)
+        metrics.batch.observe(len(x))
         cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
                                             max_radius=spec.max_radius)
         flips = (dp_label_flips(cert) if ens.info.defence == "dp" else
@@ -295,6 +316,39 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
             in_flight -= 1
 
     return app
+
+
+def _route(path: str) -> str:
+    """A request path as a metrics label: the app's routes, everything else one label (so
+    that probing clients cannot grow the metrics without bound)."""
+    return path if path in ("/", "/health", "/ensemble", "/certify", "/metrics") else "other"
+
+
+class _Metrics:
+    """The service's Prometheus metrics, in a registry of its own (one per app): requests
+    by route and status, client errors by status, latency by route, inputs per request."""
+
+    def __init__(self) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise missing_extra("dpcert serve's /metrics", "prometheus-client",
+                                "serve") from None
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("dpcert_requests", "HTTP requests answered",
+                                     ["path", "status"], registry=self.registry)
+        self.errors = prom.Counter("dpcert_client_errors", "requests refused with a 4xx/5xx",
+                                   ["status"], registry=self.registry)
+        self.latency = prom.Histogram("dpcert_request_seconds", "time to answer a request",
+                                      ["path"], registry=self.registry)
+        self.batch = prom.Histogram("dpcert_inputs_per_request", "inputs certified per request",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+                                    registry=self.registry)
+        self.content_type = prom.CONTENT_TYPE_LATEST
+        self._render = prom.generate_latest
+
+    def render(self) -> bytes:
+        return self._render(self.registry)
 
 
 def check_exposure(host: str, token: str | None, insecure: bool) -> None:
