@@ -146,8 +146,9 @@ def _score_nearest(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes
 
     One example row of every model at a time, and blocks of inputs whose size depends on K
     and L only: the arithmetic that scores a model's example never depends on how many rows
-    the models are padded to — a number set by the largest part, which poisoning another
-    part can change, and which must not move even a rounding of this model's votes."""
+    the stack is padded to — a number set by the largest model scored with it, which
+    poisoning another part can change, and which must not move even a rounding of this
+    model's votes."""
     e, lab, scale = params["examples"], params["labels"], params["scale"]
     k, n = lab.shape
     models = torch.arange(k, device=x.device)
@@ -183,7 +184,7 @@ def _score_kernel(params: dict[str, torch.Tensor], x: torch.Tensor, num_classes:
 
     As for the nearest-neighbour models, one example row of every model at a time, summed in
     row order, in input blocks set by K and L: a padding row (zero coefficients) adds an exact
-    zero, so a model's scores do not depend on how many rows the largest part set."""
+    zero, so a model's scores do not depend on how many rows the stack is padded to."""
     e, coef = params["examples"], params["coef"]
     gamma, scale, bias = params["gamma"], params["scale"], params["bias"]
     k, n = coef.shape[:2]

@@ -190,7 +190,8 @@ def translations(x: np.ndarray, shift: int) -> np.ndarray:
 def nearest_neighbour_params(x: np.ndarray, y: np.ndarray, rows: int
                              ) -> dict[str, np.ndarray]:
     """A nearest-neighbour classifier on feature vectors x (n, D): the examples themselves,
-    padded to ``rows`` >= n (label -1, never matched) so that every model of a defence has the
+    padded to ``rows`` >= n (label -1, never matched; a defence keeps each model at its own n
+    and :func:`dpcert.learning.inference.stack_params` pads a stack) so that models have the
     same shapes. ``scale`` = 1 / tau, tau the mean squared distance of the examples to their
     class mean (1 if zero), only sets how soft the scores are
     (:func:`dpcert.learning.inference.score_instances` scores it)."""
