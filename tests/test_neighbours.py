@@ -459,3 +459,20 @@ def test_dp_ensembles_of_before_0_3_load_only_if_their_steps_used_the_declared_s
                  ("digits", 11, False, None)):
         with pytest.raises(UserError, match="trained by dpcert < 0.3"):
             check_declared_inputs(*args)
+
+
+def test_npz_files_that_are_not_numeric_arrays_or_misspell_a_declaration_are_refused(tmp_path):
+    x, y, xt, yt = _digits_split()
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, rawmax=16)
+    with pytest.raises(UserError) as err:
+        data_mod.load_npz(path)
+    assert "'rawmax' (did you mean 'raw_max'?)" in _one_line(err)
+    np.savez(path, x_train=np.array([{"a": 1}], dtype=object), y_train=y, x_test=xt,
+             y_test=yt)
+    with pytest.raises(UserError, match="not numbers"):
+        data_mod.load_npz(path)
+    path.write_text("plain text")
+    with pytest.raises(UserError, match="is not an .npz file") as err:
+        data_mod.load_npz(path)
+    assert "unsafe" not in str(err.value) and "pickle" not in str(err.value)

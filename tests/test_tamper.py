@@ -225,3 +225,16 @@ def test_a_rerun_interrupted_between_its_two_records_resumes(clean_run, tmp_path
     run(RunConfig(instances=4, steps=5, workers=1, max_radius=5, eta=0.01), out,
         progress=False)
     assert load_ensemble(out).info.eta == 0.01
+
+
+def test_a_baseline_runs_certification_settings_are_bound_too(tmp_path):
+    """Bagging's certificate reads eta: an edit of ensemble.json alone once certified larger
+    radii; its folder keeps the certification settings in a second record."""
+    from dpcert.workflows.defence import defence_config, run_defence
+
+    kind, cfg, bc = defence_config({"defence": "bagging", "models": 6, "subsample": 100,
+                                    "learner": "prototype"})
+    run_defence(kind, bc, cfg, tmp_path / "bag", progress=False)
+    load_ensemble(tmp_path / "bag").certify(X)
+    _edit_json(tmp_path / "bag" / "ensemble.json", eta=0.5)
+    _refused(tmp_path / "bag", "eta = 0.5, certification.json 0.001")

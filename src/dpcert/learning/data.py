@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpcert.errors import UserError, missing_extra
+from dpcert.errors import UserError, missing_extra, unknown_keys_error
 from dpcert.learning.idx import read_idx
 
 
@@ -272,14 +272,23 @@ def load_npz(path: Path) -> Dataset:
         z = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UserError(f"dataset file not found: {path}") from None
-    except (ValueError, OSError) as err:
-        raise UserError(f"cannot read {path} as .npz: {err}") from None
+    except (ValueError, OSError, EOFError):
+        # numpy's own message here suggests loading pickles unsafely: say what is wrong instead
+        raise UserError(f"{path} is not an .npz file of numeric arrays (np.savez writes one)"
+                        ) from None
     keys = ("x_train", "y_train", "x_test", "y_test")
     missing = [k for k in keys if k not in z]
     if missing:
         raise UserError(f"{path} lacks arrays {missing}")
-    x_tr, y_tr, x_te, y_te = (np.asarray(z[k]) for k in keys)
-    declared = {k: _npz_scalar(path, z, k) for k in ("raw_max", "num_classes", "train_size")}
+    declarations = ("raw_max", "num_classes", "train_size")
+    unknown = set(z.files) - {*keys, *declarations}
+    if unknown:  # a misspelt declaration would otherwise be ignored without a word
+        raise unknown_keys_error(unknown, (*keys, *declarations), f"arrays in {path}")
+    try:
+        x_tr, y_tr, x_te, y_te = (np.asarray(z[k]) for k in keys)
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"{path} holds arrays that are not numbers ({err})") from None
+    declared = {k: _npz_scalar(path, z, k) for k in declarations}
     for y, what in ((y_tr, "y_train"), (y_te, "y_test")):
         if y.ndim != 1 or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"{path}: {what} must be integer labels (n,), got {y.dtype} "
@@ -305,7 +314,10 @@ def _npz_scalar(path: Path, z, key: str) -> int | None:
     """A declared positive integer of an .npz (a 0-d array), or None when absent."""
     if key not in z:
         return None
-    v = np.asarray(z[key])
+    try:
+        v = np.asarray(z[key])
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"{path}: {key} is not a number ({err})") from None
     if v.shape != () or not np.issubdtype(v.dtype, np.integer) or int(v) < 1:
         raise UserError(f"{path}: {key} must be one positive integer, got {v.dtype} {v.shape}")
     return int(v)

@@ -50,6 +50,7 @@ from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
 from dpcert.workflows.dispatch import Trained, ray_map, worker_pool, write_trained
 from dpcert.workflows.ensemble import (
+    CERTIFICATION_FILE,
     EnsembleInfo,
     check_declared_inputs,
     check_same_data,
@@ -285,6 +286,8 @@ def parse_settings(kind: str, section) -> tuple[BaselineConfig, ...]:
             raise UserError(f"each {kind} setting must be a mapping, got {item!r}")
         if trained_as(kind) != "fa" and "spread" in item:
             raise UserError(f"spread applies to fa and fa-roe only, not {kind}")
+        if kind != "bagging" and "subsample" in item:
+            raise UserError(f"subsample applies to bagging only, not {kind}")
         unknown = set(item) - set(BaselineConfig.__dataclass_fields__)
         if unknown:
             raise unknown_keys_error(unknown, BaselineConfig.__dataclass_fields__,
@@ -500,6 +503,10 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
             # refuses models trained before the inputs were declared
             read_info(folder, check_settings=False)
             check_same_data(folder, info)
+        # the certification settings, a second record of them beside the description
+        atomic_write_text(folder / CERTIFICATION_FILE,
+                          json.dumps({"eta": run_cfg.eta, "max_radius": run_cfg.max_radius},
+                                     sort_keys=True) + "\n")
         write_info(folder, info)
     paths = [folder / f"model_{i:06d}.npz" for i in range(m)]
     found = _finished_models(paths, keep, bc.name(kind), progress)

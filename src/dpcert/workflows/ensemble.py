@@ -56,6 +56,8 @@ from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_write_text, load_tensors, tensors_digest
 
 ENSEMBLE_FILE = "ensemble.json"
+#: A baseline folder's certification settings (eta, max_radius), beside its description.
+CERTIFICATION_FILE = "certification.json"
 #: What kept models can be certified as: the DP ensemble, or a baseline defence's models
 #: (roe and fa-roe: Run-off Election over DPA's or FA's models, as their default certificate).
 DEFENCES = ("dp", "dpa", "fa", "bagging", "roe", "fa-roe")
@@ -278,8 +280,17 @@ def _agrees_with_settings(run_dir: Path, info: EnsembleInfo) -> None:
             raise UserError(f"{run_dir}: ensemble.json describes {info.instances} models, "
                             f"settings.json {models!r}; the folder is damaged or altered")
         checks = dict(info.training)
+        cert_path = run_dir / CERTIFICATION_FILE
+        if cert_path.exists():
+            try:
+                stored = {**stored, **json.loads(cert_path.read_text())}
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+                raise UserError(f"{cert_path} is damaged ({err})") from None
+            checks.update(eta=info.eta, max_radius=info.max_radius)
     for key, value in checks.items():
         if key in stored and stored[key] != value:
+            if name == "settings.json" and key in ("eta", "max_radius"):
+                name = CERTIFICATION_FILE
             raise UserError(f"{run_dir}: ensemble.json says {key} = {value!r}, {name} "
                             f"{stored[key]!r}; the directory is damaged or altered")
 
