@@ -64,10 +64,9 @@ def test_a_signed_ensemble_verifies_and_a_forged_one_does_not(tmp_path):
                "--public-key", str(public), "--output", str(tmp_path / "p.csv"), "--quiet")
     assert res.exit_code == 0, res.output
     # a record forged consistently in every file passes the local checks, not the signature
-    for name in ("ensemble.json", "settings.json"):
+    for name in ("ensemble.json", "certification.json"):  # consistent in every record
         d = json.loads((run_dir / name).read_text())
-        if name == "ensemble.json":
-            d["eta"] = 0.3
+        d["eta"] = 0.3
         (run_dir / name).write_text(json.dumps(d))
     res = _cli("predict", str(run_dir), str(tmp_path / "x.npy"), "--public-key", str(public),
                "--output", str(tmp_path / "q.csv"), "--quiet")
