@@ -326,15 +326,20 @@ class _RunDirSource:
     def __init__(self, run_dir: Path, paths: list[Path]) -> None:
         self.run_dir, self.paths = Path(run_dir), paths
 
-    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        from dpcert.learning.inference import stack_params
+    def _inside(self, i: int) -> Path:
+        """Model i's file, refused when it is a link or lies outside the directory."""
+        path = self.paths[i]
+        if path.is_symlink() or not path.resolve().is_relative_to(self.run_dir.resolve()):
+            raise UserError(f"model of instance {i} ({path}) is a link or lies outside "
+                            f"{self.run_dir}; refusing to use it")
+        return path
 
+    def read_each(self, start: int, stop: int) -> list[dict[str, np.ndarray]]:
+        """Models start..stop-1 as kept (each its own shapes), every one checked: inside the
+        directory, its checksum, its slot."""
         params = []
         for i in range(start, stop):
-            path = self.paths[i]
-            if path.is_symlink() or not path.resolve().is_relative_to(self.run_dir.resolve()):
-                raise UserError(f"model of instance {i} ({path}) is a link or lies outside "
-                                f"{self.run_dir}; refusing to use it")
+            path = self._inside(i)
             got = load_tensors(path)
             if got is None:
                 raise UserError(f"model of instance {i} in {self.run_dir} is missing, damaged or "
@@ -345,7 +350,12 @@ class _RunDirSource:
                 raise UserError(f"{path} holds the model of slot {got[1].get('instance')!r}, not "
                                 f"{slot!r}: moved or copied; refusing to use it")
             params.append(got[0])
-        return stack_params(params)
+        return params
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        from dpcert.learning.inference import stack_params
+
+        return stack_params(self.read_each(start, stop))
 
     def digests(self) -> list[str]:
         """Every model's checksum, in slot order, from the files' headers (their contents are
@@ -353,10 +363,8 @@ class _RunDirSource:
         from safetensors import SafetensorError, safe_open
 
         out = []
-        for i, path in enumerate(self.paths):
-            if path.is_symlink() or not path.resolve().is_relative_to(self.run_dir.resolve()):
-                raise UserError(f"model of instance {i} ({path}) is a link or lies outside "
-                                f"{self.run_dir}; refusing to use it")
+        for i in range(len(self.paths)):
+            path = self._inside(i)
             try:
                 with safe_open(str(path), framework="numpy") as f:
                     meta = dict(f.metadata() or {})
@@ -763,20 +771,17 @@ def export_ensemble(run_dir: str | Path, out: str | Path, *, progress: bool = Fa
     p = ens.info.instances
     k = ens._block_size()
     bar = _bar(progress, p)
-    params, rows = [], []
+    params: list[dict[str, np.ndarray]] = []
     for start in range(0, p, k):
-        block = ens._source.read(start, min(p, start + k))  # verified, padded to the block
-        ens._check_weights(block, start)
-        for i in range(start, min(p, start + k)):
-            got = load_tensors(ens._source.paths[i])  # each model as kept: its own rows
-            assert got is not None  # read above
-            params.append(got[0])
-            rows.append(next((len(got[0][n]) for n in ROW_PADDING if n in got[0]), None))
+        each = ens._source.read_each(start, min(p, start + k))  # each as kept: its own rows
+        ens._check_weights(stack_params(each), start)
+        params += each
         if bar is not None:
             bar.update(min(p, start + k) - start)
     if bar is not None:
         bar.close()
     digests = [tensors_digest(a) for a in params]
+    rows = [next((len(a[n]) for n in ROW_PADDING if n in a), None) for a in params]
     stacked = stack_params(params)
     del params
     return write_export(out, stacked, ens.info, digests=digests,

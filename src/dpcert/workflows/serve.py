@@ -216,8 +216,9 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
 
     def _inputs(body: bytes, content_type: str) -> np.ndarray:
         if content_type.startswith("image/"):
-            if _image_pixels(body) > MAX_REQUEST_PIXELS:
-                raise _TooLarge(f"the image claims {_image_pixels(body)} pixels; at most "
+            pixels = _image_pixels(body)
+            if pixels > MAX_REQUEST_PIXELS:
+                raise _TooLarge(f"the image claims {pixels} pixels; at most "
                                 f"{MAX_REQUEST_PIXELS} per request")
             return decode_image(body, ens.info.input, "the uploaded image")[None]
         if not content_type.startswith("application/json"):
