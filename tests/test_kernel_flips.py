@@ -128,3 +128,24 @@ def test_combination_matches_counting_when_every_part_costs_one():
     base_pred, counting = baselines.dpa_radius(counts)
     np.testing.assert_array_equal(pred, base_pred)
     np.testing.assert_array_equal(radius, counting)
+
+
+def test_blocked_driver_equals_part_by_part():
+    """The driver (kernels of many parts in one product, inputs in blocks) gives the
+    certificate that part-by-part costs give."""
+    from dpcert.certification.kernel_flips import dpa_kernel_radius, kernel_part
+
+    x, y, xt, idx = _problem(7, 200, 4, 12, 30, 2.0)
+    idx[3] = idx[3][:0]  # an empty part among them
+    votes = np.stack([_votes(x[i], [y[i]], xt, 4, 0.2, 0.05)[0] if len(i) else
+                      np.zeros(len(xt), np.int64) for i in idx])
+    costs = np.stack([part_flip_costs(xt, x[i], y[i], v, num_classes=4, gamma=0.2, ridge=0.05)
+                      for i, v in zip(idx, votes, strict=True)])
+    want = ensemble_flip_radius(costs, votes, 4, max_radius=50)
+    parts = [kernel_part(x[i], y[i], gamma=0.2, ridge=0.05) for i in idx]
+    ticks = []
+    got = dpa_kernel_radius(xt, parts, votes, num_classes=4, gamma=0.2, ridge=0.05,
+                            max_radius=50, block=7, tick=ticks.append)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert sum(ticks) == 12 * 5  # every part, in each of the 5 blocks

@@ -22,8 +22,8 @@ The parts' costs then combine into the ensemble's radius (:func:`ensemble_flip_r
 partition hashes inputs only, so each flip lands in exactly one part, and the attacker's
 total is the sum over the parts it turns. Moving a part from the ensemble's label A to b
 gains 2 on the vote margin n_A - n_b, any other move 1; a fractional relaxation of that
-covering problem (each part's gain priced at its cheapest cost per unit) gives a sound lower
-bound on the flips that change the prediction.
+covering problem (each part's moves priced on their convex hull) gives a sound lower bound on
+the flips that change the prediction.
 
 Rounding. The kept models score in float32 (:mod:`dpcert.learning.inference`); the margins
 here are those of the exact model in float64. :func:`score_tolerance` bounds, from the
@@ -33,6 +33,8 @@ and a part whose vote sits within it costs one flip (the counting certificate's 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
@@ -54,12 +56,29 @@ def _kernel(x: np.ndarray, e: np.ndarray, gamma: float) -> np.ndarray:
     return np.exp(-gamma * np.maximum(d2, 0.0))
 
 
-def _factor(examples: np.ndarray, gamma: float, ridge: float):
-    """Cholesky factor of M = K + ridge I (the training's system) and M^-1 (n, n)."""
-    n = len(examples)
-    m = _kernel(examples, examples, gamma) + ridge * np.eye(n)
-    factor = cho_factor(m, lower=True)
-    return factor, cho_solve(factor, np.eye(n))
+@dataclass(frozen=True)
+class KernelPart:
+    """One part's kernel-ridge system, factorised once: its examples (n, D) in float64, their
+    squared norms (n,), labels (n,) and M^-1 (n, n), M = K + ridge I as the training built
+    it."""
+
+    examples: np.ndarray
+    sq: np.ndarray
+    labels: np.ndarray
+    inverse: np.ndarray
+
+
+def kernel_part(examples: np.ndarray, labels: np.ndarray, *, gamma: float, ridge: float
+                ) -> KernelPart:
+    """The :class:`KernelPart` of a part's examples (as its model keeps them) and labels."""
+    e = np.asarray(examples, np.float64)
+    n = len(e)
+    if n == 0:
+        inverse = np.zeros((0, 0))
+    else:
+        m = _kernel(e, e, gamma) + ridge * np.eye(n)
+        inverse = cho_solve(cho_factor(m, lower=True), np.eye(n))
+    return KernelPart(e, (e * e).sum(1), np.asarray(labels, np.int64), inverse)
 
 
 def labels_from_coef(examples: np.ndarray, coef: np.ndarray, *, gamma: float, ridge: float
@@ -79,27 +98,29 @@ def labels_from_coef(examples: np.ndarray, coef: np.ndarray, *, gamma: float, ri
     return labels
 
 
-def score_tolerance(x: np.ndarray, examples: np.ndarray, inverse: np.ndarray, *,
-                    gamma: float, ridge: float) -> np.ndarray:
-    """Bound (N,) on |float32 score - exact score| of the part's model, under any labels.
+def score_tolerance(k: np.ndarray, part: KernelPart, x_sq: np.ndarray, *, gamma: float,
+                    ridge: float) -> np.ndarray:
+    """Bound (N,) on how far the float32 scores of the part's model, under any labels, and the
+    float64 quantities computed here can lie from the exact model's, at inputs whose kernel
+    with the part is k (N, n) and squared norms x_sq (N,).
 
-    The float32 score is sum_i k^_i A^_ic with A = M^-1 Y rounded to float32 and k^ the
-    float32 kernel: |k^_i - k_i| <= k_i (gamma e_d + 2 eps) with e_d <= (2D + 4) eps
-    (|x|^2 + |e_i|^2) the error of the expanded squared distance, the rounding of A and the
-    n-term float32 sum add (n + 3) eps of sum_i k_i |A_ic|; and sum_i k_i |A_ic| <=
-    sum_j sum_i |M^-1_ij| = S for every labelling Y in {0, 1}^n (k <= 1). The float64 solve
-    adds cond(M) eps64 S, cond(M) <= (n + ridge) / ridge. The softmax over scale * score adds
-    a few float32 ulps of the logits. All times a safety factor of 4."""
-    n, dim = examples.shape
+    A kept model's score is sum_i k^_i A^_ic, A = M^-1 Y rounded to float32, k^ the float32
+    kernel: |k^_i - k_i| <= k_i kappa, kappa = gamma e_d + 2 eps with e_d <= (2D + 4) eps
+    (|x|^2 + max |e_i|^2) the error of the expanded squared distance; the rounding of A and
+    the n-term float32 sum add (n + 3) eps. All are relative to sum_i k_i |A_ic|, which for
+    every labelling Y in {0, 1}^n is at most T(x) = sum_ij k_i |M^-1_ij|. The float64 solve
+    adds cond(M) eps64 sum_ij |M^-1_ij|, cond(M) <= (n + ridge) / ridge, and the softmax over
+    10 x the score a few float32 ulps. Margins minus gains computed here in float64 move by
+    at most 3 (n + D) eps64 T. All times a safety factor of 4."""
+    n, dim = part.examples.shape
     if n == 0:
-        return np.zeros(len(x))
-    s = np.abs(inverse).sum()
-    norms = (np.asarray(x, np.float64) ** 2).sum(1) + (np.asarray(examples, np.float64)
-                                                       ** 2).sum(1).max()
-    kernel_rel = gamma * (2 * dim + 4) * _EPS32 * norms + 2 * _EPS32
-    relative = kernel_rel + (n + 3) * _EPS32 + (n + ridge) / ridge * _EPS64
-    softmax = 16 * _EPS32 * (1.0 + s)
-    return _SAFETY * (s * relative + softmax)
+        return np.zeros(len(k))
+    t = k @ np.abs(part.inverse).sum(axis=1)  # (N,); M^-1 is symmetric
+    kappa = gamma * (2 * dim + 4) * _EPS32 * (x_sq + part.sq.max()) + 2 * _EPS32
+    relative = kappa + (n + 3) * _EPS32 + 3 * (n + dim) * _EPS64
+    solve = (n + ridge) / ridge * _EPS64 * np.abs(part.inverse).sum()
+    softmax = 16 * _EPS32 * (1.0 + t)
+    return _SAFETY * (t * relative + solve + softmax)
 
 
 def part_flip_costs(x: np.ndarray, examples: np.ndarray, labels: np.ndarray, votes: np.ndarray,
@@ -111,34 +132,40 @@ def part_flip_costs(x: np.ndarray, examples: np.ndarray, labels: np.ndarray, vot
     ``examples`` (n, D) and ``labels`` (n,) are the part's training examples (the vectors its
     model keeps) and labels; ``votes`` the labels the kept model votes for (from its float32
     scores)."""
-    x = np.asarray(x)
-    votes = np.asarray(votes, np.int64)
-    n_points, n = len(x), len(examples)
-    costs = np.full((n_points, num_classes), NEVER, np.uint16)
-    if n == 0:  # an empty part answers label 0 whatever the labels: no flip turns it
-        costs[np.arange(n_points), votes] = 0
-        return costs
-    labels = np.asarray(labels, np.int64)
-    _, inverse = _factor(examples, gamma, ridge)
-    beta = _kernel(x, examples, gamma) @ inverse  # (N, n); M is symmetric
-    scores = beta @ np.eye(num_classes)[labels]  # (N, L), the exact model's
-    tol = score_tolerance(x, examples, inverse, gamma=gamma, ridge=ridge)
+    part = kernel_part(examples, labels, gamma=gamma, ridge=ridge)
+    x64 = np.asarray(x, np.float64)
+    # the kept model's kernel uses gamma as it stores it, in float32
+    return _costs(_kernel(x64, part.examples, float(np.float32(gamma))), part, np.asarray(votes, np.int64),
+                  (x64 * x64).sum(1), num_classes=num_classes, gamma=gamma, ridge=ridge)
+
+
+def _costs(k: np.ndarray, part: KernelPart, votes: np.ndarray, x_sq: np.ndarray, *,
+           num_classes: int, gamma: float, ridge: float) -> np.ndarray:
+    """:func:`part_flip_costs` from the kernel k (N, n) between the inputs and the part."""
+    n_points, n = k.shape
     rows = np.arange(n_points)
-    # a rival reaches the vote in float32 only once the exact margin is within 2 tol
-    margin = scores[rows, votes][:, None] - scores - 2 * tol[:, None]
-    is_a = labels[None, :] == votes[:, None]  # (N, n)
-    # best gain per example against any b whose label the example does not carry
-    gain = np.where(is_a, np.maximum(2 * beta, 0.0), np.abs(beta))
-    towards_a = np.maximum(-2 * beta, 0.0)  # an example of label b flipped to a
-    for b in range(num_classes):
-        g = np.where((labels == b)[None, :], towards_a, gain)
-        g = -np.sort(-g, axis=1)  # largest gains first
-        reach = np.cumsum(g, axis=1)  # (N, n): the best margin closed by 1..n flips
-        short = (reach < margin[:, b:b + 1]).sum(axis=1)
-        cost = np.where(margin[:, b] <= 0, 1, short + 1)
-        costs[:, b] = np.where(short >= n, NEVER, cost).astype(np.uint16)
+    costs = np.full((n_points, num_classes), NEVER, np.uint16)
     costs[rows, votes] = 0
-    return costs
+    if n == 0:  # an empty part answers label 0 whatever the labels: no flip turns it
+        return costs
+    beta = k @ part.inverse  # (N, n); M^-1 is symmetric
+    scores = beta @ np.eye(num_classes)[part.labels]  # (N, L), the exact model's
+    tol = score_tolerance(k, part, x_sq, gamma=gamma, ridge=ridge)
+    # a rival reaches the vote in float32 only once the exact margin is within 2 tol
+    margin = scores[rows, votes][:, None] - scores - 2 * tol[:, None]  # (N, L)
+    is_a = part.labels[None, :] == votes[:, None]  # (N, n)
+    # each example's best gain against a rival b it is not labelled with, and (for an
+    # example of label b) flipped to a
+    gain = np.where(is_a, np.maximum(2 * beta, 0.0), np.abs(beta))
+    towards_a = np.maximum(-2 * beta, 0.0)
+    of_b = part.labels[None, None, :] == np.arange(num_classes)[None, :, None]  # (1, L, n)
+    g = np.where(of_b, towards_a[:, None, :], gain[:, None, :])  # (N, L, n)
+    reach = np.cumsum(-np.sort(-g, axis=2), axis=2)  # best margin closed by 1..n flips
+    short = (reach < margin[:, :, None]).sum(axis=2)  # (N, L)
+    cost = np.where(margin <= 0, 1, short + 1)
+    out = np.where(short >= n, NEVER, cost).astype(np.uint16)
+    out[rows, votes] = 0
+    return out
 
 
 def ensemble_flip_radius(costs: np.ndarray, part_votes: np.ndarray, num_classes: int,
@@ -148,10 +175,11 @@ def ensemble_flip_radius(costs: np.ndarray, part_votes: np.ndarray, num_classes:
 
     The prediction is the vote's top label (ties to the smaller label, as
     :func:`~dpcert.certification.baselines.dpa_radius`). For each rival b the attacker must
-    close the gap G = n_A - n_b + [b > A]: a part voting A gains up to 2 at cost c(A->b)
-    (gain 2) or c(A->c) (gain 1), priced per unit at min(c(A->b) / 2, min_c c(A->c)); a part
-    voting c != A, b gains 1 at c(c->b). The G cheapest units bound the attacker's flips from
-    below; the radius is one less than the smallest bound over b, capped at ``max_radius``.
+    close the gap G = n_A - n_b + [b > A]: a part voting A gains 2 at cost c(A->b) or 1 at
+    c(A->c), so its first unit costs f1 = min(c(A->b), min_c c(A->c)) and two cost
+    f2 = c(A->b) — priced on the lower convex hull (f1 and f2 - f1, or f2 / 2 each); a part
+    voting c != A, b gains 1 at c(c->b). The G cheapest units (the linear relaxation of
+    choosing one move per part) bound the attacker's flips from below; the radius is one less than the smallest bound over b, capped at ``max_radius``.
     Every part costs at least one flip per vote it moves, so this is never below DPA's
     counting certificate."""
     p, n_points, _ = costs.shape
@@ -184,10 +212,16 @@ def _radius_block(costs: np.ndarray, part_votes: np.ndarray, num_classes: int,
     for b in range(num_classes):
         gap = votes[rows, pred] - votes[:, b] + (b > pred)
         other = np.where(order[:, :, 0] == b, second, first)  # cheapest move to neither
-        price = np.where(on_a, np.minimum(c[:, :, b] / 2, other),
-                         np.where(v == b, np.inf, c[:, :, b]))
-        units = np.sort(np.concatenate([price, np.where(on_a, price, np.inf)], axis=1),
-                        axis=1)  # (N, 2P): a part leaving A for b moves the gap by 2
+        # a part voting A: one unit of gap costs f1 = min(c(A->b), other), two cost
+        # f2 = c(A->b); priced on the lower convex hull of (0, f1, f2), the LP relaxation
+        f2 = c[:, :, b]
+        f1 = np.minimum(f2, other)
+        convex = f2 - f1 >= f1
+        first_unit = np.where(convex, f1, f2 / 2)
+        second_unit = np.where(convex, f2 - f1, f2 / 2)
+        price = np.where(on_a, first_unit, np.where(v == b, np.inf, f2))
+        units = np.sort(np.concatenate([price, np.where(on_a, second_unit, np.inf)], axis=1),
+                        axis=1)  # (N, 2P)
         total = np.cumsum(units, axis=1)
         bound = total[rows, np.clip(gap - 1, 0, 2 * p - 1)]
         best = np.where(pred != b, np.minimum(best, bound), best)
@@ -197,23 +231,39 @@ def _radius_block(costs: np.ndarray, part_votes: np.ndarray, num_classes: int,
     return pred, radius.astype(np.int64)
 
 
-def dpa_kernel_radius(x: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]],
-                      part_votes: np.ndarray, *, num_classes: int, gamma: float, ridge: float,
-                      max_radius: int, block: int = 2000, tick=None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """DPA's white-box (prediction, label-flip radius) (N,) over kernel-ridge parts: each
-    part's (examples (n, D), labels (n,)) with its votes (P, N) on inputs x (N, D), in blocks
-    of ``block`` inputs (the costs of a block, P x block x L, are held at once). ``tick``,
-    if given, is called once per part and block (a progress bar's update)."""
+#: Example rows whose kernel with a block of inputs is computed in one matrix product.
+_ROWS_PER_PRODUCT = 2048
+
+
+def dpa_kernel_radius(x: np.ndarray, parts: list[KernelPart], part_votes: np.ndarray, *,
+                      num_classes: int, gamma: float, max_radius: int, ridge: float,
+                      block: int = 2000, tick=None) -> tuple[np.ndarray, np.ndarray]:
+    """DPA's white-box (prediction, label-flip radius) (N,) over kernel-ridge parts
+    (:func:`kernel_part`) with votes (P, N) on inputs x (N, D), in blocks of ``block``
+    inputs (the costs of a block, P x block x L, are held at once). The kernels of a block
+    with many parts come from one float64 matrix product. ``tick(parts_done)``, if given, is
+    called after each group of parts (a progress bar's update)."""
     preds, radii = [], []
+    groups = _groups([len(p.examples) for p in parts])
     for i in range(0, len(x), block):
-        xb = x[i:i + block]
+        xb = np.asarray(x[i:i + block], np.float64)
+        x_sq = (xb * xb).sum(1)
         costs = np.empty((len(parts), len(xb), num_classes), np.uint16)
-        for p, (examples, labels) in enumerate(parts):
-            costs[p] = part_flip_costs(xb, examples, labels, part_votes[p, i:i + block],
-                                       num_classes=num_classes, gamma=gamma, ridge=ridge)
+        for group in groups:
+            rows = [parts[p].examples for p in group]
+            cross = xb @ np.concatenate(rows).T if sum(map(len, rows)) else None
+            at = 0
+            for p in group:
+                part = parts[p]
+                n = len(part.examples)
+                d2 = x_sq[:, None] + part.sq[None, :] - 2 * cross[:, at:at + n] if n else \
+                    np.zeros((len(xb), 0))
+                at += n
+                k = np.exp(-gamma * np.maximum(d2, 0.0))
+                costs[p] = _costs(k, part, part_votes[p, i:i + block], x_sq,
+                                  num_classes=num_classes, gamma=gamma, ridge=ridge)
             if tick is not None:
-                tick()
+                tick(len(group))
         pred, radius = ensemble_flip_radius(costs, part_votes[:, i:i + block], num_classes,
                                             max_radius=max_radius)
         preds.append(pred)
@@ -221,3 +271,16 @@ def dpa_kernel_radius(x: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]],
     if not preds:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(preds), np.concatenate(radii)
+
+
+def _groups(sizes: list[int]) -> list[list[int]]:
+    """Consecutive parts in groups of at most :data:`_ROWS_PER_PRODUCT` example rows."""
+    groups: list[list[int]] = [[]]
+    rows = 0
+    for p, n in enumerate(sizes):
+        if groups[-1] and rows + n > _ROWS_PER_PRODUCT:
+            groups.append([])
+            rows = 0
+        groups[-1].append(p)
+        rows += n
+    return [g for g in groups if g]
