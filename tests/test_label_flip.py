@@ -109,8 +109,9 @@ def test_runs_write_and_ensembles_give_label_flip_certificates(tmp_path):
     x = load_digits().x_test
     assert (load_ensemble(tmp_path / "dp").certify(x, threat="label-flip").radius
             == flips[:, 2]).all()
+    # prototypes: counted flip for flip (kernel ridge's white-box: tests/test_kernel_flips.py)
     res = CliRunner().invoke(main, ["run", "--defence", "dpa", "--models", "20", "--learner",
-                                    "kernel-ridge", "--output", str(tmp_path / "dpa"),
+                                    "prototype", "--output", str(tmp_path / "dpa"),
                                     "--quiet"])
     assert res.exit_code == 0, res.output
     part = rows(tmp_path / "dpa" / "certificates_label_flip.csv")

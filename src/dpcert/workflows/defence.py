@@ -24,6 +24,7 @@ from pathlib import Path
 from dpcert.certification.aggregation import tally_votes
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_save_npy, atomic_write_text
+from dpcert.workflows import white_box
 from dpcert.workflows.compare import (
     BASELINES,
     BaselineConfig,
@@ -35,7 +36,6 @@ from dpcert.workflows.compare import (
     training_indices,
     vectors,
 )
-from dpcert.workflows import white_box
 from dpcert.workflows.run import LABEL_FLIP_CSV
 from dpcert.workflows.runconfig import RunConfig, load_run_data
 

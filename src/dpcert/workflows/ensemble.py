@@ -54,6 +54,7 @@ from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
 from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_write_text, load_tensors, tensors_digest
+from dpcert.workflows import white_box
 
 ENSEMBLE_FILE = "ensemble.json"
 #: A baseline folder's certification settings (eta, max_radius), beside its description.
@@ -399,6 +400,12 @@ class _ExportSource:
                                 "the file is damaged or altered, refusing to use it")
         return block
 
+    def read_each(self, start: int, stop: int) -> list[dict[str, np.ndarray]]:
+        """Models start..stop-1, each without the padding rows its stack added."""
+        block = self.read(start, stop)
+        rows = None if self.rows is None else self.rows[start:stop]
+        return [_instance(block, j, rows) for j in range(stop - start)]
+
     def digests(self) -> list[str]:
         return list(self.digests_)
 
@@ -461,6 +468,7 @@ class Ensemble:
         self._resident: list[dict] | None = None
         self._per_instance: int | None = None
         self._bounds: dict[AccountingSpec, GroupBounds] = {}
+        self._kernel_parts: list | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -662,16 +670,22 @@ class Ensemble:
 
         pred = self.predict(x, keep_scores=True, progress=progress)
         return self.certify_prediction(pred, eta=eta, max_radius=max_radius, method=method,
-                                       threat=threat), pred
+                                       threat=threat, inputs=x, progress=progress), pred
 
     def certify_prediction(self, pred: Prediction, *, eta: float | None = None,
                            max_radius: int | None = None, method: str | None = None,
-                           threat: str = "poisoning") -> Certificates:
+                           threat: str = "poisoning", inputs: np.ndarray | None = None,
+                           progress: bool = False) -> Certificates:
         """A baseline defence's certificate from a :class:`Prediction` that kept its scores
         (another threat or aggregation of the same outputs, without running the models
-        again)."""
+        again). ``inputs``: the inputs the prediction was made on; with them, DPA over kernel
+        ridge certifies label flips white-box (:mod:`dpcert.workflows.white_box`), without
+        them by counting votes (sound, and smaller)."""
         if pred.scores is None:
             raise UserError("this prediction kept no scores (predict(..., keep_scores=True))")
+        if (threat == "label-flip" and inputs is not None and method is None
+                and white_box.applies(self.info.defence, self.info.model)):
+            return self._white_box_flips(pred, inputs, max_radius, progress)
         params = self.info.defence_params
         return baseline_certificate(method or self.info.defence, pred.scores,
                                     spread=int(params.get("spread", 1)),
@@ -680,6 +694,51 @@ class Ensemble:
                                     eta=self.info.eta if eta is None else eta,
                                     max_radius=self.info.max_radius if max_radius is None
                                     else max_radius, threat=threat)
+
+    def _white_box_flips(self, pred: Prediction, inputs: np.ndarray, max_radius: int | None,
+                         progress: bool) -> Certificates:
+        gamma, ridge = self._kernel_setting()
+        return white_box.certificate(self.kernel_parts(), self.model_input(inputs),
+                                     pred.scores, gamma=gamma, ridge=ridge,
+                                     max_radius=self.info.max_radius if max_radius is None
+                                     else max_radius, progress=progress)
+
+    def _kernel_setting(self) -> tuple[float, float]:
+        """The kernel width and ridge the record says the kernel-ridge parts were fitted
+        with."""
+        training = self.info.training or {}
+        gamma, ridge = training.get("gamma"), training.get("ridge")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                   for v in (gamma, ridge)):
+            raise UserError(f"{self.origin}: the record names no kernel width and ridge of its "
+                            "kernel-ridge models; damaged or altered")
+        return float(gamma), float(ridge)
+
+    def kernel_parts(self) -> list:
+        """Every kernel-ridge part's system, from its kept model (its labels recovered from
+        its coefficients), built once: what the white-box label-flip certificate reads."""
+        gamma, ridge = self._kernel_setting()
+        with self._lock:
+            if self._kernel_parts is None:
+                self._kernel_parts = white_box.parts_from_models(self._each_model(gamma),
+                                                                 gamma=gamma, ridge=ridge)
+            return self._kernel_parts
+
+    def _each_model(self, gamma: float) -> Iterator[dict[str, np.ndarray]]:
+        """Every model's parameters with its own rows, checked like a block of them, and
+        fitted at the record's kernel width."""
+        from dpcert.learning.inference import stack_params
+
+        k, p = self._block_size(), self.info.instances
+        for start in range(0, p, k):
+            models = self._source.read_each(start, min(p, start + k))
+            self._check_weights(stack_params(models), start)
+            for j, params in enumerate(models):
+                if params["gamma"][0] != np.float32(gamma):
+                    raise UserError(f"{self.origin}: model {start + j} has kernel width "
+                                    f"{params['gamma'][0]:g}, the record {gamma:g}; damaged "
+                                    "or altered")
+                yield params
 
     def certify_roe(self, x: np.ndarray, *, max_radius: int | None = None) -> Certificates:
         """Run-off Election over a DPA or Finite Aggregation ensemble's models (the same
