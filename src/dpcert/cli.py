@@ -7,12 +7,14 @@ and exit status 2, with no traceback and no partial output file.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
 from dpcert.certification.accounting import ACCOUNTINGS, GROUPS, AccountingSpec
+from dpcert.certification.aggregation import dp_label_flips
 from dpcert.certification.bounds import check_unit_interval, check_vote_counts
 from dpcert.certification.certify import (
     INFERENCES,
@@ -99,7 +101,8 @@ def resolve_mechanism(mechanism: Path | None, sample_rate: float | None,
     return MechanismRecord(**given)
 
 
-def accuracy_report(cert: Certificates, labels: np.ndarray, radii=REPORT_RADII) -> str:
+def accuracy_report(cert: Certificates, labels: np.ndarray, radii=REPORT_RADII,
+                    threat: str = "poisoning") -> str:
     summary = radius_summary(cert, labels)
     shown = [r for r in radii if r <= max(summary["max_radius"], 0) or r <= 2]
     ca = certified_accuracy(cert, labels, np.array(shown))
@@ -109,7 +112,8 @@ def accuracy_report(cert: Certificates, labels: np.ndarray, radii=REPORT_RADII) 
     lines.append(f"median certified radius: {summary['median_radius']:g}   "
                  f"max certified radius: {summary['max_radius']}")
     lines.append("(radius = inserted + deleted training examples; a modification counts 2; "
-                 "-1 for wrong or abstained points)")
+                 "-1 for wrong or abstained points)" if threat == "poisoning" else
+                 "(radius = flipped training labels; -1 for wrong or abstained points)")
     return "\n".join(lines)
 
 
@@ -169,32 +173,74 @@ def main() -> None:
 @click.option("--num-classes", type=click.IntRange(2), help="FA --per-model: number of labels L.")
 @click.option("--shifts", help="FA --per-model, fa-roe: the d comma-separated spreading "
                                "shifts (default: those of the reference implementation).")
+@click.option("--threat", type=click.Choice(["poisoning", "label-flip"]), default="poisoning",
+              show_default=True,
+              help="What the radius counts: inserted + deleted training examples (a "
+                   "modification counts 2), or flipped training labels.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the table cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def certify_cmd(input_path: Path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
-                mechanism, inference, accounting, group, eta, bound, max_radius, resolution,
-                workers, paper_delta, output, labels, cache_dir, no_cache, quiet, method,
-                train_size, subsample_size, spread, per_model, num_classes, shifts) -> None:
+def certify_cmd(**options) -> None:
     """Certify every test point of INPUT.npy (votes or scores) and write OUT.csv."""
 
     def action() -> None:
-        _check_method_flags(method)
-        if per_model and method != "fa":
+        opts = CertifyOptions(**options)
+        _check_method_flags(opts.method)
+        if opts.per_model and opts.method != "fa":
             raise UserError("--per-model applies to --method fa only")
-        if per_model:
-            _certify_fa(input_path, spread, num_classes, shifts, max_radius, output, labels)
-        elif method in ("roe", "fa-roe"):
-            _certify_roe(input_path, max_radius, output, labels, method, spread, shifts)
-        elif method != "dp":
-            _certify_baseline(input_path, method, eta, max_radius, output, labels, train_size,
-                              subsample_size, spread)
+        if not 0.0 < opts.eta < 1.0:
+            raise UserError(f"--eta must lie in (0, 1), got {opts.eta}")
+        _check_output(opts.output)
+        if opts.per_model:
+            cert, n_points = _certify_fa(opts)
+        elif opts.method in ("roe", "fa-roe"):
+            cert, n_points = _certify_roe(opts)
+        elif opts.method != "dp":
+            cert, n_points = _certify_baseline(opts)
         else:
-            _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size,
-                     subset_size, mechanism, inference, accounting, group, eta, bound,
-                     max_radius, paper_delta, output, labels, cache_dir, no_cache, quiet,
-                     resolution, workers)
+            cert, n_points = _certify(opts)
+        if opts.threat == "label-flip" and opts.method == "dp":
+            cert = dp_label_flips(cert)
+        _write_results(cert, _load_labels(opts.labels, n_points), opts.output, opts.threat)
 
     _run_user(action)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertifyOptions:
+    """Everything ``dpcert certify`` was asked (its options by name): what to read, which
+    defence's certificate, the DP certificate's settings, the baselines' structure."""
+
+    input_path: Path
+    output: Path
+    labels: Path | None
+    method: str
+    threat: str
+    eta: float
+    max_radius: int
+    quiet: bool
+    # the DP ensemble's mechanism and certificate
+    sample_rate: float | None
+    noise_multiplier: float | None
+    steps: int | None
+    dataset_size: int | None
+    subset_size: int | None
+    mechanism: Path | None
+    inference: str
+    accounting: str
+    group: str
+    bound: str | None
+    paper_delta: float
+    resolution: int
+    workers: int | None
+    cache_dir: Path | None
+    no_cache: bool
+    # the baselines' structure
+    train_size: int | None
+    subsample_size: int | None
+    spread: int | None
+    per_model: bool
+    num_classes: int | None
+    shifts: str | None
 
 
 #: Options of ``certify`` that only one kind of defence reads.
@@ -224,27 +270,24 @@ def _check_method_flags(method: str) -> None:
                             f"{' / '.join(methods)} only, not {method}")
 
 
-def _certify(input_path, sample_rate, noise_multiplier, steps, dataset_size, subset_size,
-             mechanism, inference, accounting, group, eta, bound, max_radius, paper_delta,
-             output, labels_path, cache_dir, no_cache, quiet, resolution=256,
-             workers=None) -> None:
-    if not 0.0 < eta < 1.0:
-        raise UserError(f"--eta must lie in (0, 1), got {eta}")
-    record = resolve_mechanism(mechanism, sample_rate, noise_multiplier, steps, dataset_size,
-                               subset_size)
-    spec = AccountingSpec(accounting=accounting, group=group, max_radius=max_radius,
-                          paper_delta=paper_delta, resolution=resolution)
-    _check_output(output)
-    outputs = validate_outputs(load_array(input_path, "input"), inference)
-    n_points = outputs.shape[0] if inference == "multinomial" else outputs.shape[1]
-    labels = _load_labels(labels_path, n_points)
-    if group == "paper":
+def _certify(opts: CertifyOptions) -> tuple[Certificates, int]:
+    """The DP ensemble's certificate from its votes or scores, and the number of points."""
+    record = resolve_mechanism(opts.mechanism, opts.sample_rate, opts.noise_multiplier,
+                               opts.steps, opts.dataset_size, opts.subset_size)
+    spec = AccountingSpec(accounting=opts.accounting, group=opts.group,
+                          max_radius=opts.max_radius, paper_delta=opts.paper_delta,
+                          resolution=opts.resolution)
+    outputs = validate_outputs(load_array(opts.input_path, "input"), opts.inference)
+    n_points = outputs.shape[0] if opts.inference == "multinomial" else outputs.shape[1]
+    _load_labels(opts.labels, n_points)  # refused before any table is built
+    if opts.group == "paper":
         click.echo("warning: --group paper reproduces the published group privacy, which is "
                    "NOT a valid certificate (docs/method.md, section 2)", err=True)
-    cache = None if no_cache else (cache_dir or "default")
-    cert = certify(outputs, record, inference=inference, eta=eta, bound=bound, spec=spec,
-                   cache_dir=cache, progress=not quiet and sys.stderr.isatty(), workers=workers)
-    _write_results(cert, labels, output)
+    cache = None if opts.no_cache else (opts.cache_dir or "default")
+    cert = certify(outputs, record, inference=opts.inference, eta=opts.eta, bound=opts.bound,
+                   spec=spec, cache_dir=cache, progress=not opts.quiet and sys.stderr.isatty(),
+                   workers=opts.workers)
+    return cert, n_points
 
 
 def _check_output(output: Path) -> None:
@@ -264,32 +307,37 @@ def _load_labels(labels_path: Path | None, n_points: int) -> np.ndarray | None:
     return labels
 
 
-def _write_results(cert: Certificates, labels: np.ndarray | None, output: Path) -> None:
+def _write_results(cert: Certificates, labels: np.ndarray | None, output: Path,
+                   threat: str = "poisoning") -> None:
     atomic_write_text(output, certificates_csv(cert, labels))
     certified = int(np.sum(cert.radius >= 0))
     click.echo(f"wrote {output}: {len(cert)} points, {certified} certified at r >= 0, "
                f"max radius {int(cert.radius.max())}")
     if labels is not None:
-        click.echo(accuracy_report(cert, labels))
+        click.echo(accuracy_report(cert, labels, threat=threat))
 
 
-def _certify_fa(input_path, spread, num_classes, shifts, max_radius, output,
-                labels_path) -> None:
+def _certify_fa(opts: CertifyOptions) -> tuple[Certificates, int]:
     """Full Finite Aggregation certificate from every model's label (N, k*d)."""
     from dpcert.certification import baselines
 
-    if spread is None or num_classes is None:
+    if opts.spread is None or opts.num_classes is None:
         raise UserError("--method fa --per-model needs --spread D and --num-classes L")
-    _check_output(output)
-    preds = load_array(input_path, "input")
+    preds = load_array(opts.input_path, "input")
     if preds.ndim != 2 or preds.size == 0 or not np.issubdtype(preds.dtype, np.integer):
         raise UserError(f"--per-model input must be integer labels of shape (N, k*d), got "
                         f"{preds.dtype} {preds.shape}")
-    shift_arr = _parse_shifts(shifts, preds.shape[1])
-    labels = _load_labels(labels_path, preds.shape[0])
-    pred, radius = baselines.fa_certificate(preds, num_classes, spread, shift_arr)
+    shift_arr = _parse_shifts(opts.shifts, preds.shape[1])
+    pred, radius = baselines.fa_certificate(preds, opts.num_classes, opts.spread, shift_arr)
+    return _counted(pred, radius, opts.max_radius), len(pred)
+
+
+def _counted(pred: np.ndarray, radius: np.ndarray, max_radius: int) -> Certificates:
+    """A baseline's certificate (no confidence bounds), capped at ``max_radius``. The same
+    against label flips: its parts hash inputs alone, so a flip reaches the models its
+    insertion would."""
     nan = np.full(len(pred), np.nan)
-    _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
+    return Certificates(pred, np.minimum(radius, max_radius), nan, nan)
 
 
 def _parse_shifts(shifts: str | None, models: int) -> np.ndarray | None:
@@ -305,50 +353,41 @@ def _parse_shifts(shifts: str | None, models: int) -> np.ndarray | None:
     return shift_arr
 
 
-def _certify_roe(input_path, max_radius, output, labels_path, method="roe", spread=None,
-                 shifts=None) -> None:
+def _certify_roe(opts: CertifyOptions) -> tuple[Certificates, int]:
     """Run-off Election certificate from every partition model's scores (k, N, L), over
     DPA's partition (roe) or Finite Aggregation's spread buckets (fa-roe, k*d models)."""
     from dpcert.certification import baselines
 
-    if method == "fa-roe" and spread is None:
+    if opts.method == "fa-roe" and opts.spread is None:
         raise UserError("--method fa-roe needs --spread D")
-    _check_output(output)
-    scores = validate_outputs(load_array(input_path, "input"), "scores")
-    labels = _load_labels(labels_path, scores.shape[1])
-    if method == "fa-roe":
-        shift_arr = _parse_shifts(shifts, scores.shape[0])
-        pred, radius = baselines.fa_roe_certificate(scores, spread, shift_arr)
+    scores = validate_outputs(load_array(opts.input_path, "input"), "scores")
+    if opts.method == "fa-roe":
+        shift_arr = _parse_shifts(opts.shifts, scores.shape[0])
+        pred, radius = baselines.fa_roe_certificate(scores, opts.spread, shift_arr)
     else:
         pred, radius = baselines.roe_certificate(scores)
-    nan = np.full(len(pred), np.nan)
-    _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
+    return _counted(pred, radius, opts.max_radius), scores.shape[1]
 
 
-def _certify_baseline(input_path, method, eta, max_radius, output, labels_path, train_size,
-                      subsample_size, spread) -> None:
+def _certify_baseline(opts: CertifyOptions) -> tuple[Certificates, int]:
     """DPA, Finite Aggregation (count-only) or Bagging certificates from vote counts."""
     from dpcert.certification import baselines
 
-    if not 0.0 < eta < 1.0:
-        raise UserError(f"--eta must lie in (0, 1), got {eta}")
-    _check_output(output)
-    counts = validate_outputs(load_array(input_path, "input"), "multinomial")
-    labels = _load_labels(labels_path, counts.shape[0])
-    if method == "dpa":
+    counts = validate_outputs(load_array(opts.input_path, "input"), "multinomial")
+    if opts.method == "dpa":
         pred, radius = baselines.dpa_radius(counts)
-    elif method == "fa":
-        if spread is None:
+    elif opts.method == "fa":
+        if opts.spread is None:
             raise UserError("--method fa needs --spread D")
-        pred, radius = baselines.fa_radius(counts, spread)
+        pred, radius = baselines.fa_radius(counts, opts.spread)
     else:
-        if train_size is None or subsample_size is None:
+        if opts.train_size is None or opts.subsample_size is None:
             raise UserError("--method bagging needs --train-size N and --subsample-size K")
-        pred, radius = baselines.bagging_radius(counts, train_size=train_size,
-                                                subsample_size=subsample_size, eta=eta,
-                                                max_radius=max_radius)
-    nan = np.full(len(pred), np.nan)
-    _write_results(Certificates(pred, np.minimum(radius, max_radius), nan, nan), labels, output)
+        pred, radius = baselines.bagging_radius(counts, train_size=opts.train_size,
+                                                subsample_size=opts.subsample_size,
+                                                eta=opts.eta, max_radius=opts.max_radius,
+                                                label_flips=opts.threat == "label-flip")
+    return _counted(pred, radius, opts.max_radius), len(counts)
 
 
 @main.command("run")

@@ -216,9 +216,10 @@ def _radius_block(costs: np.ndarray, part_votes: np.ndarray, num_classes: int,
         # f2 = c(A->b); priced on the lower convex hull of (0, f1, f2), the LP relaxation
         f2 = c[:, :, b]
         f1 = np.minimum(f2, other)
-        convex = f2 - f1 >= f1
+        with np.errstate(invalid="ignore"):  # inf - inf where the part cannot move: f2 / 2
+            convex = f2 - f1 >= f1
+            second_unit = np.where(convex, f2 - f1, f2 / 2)
         first_unit = np.where(convex, f1, f2 / 2)
-        second_unit = np.where(convex, f2 - f1, f2 / 2)
         price = np.where(on_a, first_unit, np.where(v == b, np.inf, f2))
         units = np.sort(np.concatenate([price, np.where(on_a, second_unit, np.inf)], axis=1),
                         axis=1)  # (N, 2P)
@@ -250,14 +251,12 @@ def dpa_kernel_radius(x: np.ndarray, parts: list[KernelPart], part_votes: np.nda
         x_sq = (xb * xb).sum(1)
         costs = np.empty((len(parts), len(xb), num_classes), np.uint16)
         for group in groups:
-            rows = [parts[p].examples for p in group]
-            cross = xb @ np.concatenate(rows).T if sum(map(len, rows)) else None
+            cross = xb @ np.concatenate([parts[p].examples for p in group]).T
             at = 0
             for p in group:
                 part = parts[p]
                 n = len(part.examples)
-                d2 = x_sq[:, None] + part.sq[None, :] - 2 * cross[:, at:at + n] if n else \
-                    np.zeros((len(xb), 0))
+                d2 = x_sq[:, None] + part.sq[None, :] - 2 * cross[:, at:at + n]
                 at += n
                 k = np.exp(-gamma * np.maximum(d2, 0.0))
                 costs[p] = _costs(k, part, part_votes[p, i:i + block], x_sq,
