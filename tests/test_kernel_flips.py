@@ -195,3 +195,27 @@ def test_a_kernel_ridge_dpa_run_certifies_label_flips_white_box(tmp_path):
     assert res.exit_code == 0, res.output
     rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     assert [int(r[3]) for r in rows] == flips[:40, 2].tolist()
+
+
+def test_compare_against_label_flips_uses_the_white_box_certificate(tmp_path):
+    """`dpcert compare --threat label-flip` writes compare_label_flip.md, and its DPA
+    kernel-ridge setting carries the same label-flip certificates as the same setting trained
+    by `dpcert run --defence dpa`."""
+    from click.testing import CliRunner
+
+    from dpcert.cli import main
+
+    (tmp_path / "c.yaml").write_text(
+        "methods: [dpa]\ndpa:\n  - {models: 20, learner: kernel-ridge, gamma: 0.05, ridge: 1.0}\n")
+    res = CliRunner().invoke(main, ["compare", str(tmp_path / "c.yaml"), "--output",
+                                    str(tmp_path / "cmp"), "--threat", "label-flip", "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "cmp" / "compare_label_flip.md").read_text()
+    assert "flipped training labels" in report and "white-box" in report
+    res = CliRunner().invoke(main, ["run", "--defence", "dpa", "--models", "20", "--learner",
+                                    "kernel-ridge", "--gamma", "0.05", "--ridge", "1",
+                                    "--output", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    folder = tmp_path / "cmp" / "dpa_k20_learnerkernel-ridge_gamma0.05_ridge1.0"
+    assert (folder / "certificates_label_flip.csv").read_text() == \
+        (tmp_path / "run" / "certificates_label_flip.csv").read_text()

@@ -127,3 +127,39 @@ def test_runs_write_and_ensembles_give_label_flip_certificates(tmp_path):
     ens = load_ensemble(tmp_path / "dpa")  # one prediction, both threats
     pred = ens.predict(x[:15], keep_scores=True)
     assert (ens.certify_prediction(pred, threat="label-flip").radius == part[:15, 2]).all()
+
+
+def test_certify_command_counts_label_flips(tmp_path):
+    """`dpcert certify --threat label-flip`: the DP certificate halved (a flip is a group of
+    2), DPA's unchanged, Bagging's from its own flip threshold; the report says what the
+    radius counts."""
+    from click.testing import CliRunner
+
+    from dpcert.cli import main
+
+    rng = np.random.default_rng(0)
+    votes = np.zeros((30, 3), np.int64)
+    votes[:, 0] = rng.integers(60, 100, 30)
+    votes[:, 1] = 100 - votes[:, 0]
+    np.save(tmp_path / "v.npy", votes)
+    np.save(tmp_path / "y.npy", np.zeros(30, np.int64))
+
+    def radii(*args):
+        out = tmp_path / "c.csv"
+        res = CliRunner().invoke(main, ["certify", str(tmp_path / "v.npy"), "--output", str(out),
+                                        "--labels", str(tmp_path / "y.npy"), "--quiet", *args])
+        assert res.exit_code == 0, res.output
+        return np.loadtxt(out, delimiter=",", skiprows=1, dtype=np.int64)[:, 2], res.output
+
+    dp = ["--sample-rate", "0.01", "--noise-multiplier", "2", "--steps", "100",
+          "--max-radius", "50", "--no-cache"]
+    ins, _ = radii(*dp)
+    flips, text = radii(*dp, "--threat", "label-flip")
+    np.testing.assert_array_equal(flips, np.where(ins >= 0, ins // 2, ins))
+    assert "flipped training labels" in text and ins.max() >= 2
+    dpa, _ = radii("--method", "dpa")
+    np.testing.assert_array_equal(radii("--method", "dpa", "--threat", "label-flip")[0], dpa)
+    bag = ["--method", "bagging", "--train-size", "1000", "--subsample-size", "20"]
+    want = baselines.bagging_radius(votes, train_size=1000, subsample_size=20, eta=1e-3,
+                                    max_radius=1000, label_flips=True)[1]
+    np.testing.assert_array_equal(radii(*bag, "--threat", "label-flip")[0], want)

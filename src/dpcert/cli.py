@@ -570,8 +570,12 @@ def _echo_digest(run_dir: Path) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]),
               help="Train every model (DP instances and baselines) here [default: the "
                    "config's dp.device, else cpu].")
+@click.option("--threat", type=click.Choice(["poisoning", "label-flip"]),
+              help="What the radii count: inserted + deleted training examples, or flipped "
+                   "training labels (reports compare_label_flip.md) [default: the config's "
+                   "threat, else poisoning].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compare_cmd(config, output, device, quiet) -> None:
+def compare_cmd(config, output, device, threat, quiet) -> None:
     """Train and certify the defences of CONFIG on the same data; one report.
 
     Defences: dp (this project's DP ensemble), dpa (Deep Partition Aggregation), fa (Finite
@@ -589,12 +593,16 @@ def compare_cmd(config, output, device, quiet) -> None:
         if device is not None:
             dp = values.get("dp", {})
             values["dp"] = {**(dp if isinstance(dp, dict) else {}), "device": device}
+        if threat is not None:
+            values["threat"] = threat
         cfg = CompareConfig.from_mapping(values)
         check_device(cfg.dp.get("device") if isinstance(cfg.dp, dict) else None)
         out = output or Path("runs") / f"compare-{Path(config).stem}"
         click.echo(compare(cfg, out, progress=not quiet))
-        extra = ", tuning.md" if cfg.validation else ""
-        click.echo(f"comparison directory: {out} (compare.md, compare.png{extra})")
+        suffix = "" if cfg.threat == "poisoning" else "_label_flip"
+        extra = f", tuning{suffix}.md" if cfg.validation else ""
+        click.echo(f"comparison directory: {out} (compare{suffix}.md, compare{suffix}.png"
+                   f"{extra})")
 
     _run_user(action)
 

@@ -135,8 +135,9 @@ def part_flip_costs(x: np.ndarray, examples: np.ndarray, labels: np.ndarray, vot
     part = kernel_part(examples, labels, gamma=gamma, ridge=ridge)
     x64 = np.asarray(x, np.float64)
     # the kept model's kernel uses gamma as it stores it, in float32
-    return _costs(_kernel(x64, part.examples, float(np.float32(gamma))), part, np.asarray(votes, np.int64),
-                  (x64 * x64).sum(1), num_classes=num_classes, gamma=gamma, ridge=ridge)
+    k = _kernel(x64, part.examples, float(np.float32(gamma)))
+    return _costs(k, part, np.asarray(votes, np.int64), (x64 * x64).sum(1),
+                  num_classes=num_classes, gamma=gamma, ridge=ridge)
 
 
 def _costs(k: np.ndarray, part: KernelPart, votes: np.ndarray, x_sq: np.ndarray, *,
@@ -179,9 +180,9 @@ def ensemble_flip_radius(costs: np.ndarray, part_votes: np.ndarray, num_classes:
     c(A->c), so its first unit costs f1 = min(c(A->b), min_c c(A->c)) and two cost
     f2 = c(A->b) — priced on the lower convex hull (f1 and f2 - f1, or f2 / 2 each); a part
     voting c != A, b gains 1 at c(c->b). The G cheapest units (the linear relaxation of
-    choosing one move per part) bound the attacker's flips from below; the radius is one less than the smallest bound over b, capped at ``max_radius``.
-    Every part costs at least one flip per vote it moves, so this is never below DPA's
-    counting certificate."""
+    choosing one move per part) bound the attacker's flips from below; the radius is one
+    less than the smallest bound over b, capped at ``max_radius``. Every part costs at least
+    one flip per vote it moves, so this is never below DPA's counting certificate."""
     p, n_points, _ = costs.shape
     step = max(1, (1 << 22) // max(1, p * num_classes))
     out = [_radius_block(costs[:, i:i + step], np.asarray(part_votes)[:, i:i + step],

@@ -43,11 +43,13 @@ from dpcert.certification.aggregation import (
     BASELINES,
     RUNOFF,
     baseline_certificate,
+    check_threat,
     deterministic_certificates,
 )
 from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
+from dpcert.workflows import white_box
 from dpcert.workflows.dispatch import Trained, ray_map, worker_pool, write_trained
 from dpcert.workflows.ensemble import (
     CERTIFICATION_FILE,
@@ -58,7 +60,7 @@ from dpcert.workflows.ensemble import (
     read_info,
     write_info,
 )
-from dpcert.workflows.run import METHODS, run, stored_config
+from dpcert.workflows.run import LABEL_FLIP_CSV, METHODS, run, stored_config
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit
 
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
@@ -181,7 +183,7 @@ def trained_as(kind: str) -> str:
 
 
 _KEYS = {"dp", "dp_grid", *BASELINES, "methods", "calibrate", "dp_run", "validation",
-         "tune_radius"}
+         "tune_radius", "threat"}
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class CompareConfig:
     dp_grid: tuple[dict, ...] = ()
     validation: int = 0
     tune_radius: int | None = None
+    threat: str = "poisoning"  # what the radii count: THREATS
 
     @classmethod
     def from_mapping(cls, data: dict) -> CompareConfig:
@@ -260,8 +263,10 @@ class CompareConfig:
         if validation and (calibrate or dp_run is not None):
             raise UserError("the tuning protocol (validation) chooses settings itself: drop "
                             "calibrate and dp_run")
+        threat = data.get("threat", "poisoning")
+        check_threat(threat)
         return cls(dp, settings, methods, calibrate, dp_run, tuple(grid), validation,
-                   tune_radius)
+                   tune_radius, threat)
 
     def dp_settings(self) -> list[tuple[str, str, dict]]:
         """(name, folder, run options) of every DP setting: ``dp`` alone, or ``dp`` under each
@@ -607,6 +612,21 @@ def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train:
                                 max_radius=run_cfg.max_radius, threat=threat)
 
 
+def certify_setting(kind: str, bc: BaselineConfig, scores: np.ndarray, data, run_cfg: RunConfig,
+                    *, threat: str = "poisoning", progress: bool = False) -> Certificates:
+    """A baseline setting's certificates against ``threat`` from its models' scores (M, N, L)
+    on ``data``'s evaluation set: against label flips, DPA over kernel ridge prices each part
+    by its own labels (:mod:`dpcert.workflows.white_box`), the rest count votes."""
+    if threat == "label-flip" and white_box.applies(kind, learner_model(bc, run_cfg.model)):
+        parts = white_box.parts_from_training(vectors(data.x_train), data.y_train,
+                                              training_indices(kind, bc, data.x_train),
+                                              gamma=bc.gamma, ridge=bc.ridge)
+        return white_box.certificate(parts, vectors(data.x_test), scores, gamma=bc.gamma,
+                                     ridge=bc.ridge, max_radius=run_cfg.max_radius,
+                                     progress=progress)
+    return certify_baseline(kind, bc, scores, len(data.y_train), run_cfg, threat=threat)
+
+
 def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     if cfg.validation:
         return compare_tuned(cfg, out, progress)
@@ -617,8 +637,9 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     if "dp" in cfg.methods:
         for name, folder, options in cfg.dp_settings():
             dp_dir = Path(cfg.dp_run) if cfg.dp_run else out / folder
-            results[name] = _dp_certificates(RunConfig.from_mapping(options), dp_dir, progress)
-            if not cfg.dp_grid:
+            results[name] = _dp_certificates(RunConfig.from_mapping(options), dp_dir, progress,
+                                             cfg.threat)
+            if not cfg.dp_grid and cfg.threat == "poisoning":
                 curves["baseline-DP (Ma et al., CA lower bound)"] = _ma_curve(dp_dir,
                                                                               run_cfg.eta)
     per_kind: dict[str, dict[str, Certificates]] = {}
@@ -626,8 +647,8 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     cands = setting_candidates(cfg)
     for kind, name, folder, bc in cands:
         if kind != "dp":
-            per_kind.setdefault(kind, {})[name] = evaluate_setting(kind, bc, run_cfg, out / folder,
-                                                            progress, last)
+            per_kind.setdefault(kind, {})[name] = evaluate_setting(
+                kind, bc, run_cfg, out / folder, progress, last, threat=cfg.threat)
     last.clear()
     calibration: list[tuple[str, float, bool]] = []
     for kind in BASELINES:
@@ -642,16 +663,18 @@ def compare(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
         results.update(certs)
     used = {folder for _, _, folder, _ in cands}
     return _report(results, labels, out, run_cfg, curves, calibration,
-                   unused=unused_folders(out, used))
+                   unused=unused_folders(out, used), threat=cfg.threat)
 
 
-def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool) -> Certificates:
-    """The DP ensemble's default certificates (PLD, sound, votes), training what is missing
-    (a finished run is only re-certified). Only that certificate is computed: the paper's
-    modes at large radii take minutes, and ``dpcert run`` on the folder adds every method."""
+def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool,
+                     threat: str = "poisoning") -> Certificates:
+    """The DP ensemble's default certificates (PLD, sound, votes) against ``threat``,
+    training what is missing (a finished run is only re-certified). Only that certificate is
+    computed: the paper's modes at large radii take minutes, and ``dpcert run`` on the folder
+    adds every method."""
     run(run_cfg, run_dir, progress, methods=METHODS[:1])
-    rows = np.loadtxt(run_dir / "certificates.csv", delimiter=",", skiprows=1, dtype=np.int64,
-                      ndmin=2)
+    name = "certificates.csv" if threat == "poisoning" else LABEL_FLIP_CSV
+    rows = np.loadtxt(run_dir / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return deterministic_certificates(rows[:, 1], rows[:, 2])
 
 
@@ -670,7 +693,7 @@ def setting_candidates(cfg: CompareConfig) -> list[tuple[str, str, str, object]]
 
 
 def evaluate_setting(kind: str, setting, run_cfg: RunConfig, folder: Path, progress: bool,
-              last: dict | None = None) -> Certificates:
+                     last: dict | None = None, *, threat: str = "poisoning") -> Certificates:
     """Certificates of one setting of one defence on ``run_cfg``'s evaluation set (the test
     set, or the held-out training examples when ``run_cfg.validation`` is set). ``last``
     keeps the scores of the folder read last, reused when the next setting shares it (a
@@ -678,7 +701,7 @@ def evaluate_setting(kind: str, setting, run_cfg: RunConfig, folder: Path, progr
     if kind == "dp":
         return _dp_certificates(RunConfig.from_mapping({**asdict(run_cfg), **setting,
                                                         "validation": run_cfg.validation}),
-                                folder, progress)
+                                folder, progress, threat)
     data = load_run_data(run_cfg)
     if last is not None and last.get("folder") == folder:
         scores = last["scores"]
@@ -688,8 +711,11 @@ def evaluate_setting(kind: str, setting, run_cfg: RunConfig, folder: Path, progr
         scores = train_models(kind, setting, run_cfg, data.x_train, folder, progress)
         if last is not None:
             last.update(folder=folder, scores=scores)
-    cert = certify_baseline(kind, setting, scores, len(data.y_train), run_cfg)
+    cert = certify_setting(kind, setting, scores, data, run_cfg, threat=threat,
+                           progress=progress)
     name = f"certificates_{kind}.csv" if kind in RUNOFF else "certificates.csv"
+    if threat != "poisoning":
+        name = name.replace(".csv", "_label_flip.csv")
     from dpcert.certification.certify import certificates_csv
 
     atomic_write_text(folder / name, certificates_csv(cert, data.y_test))
@@ -753,7 +779,8 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     val_certs: dict[str, Certificates] = {}
     last: dict = {}
     for kind, name, folder, setting in cands:
-        cert = evaluate_setting(kind, setting, val_cfg, out / "validation" / folder, progress, last)
+        cert = evaluate_setting(kind, setting, val_cfg, out / "validation" / folder, progress,
+                                last, threat=cfg.threat)
         val_certs[name] = cert
         val.setdefault(kind, {})[name] = certified_accuracy(cert, val_labels, radii)
     last.clear()
@@ -768,7 +795,8 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     for kind, name, folder, setting in cands:
         if name not in needed:
             continue
-        cert = evaluate_setting(kind, setting, base, out / folder, progress, last)
+        cert = evaluate_setting(kind, setting, base, out / folder, progress, last,
+                                threat=cfg.threat)
         test_curves[name] = certified_accuracy(cert, labels, np.arange(base.max_radius + 1))
         if name == choices[kind].best:
             results[name] = cert
@@ -780,7 +808,7 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
     if len(choices) > 1:
         curves["envelope of all defences"] = envelope(overall.per_radius, test_curves)
     tuning = _tuning_report(cfg, val, val_certs, val_labels, choices, overall, top)
-    atomic_write_text(out / "tuning.md", tuning)
+    atomic_write_text(out / _threat_name("tuning.md", cfg.threat), tuning)
     protocol = [
         f"Protocol: every setting was trained on the first {len(val_data.y_train)}"
         f" training examples and certified on the last {cfg.validation} (validation); each "
@@ -788,11 +816,11 @@ def compare_tuned(cfg: CompareConfig, out: Path, progress: bool = True) -> str:
         f"0..{top}, trained again on the full training set and certified on the test set, "
         "which nothing else reads. An envelope row picks at every radius the setting (or the "
         "defence) with the best validation CA at that radius and reports its test CA there. "
-        "Every setting's validation scores: tuning.md.", ""]
+        f"Every setting's validation scores: {_threat_name('tuning.md', cfg.threat)}.", ""]
     used = {f for _, name, f, _ in cands if name in needed} | {
         f"validation/{f}" for _, _, f, _ in cands}
     return _report(results, labels, out, base, curves, [], preamble=protocol,
-                   unused=unused_folders(out, used))
+                   unused=unused_folders(out, used), threat=cfg.threat)
 
 
 def _tuning_report(cfg: CompareConfig, val: dict[str, dict[str, np.ndarray]],
@@ -895,15 +923,24 @@ def _unused_lines(unused: list[tuple[str, int]]) -> list[str]:
 def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
             cfg: RunConfig, curves: dict[str, object],
             calibration: list[tuple[str, float, bool]], preamble: list[str] = (),
-            unused: list[tuple[str, int]] = ()) -> str:
+            unused: list[tuple[str, int]] = (), threat: str = "poisoning") -> str:
     from dpcert.workflows.report import ca_table, plot_curves
 
-    lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}", "",
-             "Radius = inserted + deleted training examples (a modification counts 2), the same "
-             "convention for every method. CA@r = fraction of test points predicted correctly "
-             "and certified at radius >= r. The baseline-DP row is a statistical lower bound on "
-             "certified accuracy (no per-point certificate).", "", *preamble,
-             *ca_table(results, labels, curves)]
+    if threat == "poisoning":
+        radius = ("Radius = inserted + deleted training examples (a modification counts 2), "
+                  "the same convention for every method.")
+        bound = (" The baseline-DP row is a statistical lower bound on certified accuracy (no "
+                 "per-point certificate).")
+    else:
+        radius = ("Radius = flipped training labels (inputs untouched), for every method: the "
+                  "DP ensemble's certificate at 2r changed examples, the partitions' counted "
+                  "flip for flip (a flip reaches one part), DPA over kernel ridge priced part by "
+                  "part (white-box), Bagging's bags drawn by position.")
+        bound = ""
+    lines = [f"# dpcert compare: {cfg.dataset}, model {cfg.model}"
+             + ("" if threat == "poisoning" else ", against label flips"), "",
+             radius + " CA@r = fraction of test points predicted correctly and certified at "
+             "radius >= r." + bound, "", *preamble, *ca_table(results, labels, curves)]
     if calibration:
         target = _clean(results["dp (pld, sound)"], labels)
         lines += ["", f"Calibration: each baseline keeps the setting whose clean accuracy is "
@@ -914,7 +951,17 @@ def _report(results: dict[str, Certificates], labels: np.ndarray, out: Path,
     lines += _unused_lines(list(unused))
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.md", text)
-    plot_curves(results, labels, out / "compare.png", f"{cfg.dataset}: defences compared",
-                curves)
+    atomic_write_text(out / _threat_name("compare.md", threat), text)
+    plot_curves(results, labels, out / _threat_name("compare.png", threat),
+                f"{cfg.dataset}: defences compared"
+                + ("" if threat == "poisoning" else " against label flips"), curves,
+                xlabel=None if threat == "poisoning" else "radius r (flipped training labels)")
     return text
+
+
+def _threat_name(name: str, threat: str) -> str:
+    """A report file's name for ``threat``: compare.md, compare_label_flip.md, ..."""
+    if threat == "poisoning":
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}_{threat.replace('-', '_')}.{suffix}"

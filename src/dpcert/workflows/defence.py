@@ -29,12 +29,11 @@ from dpcert.workflows.compare import (
     BASELINES,
     BaselineConfig,
     certify_baseline,
+    certify_setting,
     learner_model,
     parse_settings,
     train_models,
     trained_as,
-    training_indices,
-    vectors,
 )
 from dpcert.workflows.run import LABEL_FLIP_CSV
 from dpcert.workflows.runconfig import RunConfig, load_run_data
@@ -104,12 +103,8 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
     flip_rows = {bc.name(kind): flips}
     white = white_box.applies(kind, learner_model(bc, cfg.model))
     if white:
-        parts = white_box.parts_from_training(vectors(data.x_train), data.y_train,
-                                              training_indices(kind, bc, data.x_train),
-                                              gamma=bc.gamma, ridge=bc.ridge)
-        flips = white_box.certificate(parts, vectors(data.x_test), scores, gamma=bc.gamma,
-                                      ridge=bc.ridge, max_radius=cfg.max_radius,
-                                      progress=progress)
+        flips = certify_setting(kind, bc, scores, data, cfg, threat="label-flip",
+                                progress=progress)
         flip_rows = {f"{bc.name(kind)}, counting": flip_rows[bc.name(kind)],
                      f"{bc.name(kind)}, white-box": flips}
     atomic_write_text(run_dir / LABEL_FLIP_CSV, certificates_csv(flips, data.y_test))

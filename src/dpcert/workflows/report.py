@@ -38,7 +38,8 @@ def ca_table(results: dict[str, Certificates], labels: np.ndarray,
 
 
 def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path,
-                title: str, curves: dict[str, object] | None = None) -> None:
+                title: str, curves: dict[str, object] | None = None,
+                xlabel: str | None = None) -> None:
     """CA_r against r for every method (paper reproductions dashed), written atomically.
     Without matplotlib: no plot, and an :class:`~dpcert.errors.InputWarning` naming the
     extra to install (the tables are written either way)."""
@@ -74,7 +75,7 @@ def plot_curves(results: dict[str, Certificates], labels: np.ndarray, path: Path
         elif name.startswith("envelope"):
             style = {"color": "black", "linestyle": "--", "linewidth": 2.0, "alpha": 0.55}
         ax.step(rs, curve(rs), where="post", label=name, **style)
-    ax.set_xlabel("radius r (inserted + deleted training examples)")
+    ax.set_xlabel(xlabel or "radius r (inserted + deleted training examples)")
     ax.set_ylabel("certified accuracy")
     ax.set_title(title)
     ax.set_ylim(0, 1)
