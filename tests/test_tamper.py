@@ -238,3 +238,37 @@ def test_a_baseline_runs_certification_settings_are_bound_too(tmp_path):
     load_ensemble(tmp_path / "bag").certify(X)
     _edit_json(tmp_path / "bag" / "ensemble.json", eta=0.5)
     _refused(tmp_path / "bag", "eta = 0.5, certification.json 0.001")
+
+
+def test_a_partition_run_records_each_parts_data_fingerprint(tmp_path):
+    """A DPA run's description carries one fingerprint per model: of its part's examples and
+    labels as a set. Recomputed from the data they match; on a neighbouring dataset (one
+    example deleted, one label flipped) exactly the touched parts' fingerprints change; and
+    they are bound into the ensemble's digest."""
+    from click.testing import CliRunner
+
+    from dpcert.cli import main
+    from dpcert.learning.data import part_fingerprints
+    from dpcert.workflows.compare import BaselineConfig, training_indices
+
+    out = tmp_path / "dpa"
+    res = CliRunner().invoke(main, ["run", "--defence", "dpa", "--models", "20", "--learner",
+                                    "prototype", "--output", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    recorded = json.loads((out / "ensemble.json").read_text())["part_sha256"]
+    data = load_digits()
+    bc = BaselineConfig(models=20, learner="prototype")
+    parts = training_indices("dpa", bc, data.x_train)
+    assert part_fingerprints(data.x_train, data.y_train, parts) == recorded
+    x, y = np.delete(data.x_train, 7, axis=0), np.delete(data.y_train, 7)
+    y[100] = (y[100] + 1) % 10
+    changed = part_fingerprints(x, y, training_indices("dpa", bc, x))
+    touched = {int(np.flatnonzero([7 in p for p in parts])[0]),
+               int(np.flatnonzero([100 + (100 >= 7) in p for p in parts])[0])}
+    assert {i for i in range(20) if changed[i] != recorded[i]} == touched
+    ens = load_ensemble(out)
+    before = ens.digest()
+    info = json.loads((out / "ensemble.json").read_text())
+    info["part_sha256"][0] = "0" * 64
+    (out / "ensemble.json").write_text(json.dumps(info))
+    assert load_ensemble(out).digest() != before

@@ -84,6 +84,22 @@ class Dataset:
         return h.hexdigest()
 
 
+def part_fingerprints(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> list[str]:
+    """sha256 of each part's examples and labels as a set (order-free): the digest of every
+    example (its dtype, shape, bytes and label), sorted, hashed together. Two datasets'
+    fingerprints differ exactly at the parts whose examples differ (per-part fingerprints of
+    a partition defence's models, recorded in its ensemble description)."""
+    import hashlib
+
+    x = np.ascontiguousarray(x)
+    head = f"{x.dtype.str}|{x.shape[1:]}|".encode()
+    each = [hashlib.sha256(head + x[i].tobytes() + int(y[i]).to_bytes(8, "little",
+                                                                      signed=True)).digest()
+            for i in range(len(x))]
+    return [hashlib.sha256(b"".join(sorted(each[i] for i in idx))).hexdigest()
+            for idx in parts]
+
+
 def _first_bad(ok: np.ndarray) -> tuple[int, int]:
     """(index of the first example whose row of ``ok`` (n, ...) is not all true, how many)."""
     bad = np.flatnonzero(~ok.reshape(len(ok), -1).all(axis=1))

@@ -593,8 +593,11 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
     which certificate they take and everything it needs."""
     from dpcert.workflows.run import input_spec
 
+    from dpcert.learning.data import part_fingerprints
+
     data = load_run_data(run_cfg)
     model = learner_model(bc, run_cfg.model)
+    indices = training_indices(kind, bc, data.x_train)  # None for Bagging's drawn bags
     return EnsembleInfo(dataset=run_cfg.dataset, model=model,
                         num_classes=data.num_classes, instances=models,
                         input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,
@@ -602,7 +605,9 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
                         defence=defence or trained_as(kind),
                         defence_params={"spread": bc.spread, "subsample": bc.subsample,
                                         "train_size": len(data.y_train)},
-                        data_sha256=data.fingerprint(), dpcert_version=dpcert.__version__)
+                        data_sha256=data.fingerprint(), dpcert_version=dpcert.__version__,
+                        part_sha256=None if indices is None else
+                        part_fingerprints(data.x_train, data.y_train, indices))
 
 
 def certify_baseline(kind: str, bc: BaselineConfig, scores: np.ndarray, n_train: int,

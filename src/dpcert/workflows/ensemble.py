@@ -112,6 +112,9 @@ class EnsembleInfo:
     #: trained them (both recorded since 0.3)
     data_sha256: str | None = None
     dpcert_version: str | None = None
+    #: a partition defence's models: sha256 of each model's examples and labels as a set
+    #: (:func:`~dpcert.learning.data.part_fingerprints`; recorded since 0.3)
+    part_sha256: list[str] | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str) -> UserError:
@@ -147,6 +150,10 @@ class EnsembleInfo:
             if self.training.get("instances", self.instances) != self.instances:
                 raise bad(f"{self.instances} instances, but {self.training['instances']} "
                           "were trained")
+        if self.part_sha256 is not None and not (
+                isinstance(self.part_sha256, list) and len(self.part_sha256) == self.instances
+                and all(isinstance(h, str) and len(h) == 64 for h in self.part_sha256)):
+            raise bad(f"part_sha256 must list one sha256 per model ({self.instances})")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "dataset": self.dataset,
@@ -157,7 +164,8 @@ class EnsembleInfo:
                 "test_curve": self.test_curve, "defence": self.defence,
                 "defence_params": self.defence_params,
                 "declared_inputs": self.declared_inputs, "data_sha256": self.data_sha256,
-                "dpcert_version": self.dpcert_version}
+                "dpcert_version": self.dpcert_version,
+                **({} if self.part_sha256 is None else {"part_sha256": self.part_sha256})}
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> EnsembleInfo:
@@ -178,7 +186,8 @@ class EnsembleInfo:
                        defence_params=dict(d.get("defence_params") or {}),
                        declared_inputs=d.get("declared_inputs") is True,
                        data_sha256=_optional_str(d.get("data_sha256")),
-                       dpcert_version=_optional_str(d.get("dpcert_version")))
+                       dpcert_version=_optional_str(d.get("dpcert_version")),
+                       part_sha256=d.get("part_sha256"))
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where} is damaged: {err}") from None
 
