@@ -123,7 +123,7 @@ def test_weights_that_are_not_the_models_are_refused_even_with_their_checksum(cl
 def test_damaged_certificates_or_labels_are_refused(clean_run, tmp_path):
     out = _copy(clean_run, tmp_path)
     (out / "certificates.csv").write_text("index,prediction,radius,label\nx,y\n")
-    with pytest.raises(UserError, match="certificates.csv or labels.npy is damaged"):
+    with pytest.raises(UserError, match="certificates.csv is missing or damaged"):
         load_ensemble(out)
     out2 = tmp_path / "labels"
     shutil.copytree(clean_run, out2)

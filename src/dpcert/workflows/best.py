@@ -23,6 +23,7 @@ import numpy as np
 
 from dpcert.errors import UserError
 from dpcert.store import atomic_write_text
+from dpcert.workflows import rundir
 from dpcert.workflows.compare import CompareConfig, evaluate_setting, setting_candidates
 from dpcert.workflows.defence import run_defence
 from dpcert.workflows.run import run
@@ -136,5 +137,5 @@ def run_best(values: dict, *, radius: int, validation: int | None, candidates: d
            "certificate, which covers this setting held fixed. Candidates' folders: "
            "tuning/.", "", *table]
     text = text + "\n" + "\n".join(why) + "\n"
-    atomic_write_text(run_dir / "report.md", text)
+    atomic_write_text(run_dir / rundir.REPORT, text)
     return text

@@ -49,7 +49,7 @@ from dpcert.certification.aggregation import (
 from dpcert.certification.certify import Certificates
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_write_text, instance_blocks, load_array, load_tensors
-from dpcert.workflows import white_box
+from dpcert.workflows import rundir, white_box
 from dpcert.workflows.dispatch import Trained, ray_map, worker_pool, write_trained
 from dpcert.workflows.ensemble import (
     CERTIFICATION_FILE,
@@ -60,7 +60,7 @@ from dpcert.workflows.ensemble import (
     read_info,
     write_info,
 )
-from dpcert.workflows.run import LABEL_FLIP_CSV, METHODS, run, stored_config
+from dpcert.workflows.run import METHODS, run, stored_config
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit
 
 #: Offset of the baselines' master seed, so that their streams differ from the DP instances'.
@@ -466,7 +466,7 @@ def _train_one(cfg: RunConfig, setting: BaselineConfig, data, idx: np.ndarray, g
 
 def _guard_folder(folder: Path, identity: dict) -> None:
     """Refuse a folder trained with other settings; record ours in a fresh one."""
-    path = folder / "settings.json"
+    path = folder / rundir.SETTINGS
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -497,7 +497,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
                 **{k: getattr(run_cfg, k) for k in ("dataset", "model", "seed")},
                 **({"validation": run_cfg.validation} if run_cfg.validation else {})}
     # A new folder keeps its models; one trained before models were kept resumes as it was.
-    keep = not (folder / "settings.json").exists() or keeps_models(folder)
+    keep = not (folder / rundir.SETTINGS).exists() or keeps_models(folder)
     if not keep:  # models of dpcert 0.1: no record of how their inputs were read
         check_declared_inputs(run_cfg.dataset, load_run_data(run_cfg).num_classes, False)
     _guard_folder(folder, identity)
@@ -591,9 +591,8 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
                   defence: str | None = None) -> EnsembleInfo:
     """The description of a baseline setting's kept models (``ensemble.json`` in its folder):
     which certificate they take and everything it needs."""
-    from dpcert.workflows.run import input_spec
-
     from dpcert.learning.data import part_fingerprints
+    from dpcert.workflows.run import input_spec
 
     data = load_run_data(run_cfg)
     model = learner_model(bc, run_cfg.model)
@@ -678,8 +677,7 @@ def _dp_certificates(run_cfg: RunConfig, run_dir: Path, progress: bool,
     computed: the paper's modes at large radii take minutes, and ``dpcert run`` on the folder
     adds every method."""
     run(run_cfg, run_dir, progress, methods=METHODS[:1])
-    name = "certificates.csv" if threat == "poisoning" else LABEL_FLIP_CSV
-    rows = np.loadtxt(run_dir / name, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    rows = rundir.read_certificates(run_dir / rundir.certificates_name(threat=threat))
     return deterministic_certificates(rows[:, 1], rows[:, 2])
 
 
@@ -718,9 +716,7 @@ def evaluate_setting(kind: str, setting, run_cfg: RunConfig, folder: Path, progr
             last.update(folder=folder, scores=scores)
     cert = certify_setting(kind, setting, scores, data, run_cfg, threat=threat,
                            progress=progress)
-    name = f"certificates_{kind}.csv" if kind in RUNOFF else "certificates.csv"
-    if threat != "poisoning":
-        name = name.replace(".csv", "_label_flip.csv")
+    name = rundir.certificates_name(kind if kind in RUNOFF else None, threat)
     from dpcert.certification.certify import certificates_csv
 
     atomic_write_text(folder / name, certificates_csv(cert, data.y_test))
@@ -876,12 +872,12 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
     from dpcert.certification.mechanism import MechanismRecord
     from dpcert.certification.pld import group_privacy_profile
 
-    rec = MechanismRecord.load(run_dir / "mechanism.json")
+    rec = MechanismRecord.load(run_dir / rundir.MECHANISM)
     prof = group_privacy_profile(rec.sample_rate, rec.noise_multiplier, 1, rec.steps, EPS_GRID)
     ok = np.flatnonzero(prof <= delta)
     eps = float(EPS_GRID[ok[0]]) if ok.size else np.inf
-    scores = load_array(run_dir / "scores.npy", "scores", mmap=True)
-    labels = load_array(run_dir / "labels.npy", "labels")
+    scores = load_array(run_dir / rundir.SCORES, "scores", mmap=True)
+    labels = load_array(run_dir / rundir.LABELS, "labels")
     if scores.ndim != 3 or scores.shape[1] != len(labels):
         raise UserError(f"{run_dir}: scores {scores.shape} do not match {len(labels)} labels")
     per_instance = instance_accuracies(scores, labels)
@@ -892,7 +888,7 @@ def _ma_curve(run_dir: Path, eta: float, delta: float = 1e-5):
 
 
 #: Files that mark a folder of trained models: a baseline setting's, a DP run's.
-MODEL_FOLDER_MARKERS = ("settings.json", "config.json")
+MODEL_FOLDER_MARKERS = rundir.MODEL_FOLDER_MARKERS
 
 
 def unused_folders(out: Path, used: set[str]) -> list[tuple[str, int]]:

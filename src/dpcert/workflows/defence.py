@@ -24,7 +24,7 @@ from pathlib import Path
 from dpcert.certification.aggregation import tally_votes
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_save_npy, atomic_write_text
-from dpcert.workflows import white_box
+from dpcert.workflows import rundir, white_box
 from dpcert.workflows.compare import (
     BASELINES,
     BaselineConfig,
@@ -35,7 +35,6 @@ from dpcert.workflows.compare import (
     train_models,
     trained_as,
 )
-from dpcert.workflows.run import LABEL_FLIP_CSV
 from dpcert.workflows.runconfig import RunConfig, load_run_data
 
 #: What ``--defence`` may name: the DP ensemble, or a baseline defence.
@@ -89,14 +88,14 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
     from dpcert.workflows.report import ca_table, plot_curves
 
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").exists():
+    if (run_dir / rundir.CONFIG).exists():
         raise UserError(f"{run_dir} holds a DP run; use another --output directory")
     data = load_run_data(cfg)
     scores = train_models(kind, bc, cfg, data.x_train, run_dir, progress, defence=kind)
     results = {}
     for k in dict.fromkeys((kind, trained_as(kind))):  # the defence first, then its base
         cert = certify_baseline(k, bc, scores, len(data.y_train), cfg)
-        name = "certificates.csv" if k == kind else f"certificates_{k}.csv"
+        name = rundir.certificates_name(None if k == kind else k)
         atomic_write_text(run_dir / name, certificates_csv(cert, data.y_test))
         results[bc.name(k)] = cert
     flips = certify_baseline(kind, bc, scores, len(data.y_train), cfg, threat="label-flip")
@@ -107,9 +106,9 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
                                 progress=progress)
         flip_rows = {f"{bc.name(kind)}, counting": flip_rows[bc.name(kind)],
                      f"{bc.name(kind)}, white-box": flips}
-    atomic_write_text(run_dir / LABEL_FLIP_CSV, certificates_csv(flips, data.y_test))
-    atomic_save_npy(run_dir / "votes.npy", tally_votes(scores))
-    atomic_save_npy(run_dir / "labels.npy", data.y_test)
+    atomic_write_text(run_dir / rundir.LABEL_FLIP, certificates_csv(flips, data.y_test))
+    atomic_save_npy(run_dir / rundir.VOTES, tally_votes(scores))
+    atomic_save_npy(run_dir / rundir.LABELS, data.y_test)
     where = "held-out training examples" if cfg.validation else "test set"
     lines = [f"# dpcert run: {cfg.dataset}, {bc.name(kind)}", "",
              f"{len(scores)} models trained on the {len(data.y_train)} training examples "
@@ -119,14 +118,14 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
              "certificates are deterministic except Bagging's, which holds with probability "
              f">= 1 - eta (eta = {cfg.eta}).", "", *ca_table(results, data.y_test), "",
              "Against label flips (inputs untouched; radius = flipped labels; "
-             f"{LABEL_FLIP_CSV}): the parts hash each example's input alone, so a flip "
+             f"{rundir.LABEL_FLIP}): the parts hash each example's input alone, so a flip "
              "reaches the models its insertion would"
              + ("; each kernel-ridge part is priced at the fewest flips of its own labels "
                 "that can turn it (white-box certificate), at least one." if white else "."),
              "",
              *ca_table(flip_rows, data.y_test)]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "report.md", text)
-    plot_curves(results, data.y_test, run_dir / "certified_accuracy.png",
+    atomic_write_text(run_dir / rundir.REPORT, text)
+    plot_curves(results, data.y_test, run_dir / rundir.PLOT,
                 f"{cfg.dataset}: {bc.name(kind)}")
     return text

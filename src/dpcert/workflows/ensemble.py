@@ -54,11 +54,11 @@ from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
 from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_write_text, load_tensors, tensors_digest
-from dpcert.workflows import white_box
+from dpcert.workflows import rundir, white_box
 
-ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FILE = rundir.ENSEMBLE
 #: A baseline folder's certification settings (eta, max_radius), beside its description.
-CERTIFICATION_FILE = "certification.json"
+CERTIFICATION_FILE = rundir.CERTIFICATION
 #: What kept models can be certified as: the DP ensemble, or a baseline defence's models
 #: (roe and fa-roe: Run-off Election over DPA's or FA's models, as their default certificate).
 DEFENCES = ("dp", "dpa", "fa", "bagging", "roe", "fa-roe")
@@ -261,7 +261,7 @@ def read_info(run_dir: Path, *, check_settings: bool = True) -> EnsembleInfo:
     info = EnsembleInfo.from_dict(d, str(path))
     if info.defence == "dp":
         # The mechanism that certifies is the run's record, not a copy that could drift.
-        mech = MechanismRecord.load(Path(run_dir) / "mechanism.json")
+        mech = MechanismRecord.load(Path(run_dir) / rundir.MECHANISM)
         if mech != info.mechanism:
             raise UserError(f"{path} and mechanism.json disagree; the run directory is "
                             "damaged")
@@ -273,14 +273,14 @@ def read_info(run_dir: Path, *, check_settings: bool = True) -> EnsembleInfo:
 def _agrees_with_settings(run_dir: Path, info: EnsembleInfo) -> None:
     """The description against the settings the directory was trained with (config.json of
     a run, settings.json of a baseline's folder): an edit of one file alone is refused."""
-    name = "config.json" if (run_dir / "config.json").exists() else "settings.json"
+    name = rundir.CONFIG if (run_dir / rundir.CONFIG).exists() else rundir.SETTINGS
     try:
         stored = json.loads((run_dir / name).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{run_dir / name} is damaged ({err})") from None
     if not isinstance(stored, dict):
         raise UserError(f"{run_dir / name} is damaged (not a JSON object)")
-    if name == "config.json":
+    if name == rundir.CONFIG:
         checks = {k: getattr(info, k) for k in ("dataset", "instances", "eta", "max_radius")}
         checks.update({k: v for k, v in info.training.items()})
     else:
@@ -299,7 +299,7 @@ def _agrees_with_settings(run_dir: Path, info: EnsembleInfo) -> None:
             checks.update(eta=info.eta, max_radius=info.max_radius)
     for key, value in checks.items():
         if key in stored and stored[key] != value:
-            if name == "settings.json" and key in ("eta", "max_radius"):
+            if name == rundir.SETTINGS and key in ("eta", "max_radius"):
                 name = CERTIFICATION_FILE
             raise UserError(f"{run_dir}: ensemble.json says {key} = {value!r}, {name} "
                             f"{stored[key]!r}; the directory is damaged or altered")
@@ -307,11 +307,11 @@ def _agrees_with_settings(run_dir: Path, info: EnsembleInfo) -> None:
 
 def test_curve(run_dir: Path, max_radius: int) -> dict | None:
     """Certified accuracy of a run's test set from its certificates.csv and labels.npy."""
-    csv, labels = Path(run_dir) / "certificates.csv", Path(run_dir) / "labels.npy"
+    csv, labels = Path(run_dir) / rundir.CERTIFICATES, Path(run_dir) / rundir.LABELS
     if not (csv.exists() and labels.exists()):
         return None
+    rows = rundir.read_certificates(csv)
     try:
-        rows = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
         y = np.load(labels, allow_pickle=False)
         if rows.shape[1:] != (4,) or y.shape != (len(rows),) or len(rows) == 0:
             raise ValueError("shapes do not match")
@@ -795,8 +795,8 @@ def _load_ensemble(path: Path, device: str) -> Ensemble:
 
     check_device(device)
     if path.is_dir():
-        is_run = (path / "config.json").exists()
-        if not is_run and not (path / "settings.json").exists():
+        is_run = (path / rundir.CONFIG).exists()
+        if not is_run and not (path / rundir.SETTINGS).exists():
             raise UserError(f"{path} is neither a dpcert run directory (no config.json) nor "
                             "a baseline folder of dpcert compare (no settings.json)")
         if not keeps_models(path):

@@ -34,6 +34,7 @@ from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
 from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
+from dpcert.workflows import rundir
 from dpcert.workflows.dispatch import train_all, train_group, worker_pool
 from dpcert.workflows.ensemble import (
     EnsembleInfo,
@@ -62,7 +63,6 @@ __all__ = ["AVERAGING_NAMES", "DATASETS", "FEATURE_NAMES", "METHODS", "MODEL_NAM
            "train_all", "train_group", "worker_pool", "write_unit"]
 
 #: The default certificate counted in flipped labels instead of inserted + deleted examples.
-LABEL_FLIP_CSV = "certificates_label_flip.csv"
 #: (label, accounting, group, inference, confidence bound); the first is the default method.
 METHODS = (
     ("pld", "pld", "sound", "multinomial", None),
@@ -86,7 +86,7 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     O(N L) whatever P (P = 10,000 Fashion-MNIST units are 4 GB of float32 scores; holding them
     all at once was killed for memory on a 24 GB machine). Returns the votes and the scores,
     memory-mapped read-only."""
-    path = run_dir / "scores.npy"
+    path = run_dir / rundir.SCORES
     with atomic_path(path) as tmp:
         out, votes = None, None
         for i in range(cfg.instances):
@@ -105,7 +105,7 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             votes += tally_votes(s[None])
         out.flush()
         del out
-    atomic_save_npy(run_dir / "votes.npy", votes)
+    atomic_save_npy(run_dir / rundir.VOTES, votes)
     return votes, np.load(path, mmap_mode="r")
 
 
@@ -114,7 +114,7 @@ def aggregate(cfg: RunConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def stored_config(run_dir: Path) -> dict:
     """The run options stored in ``run_dir/config.json`` (RunConfig's fields only)."""
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / rundir.CONFIG
     try:
         stored = json.loads(path.read_text())
     except FileNotFoundError:
@@ -134,8 +134,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     # the step size's divisor is declared: refused here, before anything is written
     expected_batch(cfg.sample_rate, subset_size=cfg.subset_size,
                    declared_size=data.declared_size)
-    cfg_path = run_dir / "config.json"
-    if (run_dir / "settings.json").exists():
+    cfg_path = run_dir / rundir.CONFIG
+    if (run_dir / rundir.SETTINGS).exists():
         raise UserError(f"{run_dir} holds the models of a partition defence or Bagging; use "
                         "another --output directory")
     if cfg_path.exists():
@@ -144,7 +144,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
             read_info(run_dir, check_settings=False)
         else:
             check_declared_inputs(cfg.dataset, data.num_classes, False,
-                                  MechanismRecord.load(run_dir / "mechanism.json"),
+                                  MechanismRecord.load(run_dir / rundir.MECHANISM),
                                   cfg.validation)
         old = stored_config(run_dir)
         # a key an older run did not store had its default then (fields are only ever added)
@@ -172,8 +172,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
                              steps=cfg.steps, clip_norm=cfg.clip_norm,
                              dataset_size=len(data.y_train), sampling="poisson",
                              subset_size=cfg.subset_size)
-    record.save(run_dir / "mechanism.json")
-    atomic_save_npy(run_dir / "labels.npy", data.y_test)
+    record.save(run_dir / rundir.MECHANISM)
+    atomic_save_npy(run_dir / rundir.LABELS, data.y_test)
     if keep_models:
         info = ensemble_info(cfg, data, record)
         check_same_data(run_dir, info)
@@ -219,10 +219,10 @@ def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: n
         spec = AccountingSpec(accounting=acc, group=group, max_radius=cfg.max_radius)
         outputs = votes if inference == "multinomial" else scores
         cert = certify(outputs, record, inference=inference, eta=cfg.eta, bound=bound, spec=spec)
-        fname = "certificates.csv" if name == methods[0][0] else f"certificates_{name}.csv"
+        fname = rundir.certificates_name(None if name == methods[0][0] else name)
         atomic_write_text(run_dir / fname, certificates_csv(cert, labels))
         if name == methods[0][0]:  # the default certificate, counted in flipped labels
-            atomic_write_text(run_dir / LABEL_FLIP_CSV,
+            atomic_write_text(run_dir / rundir.LABEL_FLIP,
                               certificates_csv(dp_label_flips(cert), labels))
         results[name] = cert
     return results
@@ -245,12 +245,12 @@ def report(results: dict[str, Certificates], labels: np.ndarray, run_dir: Path,
              "wrong or abstained ones. Methods marked (paper) reproduce the published, UNSOUND "
              "formulas and are shown for comparison only.",
              "", *ca_table(results, labels), "",
-             f"Against label flips (inputs untouched): {LABEL_FLIP_CSV}, the default "
+             f"Against label flips (inputs untouched): {rundir.LABEL_FLIP}, the default "
              "certificate counted in flipped labels — one flip replaces an example, one "
              "deletion and one insertion, so r flips are certified where 2r changes are."]
     text = "\n".join(lines) + "\n"
-    atomic_write_text(run_dir / "report.md", text)
-    plot_curves(results, labels, run_dir / "certified_accuracy.png",
+    atomic_write_text(run_dir / rundir.REPORT, text)
+    plot_curves(results, labels, run_dir / rundir.PLOT,
                 f"{cfg.dataset}: {cfg.instances} x {cfg.model}, q={cfg.sample_rate}, "
                 f"sigma={cfg.noise_multiplier}, T={cfg.steps}")
     return text
@@ -262,6 +262,6 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, methods=METHODS) -
     record = prepare_run_dir(cfg, run_dir)
     train_all(cfg, run_dir, progress)
     votes, scores = aggregate(cfg, run_dir)
-    labels = np.load(run_dir / "labels.npy")
+    labels = np.load(run_dir / rundir.LABELS)
     results = certify_all(cfg, run_dir, record, votes, scores, labels, methods)
     return report(results, labels, run_dir, cfg)

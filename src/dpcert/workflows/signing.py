@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dpcert.errors import UserError, missing_extra
 from dpcert.store import atomic_write_text
+from dpcert.workflows import rundir
 
 ALGORITHM = "ed25519"
 
@@ -26,7 +27,7 @@ ALGORITHM = "ed25519"
 def signature_path(ensemble: Path) -> Path:
     """Where an ensemble's signature is kept: inside a directory, beside a file."""
     ensemble = Path(ensemble)
-    return ensemble / "signature.json" if ensemble.is_dir() else \
+    return ensemble / rundir.SIGNATURE if ensemble.is_dir() else \
         ensemble.with_name(ensemble.name + ".sig")
 
 
