@@ -75,3 +75,25 @@ def test_load_errors(tmp_path):
     bad.write_text(json.dumps([1, 2]))
     with pytest.raises(UserError):
         MechanismRecord.load(bad)
+
+
+def test_the_record_of_a_training_is_read_off_what_it_runs():
+    """A run's mechanism record is never a second construction from the numbers its trainer
+    gets: only MechanismRecord.of (from the trainer's configuration), the command line's
+    user-given record, the planner's hypothetical mechanisms and the accountant's derived
+    inner mechanism construct one."""
+    import re
+    from pathlib import Path
+
+    import dpcert
+
+    src = Path(dpcert.__file__).parent
+    built = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                   if re.search(r"\bMechanismRecord\(", p.read_text()))
+    assert built == ["certification/accounting.py", "certification/planning.py", "cli.py"]
+    from dpcert.learning.stacked import DpSgd
+
+    cfg = DpSgd(0.01, 2.0, 30, 1.5, 0.1, subset_size=40)
+    rec = MechanismRecord.of(cfg, 100)
+    assert (rec.sample_rate, rec.noise_multiplier, rec.steps, rec.clip_norm, rec.subset_size,
+            rec.dataset_size) == (0.01, 2.0, 30, 1.5, 40, 100)

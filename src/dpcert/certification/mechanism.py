@@ -76,6 +76,19 @@ class MechanismRecord:
                 "sub-dataset training needs dataset_size >= subset_size",
             )
 
+    @classmethod
+    def of(cls, training, dataset_size: int | None) -> MechanismRecord:
+        """The record of what a DP-SGD training runs: its ``sample_rate``, ``noise_multiplier``,
+        ``steps``, ``clip_norm`` and ``subset_size`` read off the training's own configuration
+        (the engines' ``DpSgd``/``LinearDpSgd``, a run's ``RunConfig``), on ``dataset_size``
+        examples, with Poisson sampling (the only scheme the engines implement). The one
+        place a trainer's settings become the record that is certified: what is certified is
+        what is trained, never a second construction from the same numbers."""
+        return cls(sample_rate=training.sample_rate, noise_multiplier=training.noise_multiplier,
+                   steps=training.steps, clip_norm=training.clip_norm,
+                   dataset_size=dataset_size, sampling="poisson",
+                   subset_size=training.subset_size)
+
     @property
     def uses_subsets(self) -> bool:
         return self.subset_size is not None and self.subset_size < (self.dataset_size or 0)

@@ -255,9 +255,6 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
     the declared set is refused.
     """
     expected_batch(sample_rate, subset_size=subset_size, declared_size=declared_size)
-    record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
-                             steps=steps, clip_norm=clip_norm, dataset_size=len(y),
-                             sampling="poisson", subset_size=subset_size)
     if not (isinstance(instances, int) and instances >= 1 and batch_instances >= 1):
         raise UserError("instances and batch_instances must be positive integers")
     dev = torch.device(device)
@@ -278,6 +275,7 @@ def train_linear_ensemble(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Te
                         f"declared label set 0..{num_classes - 1}")
     cfg = LinearDpSgd(sample_rate, noise_multiplier, steps, clip_norm, lr, subset_size,
                       averaging, bias_feature, declared_size=declared_size)
+    record = MechanismRecord.of(cfg, len(yt))  # what this training runs, as certified
     from tqdm import tqdm
 
     out = []

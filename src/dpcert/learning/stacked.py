@@ -618,9 +618,7 @@ def train_ensemble(model_fn: ModelFn, x, y, x_eval, *, instances: int, sample_ra
     check_finite_examples(xt.cpu().numpy(), "training example")
     if augment_shift and xt.ndim != 4:
         raise UserError(f"augmentation translates images (n, C, H, W); x is {tuple(xt.shape)}")
-    record = MechanismRecord(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
-                             steps=steps, clip_norm=clip_norm, dataset_size=len(yt),
-                             sampling="poisson", subset_size=subset_size)
+    record = MechanismRecord.of(cfg, len(yt))  # what this training runs, as certified
     k = (instances_that_fit(cfg, model_fn, xt, yt) if batch_instances == "auto"
          else batch_instances)
     from tqdm import tqdm

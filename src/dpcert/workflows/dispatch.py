@@ -41,11 +41,9 @@ def train_group_models(cfg: RunConfig, instances: list[int], data,
     y = torch.tensor(data.y_train, device=device)
     x_test = torch.tensor(data.x_test, device=device)
     if cfg.model == "linear":
-        from dpcert.learning.linear import LinearDpSgd, predict_linear, train_linear
+        from dpcert.learning.linear import predict_linear, train_linear
 
-        lcfg = LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
-                           cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature,
-                           declared_size=data.declared_size)
+        lcfg = trainer_config(cfg, data)
         weight, bias = train_linear(lcfg, x, y, data.num_classes, seed=cfg.seed,
                                     instances=instances, progress=on_step)
         scores = predict_linear(weight, bias, x_test)
@@ -79,16 +77,33 @@ def write_trained(out: Path, trained: Trained, keep_model: bool) -> None:
     write_unit(out, scores)
 
 
-def _image_training(cfg: RunConfig, data):
-    """The stacked engine's DP-SGD record and model builder for a run of an image model."""
-    from dpcert.learning.models import build_model
+def trainer_config(cfg: RunConfig, data):
+    """What the engine that trains ``cfg``'s model runs: the linear engine's
+    :class:`~dpcert.learning.linear.LinearDpSgd` or the stacked engine's
+    :class:`~dpcert.learning.stacked.DpSgd`. The run's mechanism record is read off it
+    (:meth:`~dpcert.certification.mechanism.MechanismRecord.of`), so what is certified is
+    what this trains."""
+    if cfg.model == "linear":
+        from dpcert.learning.linear import LinearDpSgd
+
+        return LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
+                           cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature,
+                           declared_size=data.declared_size)
     from dpcert.learning.stacked import DpSgd
 
-    dcfg = DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
+    return DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
                  cfg.optimizer, cfg.subset_size, cfg.augment_shift, cfg.augment_copies,
                  declared_size=data.declared_size)
+
+
+def _image_training(cfg: RunConfig, data):
+    """The stacked engine's DP-SGD configuration and model builder for a run of an image
+    model."""
+    from dpcert.learning.models import build_model
+
     in_channels = data.x_train.shape[1]
-    return dcfg, lambda: build_model(cfg.model, in_channels, data.num_classes)
+    return trainer_config(cfg, data), lambda: build_model(cfg.model, in_channels,
+                                                          data.num_classes)
 
 
 def _one_thread() -> None:

@@ -130,10 +130,7 @@ class RunConfig:
         if not (_is_real(self.gpu_fraction) and 0 < self.gpu_fraction <= 1):
             raise UserError(f"gpu_fraction must lie in (0, 1], got {self.gpu_fraction!r}")
         # the mechanism checks q, sigma, T, C and the subset size
-        MechanismRecord(sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier,
-                        steps=self.steps, clip_norm=self.clip_norm,
-                        dataset_size=None if self.subset_size is None else 2**62,
-                        subset_size=self.subset_size)
+        MechanismRecord.of(self, None if self.subset_size is None else 2**62)
 
     @classmethod
     def from_mapping(cls, data: dict) -> RunConfig:
