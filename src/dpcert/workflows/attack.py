@@ -498,6 +498,10 @@ def _attack_defence(run_dir: Path, radius: int, *, targets: int, controls: int |
     from dpcert.workflows.compare import FREE_LEARNERS
 
     run = load_defence_run(run_dir, threat, data_dir)
+    if run.setting.augment_shift and "insert" in attacks:
+        # its models translate the run's own images, which an inserted copy is not among
+        raise UserError(f"{run_dir} trains on translated images (augment_shift): attack it "
+                        "with --attacks flip")
     cfg = run.cfg if device is None else replace(run.cfg, device=device)
     check_device(cfg.device, asked=f"{run_dir} was trained on cuda",
                  advice=": pass --device cpu to retrain on the CPU")
