@@ -610,33 +610,51 @@ def compare_cmd(config, output, device, threat, quiet) -> None:
 @main.command("attack-check")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--radius", type=int, required=True, help="Attack budget r (insertions + "
-              "deletions; a label flip counts 2).")
+              "deletions, a label flip counting 2; with --threat label-flip: flipped labels).")
+@click.option("--threat", type=click.Choice(["poisoning", "label-flip"]), default="poisoning",
+              show_default=True,
+              help="label-flip: flip attacks only, r flips, against "
+                   "certificates_label_flip.csv.")
 @click.option("--targets", type=click.IntRange(0), default=5, show_default=True,
               help="Points certified at >= r to attack.")
 @click.option("--controls", type=click.IntRange(0),
               help="Control points (correct, certified below r) to attack [default: --targets].")
-@click.option("--attacks", default="flip,insert", show_default=True,
+@click.option("--attacks",
               help="Comma-separated: flip (nearest examples relabelled), insert (copies of "
-                   "the point, wrong label).")
+                   "the point, wrong label) [default: flip,insert; label-flip: flip].")
+@click.option("--data-dir", help="A partition or Bagging run on a dataset read from disk: "
+              "its folder or file (the run records the data's fingerprint, not its path).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Choice of targets.")
 @click.option("--workers", type=click.IntRange(0), default=0, help="Training processes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]),
               help="Retrain here [default: the run's device].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def attack_check_cmd(run_dir, radius, targets, controls, attacks, seed, workers, device,
-                     quiet) -> None:
-    """Poison the training set of RUN_DIR aimed at chosen test points, retrain, count flips."""
+def attack_check_cmd(run_dir, radius, threat, targets, controls, attacks, data_dir, seed,
+                     workers, device, quiet) -> None:
+    """Poison the training set of RUN_DIR aimed at chosen test points, retrain, count flips.
+
+    RUN_DIR: a DP run, or a partition defence or Bagging run (dpcert run --defence), whose
+    models the poison does not reach keep their scores. A certified prediction of a
+    partition defence that changes is a soundness bug: exit status 1."""
 
     def action() -> None:
-        from dpcert.workflows.attack import attack_check
+        from dpcert.workflows.attack import attack_check, broken_certificates, out_dir
 
         check_device(device)
-        text, _ = attack_check(run_dir, radius, targets=targets, controls=controls,
-                               attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
-                               seed=seed, workers=workers, device=device, progress=not quiet,
-                               log=lambda line: click.echo(line, err=True))
+        chosen = None if attacks is None else tuple(
+            a.strip() for a in attacks.split(",") if a.strip())
+        text, outcomes = attack_check(run_dir, radius, targets=targets, controls=controls,
+                                      attacks=chosen, seed=seed, workers=workers,
+                                      device=device, progress=not quiet, threat=threat,
+                                      data_dir=data_dir,
+                                      log=lambda line: click.echo(line, err=True))
         click.echo(text)
-        click.echo(f"details: {run_dir / f'attack_check_r{radius}'}")
+        click.echo(f"details: {out_dir(run_dir, radius, threat)}")
+        if "SOUNDNESS BUG" in text:
+            broken = broken_certificates(outcomes)
+            click.echo(f"dpcert: SOUNDNESS BUG: {len(broken)} certified prediction(s) changed "
+                       "under an attack within the radius", err=True)
+            sys.exit(1)
 
     _run_user(action)
 

@@ -334,28 +334,40 @@ def _train_units(run_cfg: dict, bc: dict, kind: str,
     return [i for i, _, _ in jobs]
 
 
+def model_examples(cfg: RunConfig, setting: BaselineConfig, i: int, idx: np.ndarray | None,
+                   n_train: int):
+    """(training-example indices, generator) of baseline model ``i``: its part ``idx``, or
+    (bagging, ``idx`` None) its bag of ``setting.subsample`` draws from ``n_train`` examples,
+    drawn from the model's generator, which then drives its training."""
+    import torch
+
+    from dpcert.learning.reference import instance_generator
+
+    gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
+    if idx is None:
+        idx = torch.randint(0, n_train, (setting.subsample,), generator=gen,
+                            device=gen.device).numpy()
+    return idx, gen
+
+
 def _fit_units(run_cfg: dict, bc: dict, kind: str,
-               jobs: list[tuple[int, np.ndarray | None, str]]) -> list[Trained]:
+               jobs: list[tuple[int, np.ndarray | None, str]], data=None) -> list[Trained]:
     """(test scores, parameters) of baseline models ``jobs`` = [(i, example indices or None,
     unit path)]; pure, no files (a local worker or a Ray task). The learners fitted in closed
     form score all their models in one stacked call (the test features are read once, not
     once per model); each model is kept with exactly its own examples' rows, so that its
     file is a function of its part alone (the stacked call pads them, which changes no
-    score: :func:`dpcert.learning.inference.stack_params`)."""
+    score: :func:`dpcert.learning.inference.stack_params`). ``data``: the dataset to train
+    and score on [default: the run's] (``dpcert attack-check`` passes a poisoned one)."""
     import torch
 
     from dpcert.learning.inference import score_instances, stack_params
-    from dpcert.learning.reference import instance_generator
 
     cfg, setting = RunConfig(**run_cfg), BaselineConfig(**bc)
-    data = load_run_data(cfg)
+    data = load_run_data(cfg) if data is None else data
     parts, gens = [], []
     for i, idx, _ in jobs:
-        # bagging draws its bag from the model's generator, which then drives its training
-        gen = instance_generator(cfg.seed + _SEED_OFFSET, i)
-        if idx is None:
-            idx = torch.randint(0, len(data.y_train), (setting.subsample,), generator=gen,
-                                device=gen.device).numpy()
+        idx, gen = model_examples(cfg, setting, i, idx, len(data.y_train))
         parts.append(idx)
         gens.append(gen)
     if setting.learner not in FREE_LEARNERS:
