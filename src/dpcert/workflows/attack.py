@@ -43,8 +43,9 @@ from dpcert.certification.aggregation import THREATS, tally_votes
 from dpcert.errors import UserError, check_device
 from dpcert.learning.data import Dataset
 from dpcert.store import atomic_write_text
+from dpcert.workflows import rundir
 from dpcert.workflows.dispatch import worker_pool
-from dpcert.workflows.run import LABEL_FLIP_CSV, stored_config
+from dpcert.workflows.run import stored_config
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
 
 ATTACKS = ("flip", "insert")
@@ -216,7 +217,7 @@ def attack_check(run_dir: Path, radius: int, *, targets: int = 5, controls: int 
     if excluded:
         raise UserError(f"the label-flip threat changes labels only: --attacks flip, not "
                         f"{', '.join(excluded)}")
-    if (Path(run_dir) / "settings.json").is_file() and not (Path(run_dir) / "config.json"
+    if (Path(run_dir) / rundir.SETTINGS).is_file() and not (Path(run_dir) / rundir.CONFIG
                                                             ).exists():
         return _attack_defence(Path(run_dir), radius, targets=targets, controls=controls,
                                attacks=attacks, seed=seed, workers=workers, device=device,
@@ -282,7 +283,7 @@ def _budget(radius: int, threat: str) -> int:
 
 
 def _write_results(out: Path, text: str, outcomes: list[Outcome]) -> None:
-    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / rundir.REPORT, text)
     atomic_write_text(out / "outcomes.json", json.dumps(
         [{k: v for k, v in asdict(o).items() if not (k == "retrained" and v is None)}
          | {"flipped": o.flipped} for o in outcomes], indent=1) + "\n")
@@ -307,7 +308,7 @@ def _plan(jobs: list[Job], todo: list[Job], cfg: RunConfig, run_dir: Path,
 
 
 def _certificates_file(threat: str) -> str:
-    return "certificates.csv" if threat == "poisoning" else LABEL_FLIP_CSV
+    return rundir.certificates_name(threat=threat)
 
 
 def _read_certificates(run_dir: Path, threat: str) -> np.ndarray:
@@ -326,15 +327,15 @@ def _load_run(run_dir: Path, threat: str = "poisoning"):
     from dpcert.store import load_array
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "certificates.csv").is_file():
+    if not (run_dir / rundir.CONFIG).is_file() or not (run_dir / rundir.CERTIFICATES).is_file():
         raise UserError(f"{run_dir} is not a finished dpcert run (config.json and "
                         "certificates.csv expected, or settings.json of a partition or "
                         "Bagging run)")
     cfg = RunConfig.from_mapping(stored_config(run_dir))
     certs = _read_certificates(run_dir, threat)
-    votes = load_array(run_dir / "votes.npy", "votes")
-    scores = load_array(run_dir / "scores.npy", "scores", mmap=True)
-    labels = load_array(run_dir / "labels.npy", "labels")
+    votes = load_array(run_dir / rundir.VOTES, "votes")
+    scores = load_array(run_dir / rundir.SCORES, "scores", mmap=True)
+    labels = load_array(run_dir / rundir.LABELS, "labels")
     if (certs.shape[1] < 3 or len(certs) != len(labels) or len(votes) != len(labels)
             or scores.ndim != 3 or scores.shape[1] != len(labels)):
         raise UserError(f"{run_dir}: certificates, votes, scores and labels disagree in length")
@@ -343,7 +344,7 @@ def _load_run(run_dir: Path, threat: str = "poisoning"):
 
 def _attacks_text(radius: int, threat: str) -> str:
     if threat == "label-flip":
-        return (f"Threat: label flips (radius = flipped labels, {LABEL_FLIP_CSV}). Attack "
+        return (f"Threat: label flips (radius = flipped labels, {rundir.LABEL_FLIP}). Attack "
                 f"within the radius: flip = relabel the {radius} nearest training examples of "
                 "the predicted class as the runner-up label.")
     return (f"Attacks within the radius: flip = relabel the {radius // 2} "
@@ -401,7 +402,7 @@ def load_defence_run(run_dir: Path, threat: str = "poisoning",
     from dpcert.workflows.ensemble import read_info
 
     info = read_info(run_dir)
-    settings = json.loads((run_dir / "settings.json").read_text())
+    settings = json.loads((run_dir / rundir.SETTINGS).read_text())
     if info.dataset != "digits" and data_dir is None:
         raise UserError(f"{run_dir} was trained on {info.dataset}: pass --data-dir (the "
                         "run records its data's fingerprint, not its path)")
@@ -422,7 +423,7 @@ def load_defence_run(run_dir: Path, threat: str = "poisoning",
     if missing:
         raise UserError(f"{run_dir}: model {missing[0]} is missing or damaged (and "
                         f"{len(missing) - 1} more); rerun dpcert run to finish it")
-    labels = np.load(run_dir / "labels.npy", allow_pickle=False)
+    labels = np.load(run_dir / rundir.LABELS, allow_pickle=False)
     scores = np.stack(found)
     if certs.shape[1] < 3 or len(certs) != len(labels) or scores.shape[1] != len(labels):
         raise UserError(f"{run_dir}: certificates, models' scores and labels disagree in "
