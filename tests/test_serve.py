@@ -579,3 +579,26 @@ def test_connections_beyond_the_bound_get_503_and_are_closed(server):
             assert second.recv(4096).startswith(b"HTTP/1.1 200")
         time.sleep(0.2)  # the server sees the two close
         assert _get(url, "/health")[0] == 200
+
+
+def test_the_server_keeps_answering_while_a_model_pass_runs(server, monkeypatch):
+    """The pass runs in a worker thread: while it is held, /health and the metrics answer."""
+    from dpcert.workflows.ensemble import Ensemble
+
+    url, _ = server
+    entered, release = threading.Event(), threading.Event()
+    real = Ensemble.certify_with_votes
+
+    def held(self, x, **kw):
+        entered.set()
+        release.wait(30)
+        return real(self, x, **kw)
+
+    monkeypatch.setattr(Ensemble, "certify_with_votes", held)
+    body = json.dumps({"inputs": load_digits().x_test[:1].tolist()}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, url, body)
+        assert entered.wait(30)
+        assert _get(url, "/health")[0] == 200  # the event loop is free while the pass runs
+        release.set()
+        assert pending.result()[0] == 200
