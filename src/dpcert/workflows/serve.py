@@ -72,9 +72,10 @@ MAX_CONNECTIONS = 256
 #: the weights dominates), so requests that arrive together should share it; 5 ms is short
 #: next to one pass (about 20 ms), so a lone request barely notices the wait.
 BATCH_WINDOW = 0.005
-#: Most inputs gathered into one model pass: enough for every concurrent request of
-#: single inputs to share it, few enough that a pass stays well under a second.
-MAX_PASS_INPUTS = 256
+#: Most inputs gathered into one model pass (a request with more goes alone): as many as
+#: requests may be in flight, so that all waiting single-input requests share one pass,
+#: which stays short (64 Fashion-MNIST images with P = 1000: a fraction of a second).
+MAX_PASS_INPUTS = 64
 #: Addresses that need no token.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -165,17 +166,22 @@ class Batcher:
     arrive within ``window`` seconds of each other (up to ``max_inputs``), each request
     answered with its own rows.
 
-    ``certify`` maps a batch of inputs to one answer per input; it must treat rows
-    independently (the certificate of an input depends on its votes alone), so that a
-    request's answer is the one it would get alone. It runs in a worker thread, so the event
-    loop keeps accepting and reading requests while the models run. One worker coroutine
-    drains an asyncio queue; if ``certify`` raises, every request of that pass gets the
-    exception, and the worker goes on with the next pass."""
+    ``prepare`` (optional) maps each request's inputs to what ``certify`` takes, request by
+    request (the ensemble's features: computed per request as certifying it alone computes
+    them, so the answer cannot depend on its batch-mates). ``certify`` maps the concatenated
+    inputs to one answer per input; it must treat rows independently (the certificate of an
+    input depends on its votes alone), so that a request's answer is the one it would get
+    alone. Both run in a worker thread, so the event loop keeps accepting and reading
+    requests while the models run. One worker coroutine drains an asyncio queue; if the pass
+    raises, every request of that pass gets the exception, and the worker goes on with the
+    next pass."""
 
     def __init__(self, certify: Callable[[np.ndarray], list[dict]], *,
                  window: float = BATCH_WINDOW, max_inputs: int = MAX_PASS_INPUTS,
-                 observe: Callable[[int], None] | None = None) -> None:
+                 observe: Callable[[int], None] | None = None,
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self._certify = certify
+        self._prepare = prepare
         self._window = window
         self._max_inputs = max_inputs
         self._observe = observe
@@ -213,21 +219,15 @@ class Batcher:
                 done.set_result(mine)
 
     def _certify_all(self, xs: list[np.ndarray]) -> list[list[dict]]:
-        """One ``certify`` call per input form (images, or feature vectors where the ensemble
-        takes both: arrays of one shape concatenate), split back into each request's rows."""
-        answers: list[list[dict]] = [[] for _ in xs]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(xs):
-            by_shape.setdefault(x.shape[1:], []).append(i)
-        for members in by_shape.values():
-            rows = self._certify(np.concatenate([xs[i] for i in members]))
-            if self._observe is not None:
-                self._observe(len(rows))
-            start = 0
-            for i in members:
-                answers[i] = rows[start:start + len(xs[i])]
-                start += len(xs[i])
-        return answers
+        """``certify`` on the requests' (prepared) inputs concatenated, split back into each
+        request's rows."""
+        if self._prepare is not None:
+            xs = [self._prepare(x) for x in xs]
+        rows = self._certify(np.concatenate(xs))
+        if self._observe is not None:
+            self._observe(len(rows))
+        ends = np.cumsum([len(x) for x in xs])
+        return [rows[end - len(x):end] for x, end in zip(xs, ends, strict=True)]
 
 
 def header_timeout_protocol(header_timeout: float = HEADER_TIMEOUT,
@@ -431,9 +431,9 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
 
     def _checked(body: bytes, content_type: str) -> np.ndarray:
         """The request's inputs, checked on their own (a bad request fails alone, before it
-        joins a batch) and in the form the ensemble's features or models take unchanged:
-        float32 images in [0, 1], or feature vectors. The features are computed in the
-        batch: they are per image, whatever else it holds."""
+        joins a batch): float32 images in [0, 1] or feature vectors, which the ensemble's
+        input takes back unchanged. Their features are computed in the model pass's thread
+        (one thread doing torch's work, rather than one per waiting request)."""
         x = _inputs(body, content_type)
         spec_in = ens.info.input
         return spec_in.to_model_input(x) if spec_in.is_features(x) else spec_in.to_images(x)
@@ -448,6 +448,7 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
         return result_rows(cert, pred, flips)
 
     batcher = Batcher(_certify, window=batch_window, max_inputs=max_pass_inputs,
+                      prepare=ens.info.input.to_model_input,
                       observe=metrics.pass_inputs.observe)
 
     async def read_body(request: Request) -> tuple[bytearray, int]:
