@@ -72,9 +72,9 @@ MAX_CONNECTIONS = 256
 #: the weights dominates), so requests that arrive together should share it; 5 ms is short
 #: next to one pass (about 20 ms), so a lone request barely notices the wait.
 BATCH_WINDOW = 0.005
-#: Most inputs gathered into one model pass (a request with more goes alone): as many as
-#: requests may be in flight, so that all waiting single-input requests share one pass,
-#: which stays short (64 Fashion-MNIST images with P = 1000: a fraction of a second).
+#: Inputs after which a pass stops gathering requests (one large request may exceed it): as
+#: many as requests may be in flight, so that all waiting single-input requests share one
+#: pass, which stays short (64 Fashion-MNIST images with P = 1000: a fraction of a second).
 MAX_PASS_INPUTS = 64
 #: Addresses that need no token.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
