@@ -212,7 +212,8 @@ reps = -(-{big} // p)
 stacked = {{k: np.concatenate([v] * reps)[:{big}] for k, v in base.items()}}
 for v in stacked.values():
     v += rng.normal(0, 1e-3, v.shape).astype(np.float32)
-write_export({str(path)!r}, stacked, dataclasses.replace(ens.info, instances={big}))
+write_export({str(path)!r}, stacked, dataclasses.replace(
+    ens.info, instances={big}, training={{**ens.info.training, "instances": {big}}}))
 """
         subprocess.run([sys.executable, "-c", code], check=True)
         measure = f"""
