@@ -68,9 +68,10 @@ HEADER_TIMEOUT = 10.0
 #: bound lets work at once.
 MAX_CONNECTIONS = 256
 #: Seconds the batcher waits after a request arrives for others to join its model pass. A
-#: pass over P = 1000 linear models costs about as much for 32 inputs as for one (reading
-#: the weights dominates), so requests that arrive together should share it; 5 ms is short
-#: next to one pass (about 20 ms), so a lone request barely notices the wait.
+#: pass over P = 1000 linear models costs a fixed part (reading 160 MB of weights, the
+#: per-call work) and a smaller part per input: 32 inputs cost a few times one input's pass,
+#: not 32 times, so requests that arrive together should share it. 5 ms is short next to one
+#: pass (about 20 ms for one input on 2 cores), so a lone request barely notices the wait.
 BATCH_WINDOW = 0.005
 #: Inputs after which a pass stops gathering requests (one large request may exceed it): as
 #: many as requests may be in flight, so that all waiting single-input requests share one
