@@ -602,3 +602,17 @@ def test_the_server_keeps_answering_while_a_model_pass_runs(server, monkeypatch)
         assert _get(url, "/health")[0] == 200  # the event loop is free while the pass runs
         release.set()
         assert pending.result()[0] == 200
+
+
+def test_an_images_features_do_not_depend_on_its_batch_mates():
+    """The server computes the features of concurrent requests' images together
+    (FEATURE_CHUNK at a time): each image's features must equal those it gets alone, bit for
+    bit, for a request's answer to be the one it gets alone."""
+    pytest.importorskip("kymatio")
+    from dpcert.learning.features import scatter_features
+    from dpcert.workflows.serve import FEATURE_CHUNK
+
+    x = np.random.default_rng(0).random((FEATURE_CHUNK + 4, 1, 28, 28), dtype=np.float32)
+    alone = np.concatenate([scatter_features(x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(scatter_features(x[:FEATURE_CHUNK]), alone[:FEATURE_CHUNK])
+    assert np.array_equal(scatter_features(x), alone)  # beyond the chunk: kymatio's own loop
