@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -126,11 +127,19 @@ def _drive(port: int, bodies: list[bytes], clients: int,
     return len(times) / wall, statistics.median(times), times[int(0.99 * (len(times) - 1))]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client_rates(run_dir: Path, images: np.ndarray, clients: int, per_client: int,
-                 sequential: int) -> dict[int, tuple[float, float, float]]:
+                 sequential: int) -> dict[int, tuple[float, float, float, float]]:
     """``dpcert serve`` started as a command on a free loopback port; 1 client sending
     ``sequential`` requests, then ``clients`` clients sending ``per_client`` each (after a
-    round of warm-up requests): per number of clients, (requests/s, median s, p99 s)."""
+    round of warm-up requests): per number of clients, (requests/s, median s, p99 s, server
+    CPU s per request). The CPU per request depends less than the rates on what else the
+    machine runs: it bounds the rate the server's cores allow."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "dpcert.cli", "serve", str(run_dir),
                                "--port", str(port)], stdout=subprocess.DEVNULL,
@@ -147,8 +156,12 @@ def client_rates(run_dir: Path, images: np.ndarray, clients: int, per_client: in
                 time.sleep(0.5)
         bodies = [_png(img) for img in images]
         _drive(port, bodies, clients, 2)  # warm-up: allocators, caches, connections
-        return {1: _drive(port, bodies, 1, sequential),
-                clients: _drive(port, bodies, clients, per_client)}
+        rates = {}
+        for n, each in ((1, sequential), (clients, per_client)):
+            cpu = _cpu_seconds(server.pid)
+            rates[n] = (*_drive(port, bodies, n, each),
+                        (_cpu_seconds(server.pid) - cpu) / (n * each))
+        return rates
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -268,9 +281,10 @@ def main() -> None:
 
     rates = client_rates(args.run_dir, images, args.clients, args.per_client,
                          args.sequential)
-    for clients, (rate, median, p99) in rates.items():
+    for clients, (rate, median, p99, cpu) in rates.items():
         print(f"dpcert serve, {clients} client(s), one PNG per request: {rate:.1f} requests/s, "
-              f"median {median * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
+              f"median {median * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms; server CPU "
+              f"{cpu * 1e3:.1f} ms/request")
     print(f"  {args.clients} clients / 1 client: {rates[args.clients][0] / rates[1][0]:.1f}x "
           "the requests per second")
 
