@@ -8,8 +8,8 @@ Four measurements, side by side in one run, printed with the machine:
 2. Throughput of ``dpcert serve`` (its own process, as the command runs it) for 1 client and
    for ``--clients`` concurrent clients, each sending one PNG per request on a kept-alive
    connection and waiting for the answer before the next: requests per second, median and
-   99th-percentile latency, and the ratio of the two rates (concurrent requests share model
-   passes).
+   99th-percentile latency, the server's CPU time per request, and the ratio of the two
+   rates (concurrent requests share model passes).
 3. Batched certification (:meth:`Ensemble.certify`, instances streamed in blocks as stacked
    computations) against the reference a user without dpcert would write: load each
    instance's file and run it on the batch, one instance at a time. Reported per image, with
