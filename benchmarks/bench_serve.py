@@ -8,8 +8,8 @@ Four measurements, side by side in one run, printed with the machine:
 2. Throughput of ``dpcert serve`` (its own process, as the command runs it) for 1 client and
    for ``--clients`` concurrent clients, each sending one PNG per request on a kept-alive
    connection and waiting for the answer before the next: requests per second, median and
-   99th-percentile latency, the server's CPU time per request, and the ratio of the two
-   rates (concurrent requests share model passes).
+   99th-percentile latency, the server's CPU time per request, the mean inputs per model
+   pass, and the ratio of the two rates (concurrent requests share model passes).
 3. Batched certification (:meth:`Ensemble.certify`, instances streamed in blocks as stacked
    computations) against the reference a user without dpcert would write: load each
    instance's file and run it on the batch, one instance at a time. Reported per image, with
@@ -133,13 +133,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _passes(port: int) -> tuple[float, float]:
+    """(inputs, model passes) the server has certified so far, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
+    values = dict(line.split() for line in text.decode().splitlines()
+                  if line.startswith("dpcert_inputs_per_pass_"))
+    return (float(values["dpcert_inputs_per_pass_sum"]),
+            float(values["dpcert_inputs_per_pass_count"]))
+
+
 def client_rates(run_dir: Path, images: np.ndarray, clients: int, per_client: int,
-                 sequential: int) -> dict[int, tuple[float, float, float, float]]:
+                 sequential: int) -> dict[int, tuple[float, float, float, float, float]]:
     """``dpcert serve`` started as a command on a free loopback port; 1 client sending
     ``sequential`` requests, then ``clients`` clients sending ``per_client`` each (after a
     round of warm-up requests): per number of clients, (requests/s, median s, p99 s, server
-    CPU s per request). The CPU per request depends less than the rates on what else the
-    machine runs: it bounds the rate the server's cores allow."""
+    CPU s per request, mean inputs per model pass). The CPU per request depends less than the
+    rates on what else the machine runs: it bounds the rate the server's cores allow."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "dpcert.cli", "serve", str(run_dir),
                                "--port", str(port)], stdout=subprocess.DEVNULL,
@@ -158,9 +167,11 @@ def client_rates(run_dir: Path, images: np.ndarray, clients: int, per_client: in
         _drive(port, bodies, clients, 2)  # warm-up: allocators, caches, connections
         rates = {}
         for n, each in ((1, sequential), (clients, per_client)):
-            cpu = _cpu_seconds(server.pid)
-            rates[n] = (*_drive(port, bodies, n, each),
-                        (_cpu_seconds(server.pid) - cpu) / (n * each))
+            cpu, (inputs, passes) = _cpu_seconds(server.pid), _passes(port)
+            measured = _drive(port, bodies, n, each)
+            cpu = (_cpu_seconds(server.pid) - cpu) / (n * each)
+            inputs_after, passes_after = _passes(port)
+            rates[n] = (*measured, cpu, (inputs_after - inputs) / (passes_after - passes))
         return rates
     finally:
         server.terminate()
@@ -281,10 +292,10 @@ def main() -> None:
 
     rates = client_rates(args.run_dir, images, args.clients, args.per_client,
                          args.sequential)
-    for clients, (rate, median, p99, cpu) in rates.items():
+    for clients, (rate, median, p99, cpu, per_pass) in rates.items():
         print(f"dpcert serve, {clients} client(s), one PNG per request: {rate:.1f} requests/s, "
               f"median {median * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms; server CPU "
-              f"{cpu * 1e3:.1f} ms/request")
+              f"{cpu * 1e3:.1f} ms/request; {per_pass:.1f} inputs per model pass")
     print(f"  {args.clients} clients / 1 client: {rates[args.clients][0] / rates[1][0]:.1f}x "
           "the requests per second")
 
