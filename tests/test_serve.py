@@ -460,7 +460,8 @@ def test_concurrent_requests_batched_together_get_the_answers_they_get_alone(ser
 def test_the_batcher_answers_each_request_with_its_rows_and_survives_a_failing_pass():
     """Requests submitted together share one pass and get their own rows; requests beyond
     max_inputs wait for the next pass; a pass that raises answers each of its requests with
-    the exception (none hangs), and the next pass works."""
+    the exception (none hangs), and the next pass works; a batcher used from a new event loop
+    starts a worker there."""
     import asyncio
 
     passes: list[int] = []
@@ -487,6 +488,9 @@ def test_the_batcher_answers_each_request_with_its_rows_and_survives_a_failing_p
         return xs, got, failed, again
 
     xs, got, failed, again = asyncio.run(scenario())
+    batcher = Batcher(certify)
+    for _ in range(2):  # one batcher, served in one event loop and then another
+        assert asyncio.run(batcher.submit(xs[0])) == [{"row": 0.0}]
     assert got == [[{"row": float(v)} for v in x[:, 0]] for x in xs]
     assert passes[:2] == [6, 5]  # 1 + 3 + 2 reach max_inputs; the rest go in the next pass
     assert all(isinstance(f, RuntimeError) for f in failed) and passes[2] == 4

@@ -190,14 +190,17 @@ class Batcher:
         self._max_inputs = max_inputs
         self._observe = observe
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
 
     async def submit(self, x: np.ndarray) -> list[dict]:
         """The answers for ``x`` (one per row), certified in a pass shared with the inputs of
         the requests that arrive together with it."""
-        if self._worker is None:  # started on first use: in the loop that serves requests
-            self._worker = asyncio.create_task(self._run())
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or an app served again in another loop
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._run())
+        done = loop.create_future()
         self._queue.put_nowait((x, done))
         return await done
 
