@@ -260,7 +260,7 @@ def header_timeout_protocol(header_timeout: float = HEADER_TIMEOUT,
     class BoundedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 log.warning("%d connections open: refusing one more", len(self.connections))
