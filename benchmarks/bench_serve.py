@@ -1,15 +1,20 @@
 """Certifying new inputs with a kept ensemble: HTTP latency, batched vs one-by-one, memory.
 
-Three measurements, side by side in one run, printed with the machine:
+Four measurements, side by side in one run, printed with the machine:
 
 1. ``dpcert serve`` on loopback: median and 90th-percentile latency of ``POST /certify`` with
    one PNG image (decode, ScatterNet features, all P models, certificate; group tables built
    at start), over ``--requests`` sequential requests.
-2. Batched certification (:meth:`Ensemble.certify`, instances streamed in blocks as stacked
+2. Throughput of ``dpcert serve`` (its own process, as the command runs it) for 1 client and
+   for ``--clients`` concurrent clients, each sending one PNG per request on a kept-alive
+   connection and waiting for the answer before the next: requests per second, median and
+   99th-percentile latency, the server's CPU time per request, the mean inputs per model
+   pass, and the ratio of the two rates (concurrent requests share model passes).
+3. Batched certification (:meth:`Ensemble.certify`, instances streamed in blocks as stacked
    computations) against the reference a user without dpcert would write: load each
    instance's file and run it on the batch, one instance at a time. Reported per image, with
    the ratio, and checked to give the same votes.
-3. Peak memory (max RSS of a fresh process) of certifying a batch with a P = ``--big``
+4. Peak memory (max RSS of a fresh process) of certifying a batch with a P = ``--big``
    ensemble. The big ensemble is made by repeating the run's instances with small random
    perturbations (weights only matter for the votes, not for memory or time).
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,12 +55,12 @@ def http_latency(run_dir: Path, images: np.ndarray, requests: int) -> tuple[floa
     import uvicorn
 
     from dpcert.workflows.ensemble import load_ensemble
-    from dpcert.workflows.serve import create_app
+    from dpcert.workflows.serve import create_app, server_config
 
     t0 = time.perf_counter()
     app = create_app(load_ensemble(run_dir))
     start_s = time.perf_counter() - t0
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    srv = uvicorn.Server(server_config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not (srv.started and srv.servers):
         time.sleep(0.05)
@@ -71,6 +77,105 @@ def http_latency(run_dir: Path, images: np.ndarray, requests: int) -> tuple[floa
     srv.should_exit = True
     times.sort()
     return statistics.median(times), times[int(0.9 * len(times))], start_s
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _client(port: int, bodies: list[bytes], start: threading.Barrier,
+            times: list[float]) -> None:
+    """One client: each body in turn on one kept-alive connection; latencies into times."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    start.wait()
+    for body in bodies:
+        t = time.perf_counter()
+        conn.request("POST", "/certify", body, {"Content-Type": "image/png"})
+        resp = conn.getresponse()
+        json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(f"the server answered {resp.status}")
+        times.append(time.perf_counter() - t)
+    conn.close()
+
+
+def _drive(port: int, bodies: list[bytes], clients: int,
+           per_client: int) -> tuple[float, float, float]:
+    """``clients`` concurrent clients of ``per_client`` requests each: (requests/s, median
+    and 99th-percentile latency in s)."""
+    start = threading.Barrier(clients + 1)
+    times: list[float] = []
+    threads = [threading.Thread(target=_client, args=(
+        port, [bodies[(c * per_client + i) % len(bodies)] for i in range(per_client)],
+        start, times)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    start.wait()
+    t = time.perf_counter()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    if len(times) != clients * per_client:
+        raise RuntimeError("a client failed")
+    times.sort()
+    return len(times) / wall, statistics.median(times), times[int(0.99 * (len(times) - 1))]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _passes(port: int) -> tuple[float, float]:
+    """(inputs, model passes) the server has certified so far, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
+    values = dict(line.split() for line in text.decode().splitlines()
+                  if line.startswith("dpcert_inputs_per_pass_"))
+    return (float(values["dpcert_inputs_per_pass_sum"]),
+            float(values["dpcert_inputs_per_pass_count"]))
+
+
+def client_rates(run_dir: Path, images: np.ndarray, clients: int, per_client: int,
+                 sequential: int) -> dict[int, tuple[float, float, float, float, float]]:
+    """``dpcert serve`` started as a command on a free loopback port; 1 client sending
+    ``sequential`` requests, then ``clients`` clients sending ``per_client`` each (after a
+    round of warm-up requests): per number of clients, (requests/s, median s, p99 s, server
+    CPU s per request, mean inputs per model pass). The CPU per request depends less than the
+    rates on what else the machine runs: it bounds the rate the server's cores allow."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "dpcert.cli", "serve", str(run_dir),
+                               "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("dpcert serve did not start") from None
+                time.sleep(0.5)
+        bodies = [_png(img) for img in images]
+        _drive(port, bodies, clients, 2)  # warm-up: allocators, caches, connections
+        rates = {}
+        for n, each in ((1, sequential), (clients, per_client)):
+            cpu, (inputs, passes) = _cpu_seconds(server.pid), _passes(port)
+            measured = _drive(port, bodies, n, each)
+            cpu = (_cpu_seconds(server.pid) - cpu) / (n * each)
+            inputs_after, passes_after = _passes(port)
+            rates[n] = (*measured, cpu, (inputs_after - inputs) / (passes_after - passes))
+        return rates
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def one_by_one(run_dir: Path, x: np.ndarray, instances: int,
@@ -131,7 +236,8 @@ reps = -(-{big} // p)
 stacked = {{k: np.concatenate([v] * reps)[:{big}] for k, v in base.items()}}
 for v in stacked.values():
     v += rng.normal(0, 1e-3, v.shape).astype(np.float32)
-write_export({str(path)!r}, stacked, dataclasses.replace(ens.info, instances={big}))
+write_export({str(path)!r}, stacked, dataclasses.replace(
+    ens.info, instances={big}, training={{**ens.info.training, "instances": {big}}}))
 """
         subprocess.run([sys.executable, "-c", code], check=True)
         measure = f"""
@@ -159,6 +265,11 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--data-dir", default=None, help="the dataset's folder (test images)")
     ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--clients", type=int, default=32, help="concurrent clients (2)")
+    ap.add_argument("--per-client", type=int, default=25,
+                    help="requests each concurrent client sends (2)")
+    ap.add_argument("--sequential", type=int, default=100,
+                    help="requests the single client sends (2)")
     ap.add_argument("--batch", type=int, default=1000, help="images in the batched test")
     ap.add_argument("--reference-instances", type=int, default=100,
                     help="instances the one-by-one reference runs (its time is scaled to P)")
@@ -178,6 +289,15 @@ def main() -> None:
     med, p90, start = http_latency(args.run_dir, images, args.requests)
     print(f"HTTP POST /certify, one PNG: median {med * 1e3:.1f} ms, p90 {p90 * 1e3:.1f} ms "
           f"over {args.requests - 3} requests (server start incl. tables: {start:.1f} s)")
+
+    rates = client_rates(args.run_dir, images, args.clients, args.per_client,
+                         args.sequential)
+    for clients, (rate, median, p99, cpu, per_pass) in rates.items():
+        print(f"dpcert serve, {clients} client(s), one PNG per request: {rate:.1f} requests/s, "
+              f"median {median * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms; server CPU "
+              f"{cpu * 1e3:.1f} ms/request; {per_pass:.1f} inputs per model pass")
+    print(f"  {args.clients} clients / 1 client: {rates[args.clients][0] / rates[1][0]:.1f}x "
+          "the requests per second")
 
     x = data.x_test[: args.batch]
     ens.load()

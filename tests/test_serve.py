@@ -21,7 +21,7 @@ import pytest
 from dpcert.learning.data import load_digits
 from dpcert.workflows.ensemble import load_ensemble
 from dpcert.workflows.run import RunConfig, run
-from dpcert.workflows.serve import create_app
+from dpcert.workflows.serve import Batcher, create_app, server_config
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -38,11 +38,13 @@ def server(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _serving(path, **settings):
-    """A server for the kept ensemble at ``path`` on a free loopback port, for the block."""
+def _serving(path, server: dict | None = None, **settings):
+    """A server for the kept ensemble at ``path`` on a free loopback port, for the block,
+    configured as ``dpcert serve`` configures it (``server``: options of server_config)."""
     ens = load_ensemble(path)
     app = create_app(ens, **{"max_batch": 64, "max_body": 1 << 20, **settings})
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    config = server_config(app, host="127.0.0.1", port=0,
+                           **{"log_level": "warning", **(server or {})})
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -400,3 +402,221 @@ def test_metrics_count_requests_errors_latency_and_batch_sizes(server):
     assert 'dpcert_requests_total{path="other",status="404"} 3.0' in text
     assert 'dpcert_inputs_per_request_bucket{le="4.0"} 1.0' in text
     assert 'dpcert_request_seconds_count{path="/certify"} 2.0' in text
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of one sample line ``name value`` of Prometheus text."""
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith(name + " ")))
+
+
+def test_concurrent_requests_batched_together_get_the_answers_they_get_alone(server):
+    """Requests of every form, one or several inputs, some bad, sent at once so that they
+    share model passes: each valid one gets exactly the certificates (against poisoning and
+    against label flips) and votes of its inputs certified alone; each bad one its own 400,
+    without failing its batch-mates."""
+    _, ens = server
+    x = load_digits().x_test[:40]
+    raw = np.round(x * 16).astype(np.int64)  # integer JSON numbers: raw pixels 0..16
+    requests = []  # (body, content type, the inputs it certifies or None for a bad one)
+    for i in range(24):
+        k = 1 + i % 4
+        xi = x[i:i + k]
+        if i % 6 == 0:
+            requests.append((json.dumps({"inputs": raw[i:i + k].tolist()}).encode(),
+                             "application/json", raw[i:i + k]))
+        elif i % 6 == 1:
+            img = (x[i, 0] * 255).astype(np.uint8)
+            requests.append((_png(img), "image/png", (img / 255.0).astype(np.float32)[None]))
+        else:
+            requests.append((json.dumps({"inputs": xi.tolist()}).encode(), "application/json",
+                             xi))
+        if i % 5 == 2:  # a bad request beside the good ones
+            bad = [b'{"inputs": [[1, 2], [3]]}', b"{not json",
+                   json.dumps({"inputs": np.full((1, 8, 8), 3.5).tolist()}).encode()][i % 3]
+            requests.append((bad, "application/json", None))
+    with _serving(Path(ens.origin), batch_window=0.05) as url:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: _post(url, r[0], r[1]), requests))
+        metrics = _get(url, "/metrics")[1].decode()
+    for (_, _, xi), (status, doc) in zip(requests, answers, strict=True):
+        if xi is None:
+            assert status == 400 and "error" in doc
+            continue
+        assert status == 200, doc
+        cert, pred = ens.certify_with_votes(xi)
+        flips = ens.certify(xi, threat="label-flip")
+        assert [r["prediction"] for r in doc["results"]] == cert.prediction.tolist()
+        assert [r["radius"] for r in doc["results"]] == cert.radius.tolist()
+        assert [r["label_flip_radius"] for r in doc["results"]] == flips.radius.tolist()
+        assert [r["votes"] for r in doc["results"]] == pred.votes.tolist()
+        assert [r["p_lower"] for r in doc["results"]] == pytest.approx(cert.p_lower.tolist())
+    valid = [xi for _, _, xi in requests if xi is not None]
+    # every input went through exactly one pass, and passes were shared
+    assert _metric(metrics, "dpcert_inputs_per_pass_sum") == sum(len(xi) for xi in valid)
+    assert _metric(metrics, "dpcert_inputs_per_pass_count") < len(valid)
+
+
+def test_the_batcher_answers_each_request_with_its_rows_and_survives_a_failing_pass():
+    """Requests submitted together share one pass and get their own rows; requests beyond
+    max_inputs wait for the next pass; a pass that raises answers each of its requests with
+    the exception (none hangs), and the next pass works; a batcher used from a new event loop
+    starts a worker there."""
+    import asyncio
+
+    passes: list[int] = []
+    fail = {"now": False}
+
+    def certify(x: np.ndarray) -> list[dict]:
+        passes.append(len(x))
+        if fail["now"]:
+            raise RuntimeError("the models failed")
+        return [{"row": float(v)} for v in x[:, 0]]
+
+    async def scenario():
+        batcher = Batcher(certify, window=0.01, max_inputs=6)
+        sizes = [1, 3, 2, 1, 4]
+        starts = np.cumsum([0, *sizes[:-1]])
+        xs = [np.arange(s, s + k, dtype=float)[:, None] for s, k in zip(starts, sizes,
+                                                                         strict=True)]
+        got = await asyncio.gather(*(batcher.submit(x) for x in xs))
+        fail["now"] = True
+        failed = await asyncio.gather(*(batcher.submit(x) for x in xs[:2]),
+                                      return_exceptions=True)
+        fail["now"] = False
+        again = await asyncio.wait_for(batcher.submit(xs[0]), 5)
+        return xs, got, failed, again
+
+    xs, got, failed, again = asyncio.run(scenario())
+    batcher = Batcher(certify)
+    for _ in range(2):  # one batcher, served in one event loop and then another
+        assert asyncio.run(batcher.submit(xs[0])) == [{"row": 0.0}]
+    assert got == [[{"row": float(v)} for v in x[:, 0]] for x in xs]
+    assert passes[:2] == [6, 5]  # 1 + 3 + 2 reach max_inputs; the rest go in the next pass
+    assert all(isinstance(f, RuntimeError) for f in failed) and passes[2] == 4
+    assert again == [{"row": 0.0}]
+
+
+def test_a_failing_model_pass_answers_every_waiting_request_with_500(server, monkeypatch):
+    from dpcert.workflows.ensemble import Ensemble
+
+    url, _ = server
+
+    def broken(self, x, **kw):
+        raise RuntimeError("out of order")
+
+    monkeypatch.setattr(Ensemble, "certify_with_votes", broken)
+    body = json.dumps({"inputs": load_digits().x_test[:1].tolist()}).encode()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _post(url, body), range(6)))
+    assert all(status == 500 and "RuntimeError" in doc["error"] for status, doc in answers)
+    monkeypatch.undo()
+    assert _post(url, body)[0] == 200
+
+
+def _connect(url: str):
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _closed_after(sock, trickle: bytes = b"") -> float:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` a byte at a time, 0.1 s
+    apart, meanwhile); fails if it is still open after the socket's 10 s timeout."""
+    t = time.monotonic()
+    sock.settimeout(0.1)
+    for byte in trickle:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - t
+        except TimeoutError:
+            pass
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - t
+    sock.settimeout(10)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t
+
+
+def test_clients_slow_to_send_their_headers_are_disconnected(server):
+    """Slowloris: a connection sending nothing, one stopping mid-header and one trickling its
+    headers a byte at a time are all closed once the header timeout passes, while a normal
+    client is served meanwhile, also on a kept-alive connection between requests."""
+    import http.client
+
+    _, ens = server
+    body = json.dumps({"inputs": load_digits().x_test[:1].tolist()}).encode()
+    with _serving(Path(ens.origin), server={"header_timeout": 1.0}) as url:
+        with _connect(url) as silent, _connect(url) as partial, _connect(url) as trickle:
+            partial.sendall(b"POST /certify HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            assert _post(url, body)[0] == 200  # served while three connections dawdle
+            assert _closed_after(silent) < 5
+            assert _closed_after(partial) < 5
+            assert _closed_after(trickle, b"GET /health HTTP/1.1\r\nHost: x\r\n" * 3) < 5
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        for _ in range(2):  # the timer restarts after each answer on a kept-alive connection
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() and conn.sock is not None
+            time.sleep(0.6)
+        conn.close()
+
+
+def test_connections_beyond_the_bound_get_503_and_are_closed(server):
+    _, ens = server
+    with _serving(Path(ens.origin), server={"max_connections": 2}) as url:
+        with _connect(url) as first, _connect(url) as second:
+            first.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert first.recv(4096).startswith(b"HTTP/1.1 200")
+            with _connect(url) as third:
+                answer = third.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+                assert third.recv(4096) == b""
+            second.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert second.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)  # the server sees the two close
+        assert _get(url, "/health")[0] == 200
+
+
+def test_the_server_keeps_answering_while_a_model_pass_runs(server, monkeypatch):
+    """The pass runs in a worker thread: while it is held, /health and the metrics answer."""
+    from dpcert.workflows.ensemble import Ensemble
+
+    url, _ = server
+    entered, release = threading.Event(), threading.Event()
+    real = Ensemble.certify_with_votes
+
+    def held(self, x, **kw):
+        entered.set()
+        release.wait(30)
+        return real(self, x, **kw)
+
+    monkeypatch.setattr(Ensemble, "certify_with_votes", held)
+    body = json.dumps({"inputs": load_digits().x_test[:1].tolist()}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, url, body)
+        assert entered.wait(30)
+        assert _get(url, "/health")[0] == 200  # the event loop is free while the pass runs
+        release.set()
+        assert pending.result()[0] == 200
+
+
+def test_an_images_features_do_not_depend_on_its_batch_mates():
+    """The server computes the features of concurrent requests' images together
+    (FEATURE_CHUNK at a time): each image's features must equal those it gets alone, bit for
+    bit, for a request's answer to be the one it gets alone."""
+    pytest.importorskip("kymatio")
+    from dpcert.learning.features import scatter_features
+    from dpcert.workflows.serve import FEATURE_CHUNK
+
+    x = np.random.default_rng(0).random((FEATURE_CHUNK + 4, 1, 28, 28), dtype=np.float32)
+    alone = np.concatenate([scatter_features(x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(scatter_features(x[:FEATURE_CHUNK]), alone[:FEATURE_CHUNK])
+    assert np.array_equal(scatter_features(x), alone)  # beyond the chunk: kymatio's own loop

@@ -817,8 +817,9 @@ def verify_cmd(ensemble, digest, public_key, quiet) -> None:
 def serve_cmd(ensemble, host, port, eta, accounting, max_batch, device, token_file,
               insecure, digest, public_key) -> None:
     """Serve a kept ENSEMBLE over HTTP: POST /certify, GET /health, GET /ensemble, and a page
-    at / to upload or draw an image (pip install 'dpcert[serve]'). Bodies must arrive
-    within 30 s; at most 64 requests are certified at once (then 503); a request may decode
+    at / to upload or draw an image (pip install 'dpcert[serve]'). Concurrent requests share
+    model passes. Headers must arrive within 10 s and bodies within 30 s; at most 256
+    connections are open and 64 requests certified at once (then 503); a request may decode
     at most 16.7 million pixels."""
 
     def action() -> None:

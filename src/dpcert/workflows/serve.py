@@ -12,20 +12,28 @@ Endpoints:
   input, mechanism, the test-set certified accuracy curve).
 * ``GET /`` — a page to upload or draw an image and see its certificate.
 * ``GET /metrics`` — Prometheus text: requests by route and status, client errors, latency,
-  inputs per request (behind the token when there is one).
+  inputs per request and per model pass (behind the token when there is one).
 
 The ensemble is loaded, verified and kept in memory once at start, and the group tables are
 built up to the largest radius any input could certify, so a request costs the instances'
-forward passes and a table look-up. Bad requests get a 4xx answer with a JSON ``error``
-message and change nothing; the server listens on loopback unless told otherwise.
+forward passes and a table look-up. Concurrent requests share those passes: each request's
+inputs are checked on their own, then gathered with those of the requests arriving within a
+few milliseconds and certified in one pass over the models (:class:`Batcher`); each request
+gets its own rows back, the answer it would get alone. Bad requests get a 4xx answer with a
+JSON ``error`` message and change nothing; the server listens on loopback unless told
+otherwise, and bounds the time a client may take to send its headers and body and the
+connections it may hold open (:func:`server_config`).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
 # (``request: Request``) at run time, from names local to create_app.
+import asyncio
 import base64
 import binascii
 import io
 import json
+import logging
+from collections.abc import Callable
 from importlib import resources
 
 import numpy as np
@@ -49,6 +57,32 @@ MAX_NUMBER_CHARS = 40
 MAX_IN_FLIGHT = 64
 #: Seconds a client may take to send its body.
 BODY_TIMEOUT = 30.0
+#: Seconds a client may take to send a request's line and headers, from the moment it
+#: connects (or its previous answer was sent): a few hundred bytes that a real client sends in
+#: one packet. uvicorn bounds only idle keep-alive time, so a client trickling a header byte
+#: at a time ("slowloris") would otherwise hold its connection for ever.
+HEADER_TIMEOUT = 10.0
+#: Open connections at most; beyond it a new connection gets a 503 and is closed. With
+#: HEADER_TIMEOUT this bounds what clients that never finish a request can hold (each
+#: connection costs a little memory and a file descriptor), well above what the in-flight
+#: bound lets work at once.
+MAX_CONNECTIONS = 256
+#: Seconds the batcher waits after a request arrives for others to join its model pass. A
+#: pass over P = 1000 linear models costs a fixed part (reading 160 MB of weights, the
+#: per-call work) and a smaller part per input: 32 inputs cost a few times one input's pass,
+#: not 32 times, so requests that arrive together should share it. 5 ms is short next to one
+#: pass (about 20 ms for one input on 2 cores), so a lone request barely notices the wait.
+BATCH_WINDOW = 0.005
+#: Inputs after which a pass stops gathering requests (one large request may exceed it): as
+#: many as requests may be in flight, so that all waiting single-input requests share one
+#: pass, which stays short (64 Fashion-MNIST images with P = 1000: a fraction of a second).
+MAX_PASS_INPUTS = 64
+#: Images whose features (ScatterNet) a pass computes in one call: up to 16 take the
+#: scattering's path batched over wavelets (dpcert.learning.features), about 4x less CPU per
+#: image than one image at a time or kymatio's own loop at 32 images. Each image's features
+#: are the same, bit for bit, whatever else is in the call (tested), so a request's answer
+#: does not depend on its batch-mates.
+FEATURE_CHUNK = 16
 #: Addresses that need no token.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -134,16 +168,164 @@ def _image_pixels(raw: bytes) -> int:
     return w * h
 
 
+class Batcher:
+    """Certifies concurrent requests' inputs together: one model pass for all the inputs that
+    arrive within ``window`` seconds of each other (up to ``max_inputs``), each request
+    answered with its own rows.
+
+    ``certify`` maps a batch of inputs to one answer per input; it must treat rows
+    independently (the certificate of an input depends on its votes alone), so that a
+    request's answer is the one it would get alone. Requests' inputs of one shape are
+    concatenated into one call (an ensemble taking images or feature vectors gets one call
+    for each form present). It runs in a worker thread, so the event loop keeps accepting and
+    reading requests while the models run. One worker coroutine drains an asyncio queue; if
+    a pass raises, every request of that pass gets the exception, and the worker goes on with
+    the next pass."""
+
+    def __init__(self, certify: Callable[[np.ndarray], list[dict]], *,
+                 window: float = BATCH_WINDOW, max_inputs: int = MAX_PASS_INPUTS,
+                 observe: Callable[[int], None] | None = None) -> None:
+        self._certify = certify
+        self._window = window
+        self._max_inputs = max_inputs
+        self._observe = observe
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, x: np.ndarray) -> list[dict]:
+        """The answers for ``x`` (one per row), certified in a pass shared with the inputs of
+        the requests that arrive together with it."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or an app served again in another loop
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._run())
+        done = loop.create_future()
+        self._queue.put_nowait((x, done))
+        return await done
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(self._window)  # let the requests arriving now join this pass
+            while (not self._queue.empty()
+                   and sum(len(x) for x, _ in batch) < self._max_inputs):
+                batch.append(self._queue.get_nowait())
+            await self._answer(batch)
+
+    async def _answer(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+        try:
+            rows = await asyncio.to_thread(self._certify_all, [x for x, _ in batch])
+        except Exception as err:  # every waiting request answers with it; none hangs
+            for _, done in batch:
+                if not done.done():  # done: its client went away meanwhile
+                    done.set_exception(err)
+            return
+        for (_, done), mine in zip(batch, rows, strict=True):
+            if not done.done():
+                done.set_result(mine)
+
+    def _certify_all(self, xs: list[np.ndarray]) -> list[list[dict]]:
+        """One ``certify`` call per input shape present, split back into each request's
+        rows."""
+        answers: list[list[dict]] = [[] for _ in xs]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(xs):
+            by_shape.setdefault(x.shape[1:], []).append(i)
+        for members in by_shape.values():
+            rows = self._certify(np.concatenate([xs[i] for i in members]))
+            if self._observe is not None:
+                self._observe(len(rows))
+            ends = np.cumsum([len(xs[i]) for i in members])
+            for i, end in zip(members, ends, strict=True):
+                answers[i] = rows[end - len(xs[i]):end]
+        return answers
+
+
+def header_timeout_protocol(header_timeout: float = HEADER_TIMEOUT,
+                            max_connections: int = MAX_CONNECTIONS) -> type:
+    """uvicorn's h11 HTTP protocol, bounded: a connection whose request line and headers are
+    not complete ``header_timeout`` seconds after it opened (or after its previous answer) is
+    closed, and a connection beyond ``max_connections`` open ones is answered 503 and closed.
+    uvicorn (0.55) offers neither: its ``timeout_keep_alive`` stops at the first byte a
+    client sends, and ``limit_concurrency`` answers 503 only to complete requests, so a
+    client sending nothing whole holds its connection for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    log = logging.getLogger("dpcert.serve")
+    busy = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n")
+
+    class BoundedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("%d connections open: refusing one more", len(self.connections))
+                transport.write(busy)
+                transport.close()
+                return
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._await_headers()  # the next request's, on a kept-alive connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.warning("closed a connection whose request headers took over %g s",
+                            header_timeout)
+                self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def server_config(app, *, host: str = "127.0.0.1", port: int = 8000,
+                  header_timeout: float = HEADER_TIMEOUT,
+                  max_connections: int = MAX_CONNECTIONS, **options):
+    """The uvicorn configuration ``dpcert serve`` runs ``app`` with: the bounded h11
+    protocol (:func:`header_timeout_protocol`), idle keep-alive connections closed after 5 s;
+    ``options``: more of :class:`uvicorn.Config`'s."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, timeout_keep_alive=5,
+                          http=header_timeout_protocol(header_timeout, max_connections),
+                          **{"log_level": "info", **options})
+
+
 def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pld",
                max_radius: int | None = None, max_batch: int = MAX_BATCH,
                max_body: int = MAX_BODY, token: str | None = None,
-               max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT):
+               max_in_flight: int = MAX_IN_FLIGHT, body_timeout: float = BODY_TIMEOUT,
+               batch_window: float = BATCH_WINDOW, max_pass_inputs: int = MAX_PASS_INPUTS):
     """The ASGI app serving ``ens`` (loaded and warmed up here). ``token``: when given,
-    ``/certify`` and ``/ensemble`` need ``Authorization: Bearer <token>``."""
+    ``/certify`` and ``/ensemble`` need ``Authorization: Bearer <token>``. Concurrent
+    requests' inputs share model passes (:class:`Batcher`: ``batch_window`` seconds, at most
+    ``max_pass_inputs`` inputs)."""
     _require_web()
-    import asyncio
     import hmac
-    import logging
 
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -259,16 +441,30 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
             raise UserError("inputs must be arrays of numbers, all of the same shape")
         return x
 
-    def _certify(body: bytes, content_type: str) -> dict:
+    spec_in = ens.info.input
+
+    def _checked(body: bytes, content_type: str) -> np.ndarray:
+        """The request's inputs, checked on their own (a bad request fails alone, before it
+        joins a batch): float32 images in [0, 1] or feature vectors, which the ensemble's
+        input takes back unchanged. Their features are computed with the batch's."""
         x = _inputs(body, content_type)
-        metrics.batch.observe(len(x))
+        return spec_in.to_model_input(x) if spec_in.is_features(x) else spec_in.to_images(x)
+
+    def _certify(x: np.ndarray) -> list[dict]:
+        """Certificates of a batch, one row per input (every step is row by row; the
+        features of images FEATURE_CHUNK at a time)."""
+        if spec_in.features is not None and not spec_in.is_features(x):
+            x = np.concatenate([spec_in.to_model_input(x[i:i + FEATURE_CHUNK])
+                                for i in range(0, len(x), FEATURE_CHUNK)])
         cert, pred = ens.certify_with_votes(x, eta=eta, accounting=accounting,
                                             max_radius=spec.max_radius)
         flips = (dp_label_flips(cert) if ens.info.defence == "dp" else
                  ens.certify_prediction(pred, eta=eta, max_radius=spec.max_radius,
                                         threat="label-flip"))
-        return {"results": result_rows(cert, pred, flips), **settings,
-                "mechanism": info["mechanism"], "instances": ens.info.instances}
+        return result_rows(cert, pred, flips)
+
+    batcher = Batcher(_certify, window=batch_window, max_inputs=max_pass_inputs,
+                      observe=metrics.pass_inputs.observe)
 
     async def read_body(request: Request) -> tuple[bytearray, int]:
         body, seen = bytearray(), 0
@@ -306,13 +502,17 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
                 return error(400, "empty request body")
             content_type = request.headers.get("content-type", "").lower()
             try:
-                return await run_in_threadpool(_certify, bytes(body), content_type)
+                x = await run_in_threadpool(_checked, bytes(body), content_type)
+                metrics.batch.observe(len(x))
+                results = await batcher.submit(x)
             except _TooLarge as err:
                 return error(413, str(err))
             except UserError as err:
                 return error(400, str(err))
             except MemoryError:
                 return error(413, "the batch is too large for this server's memory")
+            return {"results": results, **settings, "mechanism": info["mechanism"],
+                    "instances": ens.info.instances}
         finally:
             in_flight -= 1
 
@@ -327,7 +527,8 @@ def _route(path: str) -> str:
 
 class _Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app): requests
-    by route and status, client errors by status, latency by route, inputs per request."""
+    by route and status, client errors by status, latency by route, inputs per request and
+    per model pass."""
 
     def __init__(self) -> None:
         try:
@@ -342,9 +543,12 @@ class _Metrics:
                                    ["status"], registry=self.registry)
         self.latency = prom.Histogram("dpcert_request_seconds", "time to answer a request",
                                       ["path"], registry=self.registry)
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
         self.batch = prom.Histogram("dpcert_inputs_per_request", "inputs certified per request",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                                    registry=self.registry)
+                                    buckets=sizes, registry=self.registry)
+        self.pass_inputs = prom.Histogram("dpcert_inputs_per_pass", "inputs certified per "
+                                          "model pass (concurrent requests' batched together)",
+                                          buckets=sizes, registry=self.registry)
         self.content_type = prom.CONTENT_TYPE_LATEST
         self._render = prom.generate_latest
 
@@ -368,5 +572,5 @@ def serve(ens: Ensemble, *, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     check_exposure(host, token, insecure)
-    uvicorn.run(create_app(ens, token=token, **settings), host=host, port=port,
-                log_level="info", timeout_keep_alive=5)
+    uvicorn.Server(server_config(create_app(ens, token=token, **settings), host=host,
+                                 port=port)).run()
