@@ -620,3 +620,27 @@ def test_an_images_features_do_not_depend_on_its_batch_mates():
     alone = np.concatenate([scatter_features(x[i:i + 1]) for i in range(len(x))])
     assert np.array_equal(scatter_features(x[:FEATURE_CHUNK]), alone[:FEATURE_CHUNK])
     assert np.array_equal(scatter_features(x), alone)  # beyond the chunk: kymatio's own loop
+
+
+def test_a_kernel_ridge_dpa_ensemble_serves_white_box_label_flip_radii(tmp_path):
+    """Served label-flip radii of DPA over kernel ridge are its white-box certificates: those
+    its run wrote, and above counting somewhere."""
+    from click.testing import CliRunner
+
+    from dpcert.certification import baselines
+    from dpcert.cli import main
+
+    out = tmp_path / "dpa"
+    res = CliRunner().invoke(main, ["run", "--defence", "dpa", "--models", "20", "--learner",
+                                    "kernel-ridge", "--gamma", "0.05", "--ridge", "1",
+                                    "--output", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    flips = np.loadtxt(out / "certificates_label_flip.csv", delimiter=",", skiprows=1,
+                       dtype=np.int64)[:60, 2]
+    counting = baselines.dpa_radius(np.load(out / "votes.npy"))[1][:60]
+    assert (flips > counting).any()
+    x = load_digits().x_test[:60]
+    with _serving(out) as url:
+        status, doc = _post(url, json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200
+    assert [r["label_flip_radius"] for r in doc["results"]] == flips.tolist()

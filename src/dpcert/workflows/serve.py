@@ -43,6 +43,7 @@ from dpcert.certification.aggregation import dp_label_flips
 from dpcert.certification.certify import confidence_bounds, search_radius
 from dpcert.errors import UserError, missing_extra
 from dpcert.learning.inputs import decode_image
+from dpcert.workflows import white_box
 from dpcert.workflows.ensemble import Ensemble
 
 #: Largest request body accepted (bytes) and largest batch of inputs.
@@ -346,6 +347,8 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
                     "inference": "multinomial", "max_radius": spec.max_radius}
     else:
         settings = {"defence": ens.info.defence, "eta": eta, "max_radius": spec.max_radius}
+        if white_box.applies(ens.info.defence, ens.info.model):
+            ens.kernel_parts()  # each part's system, factorised once at start
     app = FastAPI(title="dpcert", description="Certified predictions against training-data "
                   "poisoning", docs_url=None, redoc_url=None)
 
@@ -460,7 +463,7 @@ def create_app(ens: Ensemble, *, eta: float | None = None, accounting: str = "pl
                                             max_radius=spec.max_radius)
         flips = (dp_label_flips(cert) if ens.info.defence == "dp" else
                  ens.certify_prediction(pred, eta=eta, max_radius=spec.max_radius,
-                                        threat="label-flip"))
+                                        threat="label-flip", inputs=x))
         return result_rows(cert, pred, flips)
 
     batcher = Batcher(_certify, window=batch_window, max_inputs=max_pass_inputs,
