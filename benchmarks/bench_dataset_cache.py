@@ -27,12 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, mnist_validation_config  # noqa: E402
 
 from dpcert.learning.data import load_dataset_cached  # noqa: E402
-from dpcert.workflows.compare import (  # noqa: E402
-    BaselineConfig,
-    _training_examples,
-    training_indices,
-)
+from dpcert.workflows.partition import _training_examples, training_indices  # noqa: E402
 from dpcert.workflows.runconfig import RunConfig, load_run_data  # noqa: E402
+from dpcert.workflows.setting import BaselineConfig  # noqa: E402
 
 
 def prepare(cfg: RunConfig, setting: BaselineConfig, parts: list, models: int,

@@ -4,12 +4,12 @@ one model per call.
 A DPA / Run-off Election setting with ``learner: prototype`` (or ``prototype-cosine``,
 ``nearest-neighbour``) has nothing to train; the cost of each model is scoring the evaluation
 set, and scoring one linear model at a time re-reads the whole (N, D) feature matrix for 10
-output columns. ``dpcert compare`` scores ``UNITS_PER_JOB`` models per call.
+output columns. ``dpcert compare`` scores ``ROW_MODELS_PER_CALL`` models per call.
 
 Data: MNIST ScatterNet features when ``data/mnist`` is there (validation split: 50,000
 training examples in k = 5000 parts, 10,000 evaluation points, D = 3969), else the embedded
 digits set. Both sides run in this process on the same parts, through
-``dpcert.workflows.compare._train_units`` (the function ``compare`` runs in its workers,
+``dpcert.workflows.partition._train_units`` (the function ``compare`` runs in its workers,
 files written included): ours with the chunk size ``compare`` uses, the reference with one
 model per call. Prints the absolute times, the ratio and the machine, and checks that both
 wrote the same votes.
@@ -31,13 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from dpcert.workflows.compare import (  # noqa: E402
-    UNITS_PER_JOB,
-    BaselineConfig,
-    _train_units,
-    training_indices,
-)
+from dpcert.learning.inference import ROW_MODELS_PER_CALL  # noqa: E402
+from dpcert.workflows.partition import _train_units, training_indices  # noqa: E402
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit  # noqa: E402
+from dpcert.workflows.setting import BaselineConfig  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +62,7 @@ def main() -> None:
           f"learner {args.learner}, {count} models per side")
     times, votes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, per in (("stacked", UNITS_PER_JOB), ("one per call", 1)):
+        for name, per in (("stacked", ROW_MODELS_PER_CALL), ("one per call", 1)):
             out = Path(tmp) / name.replace(" ", "_")
             out.mkdir()
             units = [(i, indices[i], str(out / f"model_{i:06d}.npz")) for i in range(count)]
@@ -75,7 +72,7 @@ def main() -> None:
             times[name] = time.perf_counter() - start
             votes[name] = np.stack([read_unit(Path(u[2])).argmax(axis=1) for u in units])
     same = float(np.mean(votes["stacked"] == votes["one per call"]))
-    print(f"ours (stacked, {UNITS_PER_JOB} models per call): {times['stacked']:.2f} s "
+    print(f"ours (stacked, {ROW_MODELS_PER_CALL} models per call): {times['stacked']:.2f} s "
           f"({count / times['stacked']:.1f} models/s)")
     print(f"reference (one model per call): {times['one per call']:.2f} s "
           f"({count / times['one per call']:.1f} models/s)")

@@ -34,15 +34,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, mnist_validation_config  # noqa: E402
 
 from dpcert.learning.reference import instance_generator  # noqa: E402
-from dpcert.workflows.compare import (  # noqa: E402
-    FREE_LEARNERS,
-    BaselineConfig,
+from dpcert.workflows.partition import (  # noqa: E402
     _fit_free,
     _train_one,
     learner_model,
     training_indices,
 )
 from dpcert.workflows.runconfig import RunConfig, load_run_data  # noqa: E402
+from dpcert.workflows.setting import FREE_LEARNERS, BaselineConfig  # noqa: E402
 
 
 def settings(k: int, shift: int) -> dict[str, BaselineConfig]:

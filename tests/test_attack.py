@@ -154,7 +154,7 @@ def dpa_run(tmp_path_factory):
 
 def test_the_poison_reaches_the_parts_of_its_examples(dpa_run):
     from dpcert.workflows.attack import _retrain_on_target, load_defence_run, touched_models
-    from dpcert.workflows.compare import hash_partition
+    from dpcert.workflows.partition import hash_partition
 
     run = load_defence_run(dpa_run)
     data = load_run_data(run.cfg)

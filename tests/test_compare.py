@@ -7,14 +7,9 @@ import pytest
 
 from dpcert.certification import baselines
 from dpcert.errors import UserError
-from dpcert.workflows.compare import (
-    BaselineConfig,
-    CompareConfig,
-    compare,
-    hash_partition,
-    instance_accuracies,
-    training_indices,
-)
+from dpcert.workflows.compare import CompareConfig, compare, instance_accuracies
+from dpcert.workflows.partition import hash_partition, training_indices
+from dpcert.workflows.setting import BaselineConfig
 
 
 def test_hash_partition_depends_only_on_the_example():
@@ -405,7 +400,7 @@ def test_kernel_ridge_setting_names_its_kernel():
 
 
 def test_choice_and_envelope_by_hand():
-    from dpcert.workflows.compare import choose, envelope
+    from dpcert.workflows.tuning import choose, envelope
 
     val = {"a": np.array([0.9, 0.5, 0.0, 0.0]), "b": np.array([0.8, 0.6, 0.3, 0.0])}
     c = choose(val)

@@ -42,7 +42,8 @@ def test_compare_config_is_valid(name):
 def test_best_learner_compare_config_names_its_run(dataset):
     """It reuses the DP run of the best-learner config (dp_run) and so cannot be parsed before
     that run exists; its baselines and options are checked here without it."""
-    from dpcert.workflows.compare import BASELINES, parse_settings
+    from dpcert.workflows.compare import BASELINES
+    from dpcert.workflows.setting import parse_settings
 
     name = dataset.split("-")[0]
     data = load_config_file(Path(__file__).parent.parent / "configs" /

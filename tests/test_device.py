@@ -146,8 +146,9 @@ def test_reference_and_baseline_training_keep_their_tensors_placed(meta_default)
 
 
 def test_compare_trains_a_baseline_model_on_its_device(tmp_path, meta_default):
-    from dpcert.workflows.compare import BaselineConfig, _train_units
+    from dpcert.workflows.partition import _train_units
     from dpcert.workflows.runconfig import read_unit
+    from dpcert.workflows.setting import BaselineConfig
 
     run_cfg = RunConfig(model="digits_cnn")
     bc = BaselineConfig(epochs=1)

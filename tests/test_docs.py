@@ -105,7 +105,8 @@ def workspace(tmp_path_factory):
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/guide.md", "docs/results.md",
-                                  "docs/benchmarks.md", "docs/method.md", "docs/cli.md"])
+                                  "docs/benchmarks.md", "docs/experiments.md",
+                                  "docs/method.md", "docs/cli.md"])
 def test_every_example_runs_as_written(workspace, page):
     work, env = workspace
     ran = 0

@@ -18,7 +18,8 @@ from dpcert.certification.kernel_flips import (
 )
 from dpcert.learning.inference import KERNEL, score_instances, stack_params
 from dpcert.learning.reference import kernel_ridge_params
-from dpcert.workflows.compare import BaselineConfig, training_indices
+from dpcert.workflows.partition import training_indices
+from dpcert.workflows.setting import BaselineConfig
 
 
 def _votes(x, labellings, xt, classes, gamma, ridge):

@@ -19,7 +19,8 @@ def _dpa_predictions(x, y, xt, k, classes):
     import torch
 
     from dpcert.learning.inference import score_instances, stack_params
-    from dpcert.workflows.compare import BaselineConfig, _fit_free, training_indices
+    from dpcert.workflows.partition import _fit_free, training_indices
+    from dpcert.workflows.setting import BaselineConfig
 
     bc = BaselineConfig(models=k, learner="prototype")
     params = [_fit_free(bc, x, y, classes, idx) for idx in training_indices("dpa", bc, x)]
@@ -152,7 +153,7 @@ def test_certify_command_counts_label_flips(tmp_path):
         return np.loadtxt(out, delimiter=",", skiprows=1, dtype=np.int64)[:, 2], res.output
 
     dp = ["--sample-rate", "0.01", "--noise-multiplier", "2", "--steps", "100",
-          "--max-radius", "50", "--no-cache"]
+          "--max-radius", "20"]
     ins, _ = radii(*dp)
     flips, text = radii(*dp, "--threat", "label-flip")
     np.testing.assert_array_equal(flips, np.where(ins >= 0, ins // 2, ins))

@@ -23,7 +23,8 @@ from click.testing import CliRunner
 
 from dpcert.errors import UserError
 from dpcert.learning import data as data_mod
-from dpcert.workflows.compare import CompareConfig, compare, hash_partition
+from dpcert.workflows.compare import CompareConfig, compare
+from dpcert.workflows.partition import hash_partition
 from dpcert.workflows.runconfig import RunConfig, load_run_data
 
 N_TRAIN, N_TEST = 240, 40
@@ -425,8 +426,8 @@ def test_models_kept_by_dpcert_0_1_are_not_resumed_into_a_certificate(tmp_path):
     been trained through the rescaling reader; resuming it is refused, not certified."""
     import json
 
-    from dpcert.workflows.compare import BaselineConfig
     from dpcert.workflows.defence import run_defence
+    from dpcert.workflows.setting import BaselineConfig
 
     x, y, xt, yt = _digits_split()
     npz = _features_npz(tmp_path / "d.npz", x, y, xt, yt)

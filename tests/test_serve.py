@@ -267,8 +267,8 @@ def test_page_of_a_feature_vector_ensemble_takes_vectors(tmp_path):
     offers a vector field instead, and its answer is the ensemble's."""
     from playwright.sync_api import sync_playwright
 
-    from dpcert.workflows.compare import BaselineConfig
     from dpcert.workflows.defence import run_defence
+    from dpcert.workflows.setting import BaselineConfig
 
     d = load_digits()
     flat = lambda a: a.reshape(len(a), -1)  # noqa: E731

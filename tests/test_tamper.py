@@ -201,8 +201,8 @@ def test_a_pinned_digest_catches_a_forged_record_consistent_across_files(clean_r
 
 
 def test_a_directory_is_not_resumed_on_other_data(tmp_path):
-    from dpcert.workflows.compare import BaselineConfig
     from dpcert.workflows.defence import run_defence
+    from dpcert.workflows.setting import BaselineConfig
 
     d = load_digits()
     for name, order in (("a", slice(None)), ("b", slice(None, None, -1))):
@@ -249,7 +249,8 @@ def test_a_partition_run_records_each_parts_data_fingerprint(tmp_path):
 
     from dpcert.cli import main
     from dpcert.learning.data import part_fingerprints
-    from dpcert.workflows.compare import BaselineConfig, training_indices
+    from dpcert.workflows.partition import training_indices
+    from dpcert.workflows.setting import BaselineConfig
 
     out = tmp_path / "dpa"
     res = CliRunner().invoke(main, ["run", "--defence", "dpa", "--models", "20", "--learner",

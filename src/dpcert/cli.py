@@ -27,9 +27,9 @@ from dpcert.certification.certify import (
 from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError, check_device
 from dpcert.store import atomic_write_text, load_array
-from dpcert.workflows.compare import LEARNERS
 from dpcert.workflows.defence import DEFENCE_KINDS
 from dpcert.workflows.run import AVERAGING_NAMES, DATASETS, FEATURE_NAMES, MODEL_NAMES
+from dpcert.workflows.setting import LEARNERS
 
 #: Radii at which certified accuracy is reported.
 REPORT_RADII = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

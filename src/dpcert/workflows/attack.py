@@ -398,8 +398,8 @@ def load_defence_run(run_dir: Path, threat: str = "poisoning",
     """The setting, run options, models' scores and certificates of a partition or Bagging
     run directory; refuses one whose dataset (``data_dir`` for the datasets read from disk)
     is not the one its models were trained on."""
-    from dpcert.workflows.compare import BaselineConfig
     from dpcert.workflows.ensemble import read_info
+    from dpcert.workflows.setting import BaselineConfig
 
     info = read_info(run_dir)
     settings = json.loads((run_dir / rundir.SETTINGS).read_text())
@@ -439,7 +439,7 @@ def load_defence_run(run_dir: Path, threat: str = "poisoning",
 
 def defence_prediction(run: DefenceRun, scores: np.ndarray) -> np.ndarray:
     """The defence's own aggregate prediction from models' scores (M, n, L)."""
-    from dpcert.workflows.compare import certify_baseline
+    from dpcert.workflows.partition import certify_baseline
 
     return certify_baseline(run.kind, run.setting, scores, run.train_size, run.cfg).prediction
 
@@ -450,7 +450,8 @@ def touched_models(kind: str, setting, cfg: RunConfig, clean: Dataset,
     ``poisoned`` (the latter: the former relabelled, or with examples appended): those of
     the parts whose members or labels changed, computed by the run's own partition; every
     Bagging model when the training set's size changed (its bags are redrawn)."""
-    from dpcert.workflows.compare import model_examples, trained_as, training_indices
+    from dpcert.workflows.partition import model_examples, training_indices
+    from dpcert.workflows.setting import trained_as
 
     n = len(clean.y_train)
     relabelled = np.zeros(len(poisoned.y_train), bool)
@@ -473,9 +474,10 @@ def touched_models(kind: str, setting, cfg: RunConfig, clean: Dataset,
 def _retrain_on_target(cfg_dict: dict, setting_dict: dict, kind: str, job: Job,
                        models: list[int]) -> np.ndarray:
     """Scores (len(models), L) at the target of baseline models ``models`` trained on the
-    job's poisoned data by the run's own trainer (:func:`dpcert.workflows.compare._fit_units`);
+    job's poisoned data by the run's own trainer (:func:`dpcert.workflows.partition._fit_units`);
     runs in a worker that holds the clean dataset."""
-    from dpcert.workflows.compare import BaselineConfig, _fit_units, training_indices
+    from dpcert.workflows.partition import _fit_units, training_indices
+    from dpcert.workflows.setting import BaselineConfig
 
     cfg = RunConfig(**cfg_dict)
     data = poison(load_run_data(cfg), job.attack, job.index, job.label, job.target_label,
@@ -496,7 +498,7 @@ def _attack_defence(run_dir: Path, radius: int, *, targets: int, controls: int |
     reaches are retrained."""
     from tqdm import tqdm
 
-    from dpcert.workflows.compare import FREE_LEARNERS
+    from dpcert.workflows.setting import FREE_LEARNERS
 
     run = load_defence_run(run_dir, threat, data_dir)
     if run.setting.augment_shift and "insert" in attacks:
@@ -610,7 +612,7 @@ def broken_certificates(outcomes: list[Outcome]) -> list[Outcome]:
 
 
 def _defence_report(outcomes: list[Outcome], radius: int, run: DefenceRun, threat: str) -> str:
-    from dpcert.workflows.compare import trained_as
+    from dpcert.workflows.setting import trained_as
 
     bagging = trained_as(run.kind) == "bagging"
     title = "" if threat == "poisoning" else " (label flips)"

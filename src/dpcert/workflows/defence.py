@@ -25,17 +25,15 @@ from dpcert.certification.aggregation import tally_votes
 from dpcert.errors import UserError, unknown_keys_error
 from dpcert.store import atomic_save_npy, atomic_write_text
 from dpcert.workflows import rundir, white_box
-from dpcert.workflows.compare import (
-    BASELINES,
-    BaselineConfig,
+from dpcert.workflows.compare import BASELINES
+from dpcert.workflows.partition import (
     certify_baseline,
     certify_setting,
     learner_model,
-    parse_settings,
     train_models,
-    trained_as,
 )
 from dpcert.workflows.runconfig import RunConfig, load_run_data
+from dpcert.workflows.setting import BaselineConfig, parse_settings, trained_as
 
 #: What ``--defence`` may name: the DP ensemble, or a baseline defence.
 DEFENCE_KINDS = ("dp", *BASELINES)
