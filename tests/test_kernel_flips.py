@@ -220,3 +220,15 @@ def test_compare_against_label_flips_uses_the_white_box_certificate(tmp_path):
     folder = tmp_path / "cmp" / "dpa_k20_learnerkernel-ridge_gamma0.05_ridge1.0"
     assert (folder / "certificates_label_flip.csv").read_text() == \
         (tmp_path / "run" / "certificates_label_flip.csv").read_text()
+
+
+def test_coefficients_that_are_not_the_labels_solution_are_refused():
+    """A kept model whose coefficients round to one-hot labels but are not their solution
+    (altered, or fitted otherwise) gets no white-box certificate."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    params = kernel_ridge_params(x, rng.integers(0, 3, 8), 3, 8, gamma=0.3, ridge=0.1)
+    assert labels_from_coef(params["examples"], params["coef"], gamma=0.3, ridge=0.1) is not None
+    nudged = params["coef"].copy()
+    nudged[0, 0] += 0.01
+    assert labels_from_coef(params["examples"], nudged, gamma=0.3, ridge=0.1) is None

@@ -85,15 +85,22 @@ def labels_from_coef(examples: np.ndarray, coef: np.ndarray, *, gamma: float, ri
                      ) -> np.ndarray | None:
     """The labels (n,) a kept kernel-ridge model was fitted to: its coefficients A (n, L)
     solve M A = Y, so M A is one-hot up to the float32 rounding of A. None when some row of
-    M A is not within 0.25 of a one-hot row (the model is not kernel ridge of these
-    examples at this ridge: no white-box certificate for it)."""
+    M A is not within 0.25 of a one-hot row, or A is not M^-1 of those one-hot rows up to
+    rounding (the model is not kernel ridge of these examples at this ridge: no white-box
+    certificate for it)."""
     if len(examples) == 0:
         return np.zeros(0, np.int64)
     m = _kernel(examples, examples, gamma) + ridge * np.eye(len(examples))
-    y = m @ np.asarray(coef, np.float64)
+    coef = np.asarray(coef, np.float64)
+    y = m @ coef
     labels = y.argmax(axis=1)
     onehot = np.eye(y.shape[1])[labels]
     if np.abs(y - onehot).max() > 0.25:
+        return None
+    # and the kept coefficients are those labels' solution up to their float32 rounding, so
+    # the model certified (these examples, these labels) is the model that votes
+    exact = cho_solve(cho_factor(m, lower=True), onehot)
+    if np.abs(coef - exact).max() > 1e-5 * max(1.0, np.abs(exact).max()):
         return None
     return labels
 
