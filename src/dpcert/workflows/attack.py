@@ -464,8 +464,8 @@ def touched_models(kind: str, setting, cfg: RunConfig, clean: Dataset,
         return np.array([i for i in range(m)
                          if relabelled[model_examples(cfg, setting, i, None, n)[0]].any()],
                         np.int64)
-    before = training_indices(kind, setting, clean.x_train)
-    after = training_indices(kind, setting, poisoned.x_train)
+    before = training_indices(kind, setting, clean.x_train, clean.y_train)
+    after = training_indices(kind, setting, poisoned.x_train, poisoned.y_train)
     return np.array([j for j in range(m)
                      if not np.array_equal(before[j], after[j]) or relabelled[after[j]].any()],
                     np.int64)
@@ -482,7 +482,8 @@ def _retrain_on_target(cfg_dict: dict, setting_dict: dict, kind: str, job: Job,
     cfg = RunConfig(**cfg_dict)
     data = poison(load_run_data(cfg), job.attack, job.index, job.label, job.target_label,
                   job.radius)
-    indices = training_indices(kind, BaselineConfig(**setting_dict), data.x_train)
+    indices = training_indices(kind, BaselineConfig(**setting_dict), data.x_train,
+                               data.y_train)
     one = replace(data, x_test=data.x_test[job.index: job.index + 1],
                   y_test=data.y_test[job.index: job.index + 1])
     units = [(i, None if indices is None else indices[i], "") for i in models]

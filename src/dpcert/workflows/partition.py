@@ -51,27 +51,41 @@ from dpcert.workflows.setting import (
 _SEED_OFFSET = 7919
 
 
+def _digests(x: np.ndarray) -> list[bytes]:
+    """sha256 of every example's own content (its bytes as the reader gave them)."""
+    flat = np.ascontiguousarray(x.reshape(len(x), -1))
+    return [hashlib.sha256(row.tobytes()).digest() for row in flat]
+
+
 def hash_partition(x: np.ndarray, parts: int) -> np.ndarray:
     """Part of every example from a hash of its own content (shape (n,), values 0..parts-1)."""
-    flat = np.ascontiguousarray(x.reshape(len(x), -1))
-    return np.array([int.from_bytes(hashlib.sha256(row.tobytes()).digest()[:8], "big") % parts
-                     for row in flat], dtype=np.int64)
+    return np.array([int.from_bytes(d[:8], "big") % parts for d in _digests(x)],
+                    dtype=np.int64)
 
 
-def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray) -> list | None:
+def training_indices(kind: str, bc: BaselineConfig, x_train: np.ndarray,
+                     y_train: np.ndarray | None = None) -> list | None:
     """Training-example indices of every model (dpa, fa), or None (bagging draws in the worker).
 
     FA: example with bucket h trains models (h + s) mod kd, so model j sees the buckets
-    (j - s) mod kd."""
+    (j - s) mod kd. Each model's examples are listed in the order of their content (their
+    sha256, then their label for identical inputs; ``y_train`` omitted: the inputs alone),
+    never of the dataset file: a model is a function of its part as a set, so reordering
+    the training set changes no model, and a learner trained by gradient, which sees its
+    examples in this order, cannot be moved by it."""
     if kind == "bagging":
         return None
     kd = bc.trained_models(kind)
-    buckets = hash_partition(x_train, kd)
+    digests = _digests(x_train)
+    buckets = np.array([int.from_bytes(d[:8], "big") % kd for d in digests], dtype=np.int64)
+    labels = [0] * len(digests) if y_train is None else [int(v) for v in y_train]
+    order = sorted(range(len(digests)), key=lambda i: (digests[i], labels[i]))
+    rank = np.empty(len(digests), np.int64)
+    rank[order] = np.arange(len(digests))
     shifts = (baselines.fa_shifts(kd, bc.spread) if trained_as(kind) == "fa"
               else np.zeros(1, np.int64))
-    return [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
-
-
+    parts = [np.flatnonzero(np.isin(buckets, (j - shifts) % kd)) for j in range(kd)]
+    return [idx[np.argsort(rank[idx], kind="stable")] for idx in parts]
 
 
 def _train_units(run_cfg: dict, bc: dict, kind: str,
@@ -279,7 +293,7 @@ def train_models(kind: str, bc: BaselineConfig, run_cfg: RunConfig, x_train: np.
     found = _finished_models(paths, keep, bc.name(kind), progress)
     todo = [i for i in range(m) if i not in found]
     if todo:
-        indices = training_indices(kind, bc, x_train)
+        indices = training_indices(kind, bc, x_train, load_run_data(run_cfg).y_train)
         from dpcert.learning.inference import ROW_MODELS_PER_CALL
 
         # learners without training score an aligned block of models per call (a block with
@@ -358,7 +372,7 @@ def baseline_info(kind: str, bc: BaselineConfig, run_cfg: RunConfig, models: int
 
     data = load_run_data(run_cfg)
     model = learner_model(bc, run_cfg.model)
-    indices = training_indices(kind, bc, data.x_train)  # None for Bagging's drawn bags
+    indices = training_indices(kind, bc, data.x_train, data.y_train)  # None: Bagging's bags
     return EnsembleInfo(dataset=run_cfg.dataset, model=model,
                         num_classes=data.num_classes, instances=models,
                         input=input_spec(run_cfg, data), mechanism=None, eta=run_cfg.eta,
@@ -385,7 +399,8 @@ def certify_setting(kind: str, bc: BaselineConfig, scores: np.ndarray, data, run
     by its own labels (:mod:`dpcert.workflows.white_box`), the rest count votes."""
     if threat == "label-flip" and white_box.applies(kind, learner_model(bc, run_cfg.model)):
         parts = white_box.parts_from_training(vectors(data.x_train), data.y_train,
-                                              training_indices(kind, bc, data.x_train),
+                                              training_indices(kind, bc, data.x_train,
+                                                               data.y_train),
                                               gamma=bc.gamma, ridge=bc.ridge)
         return white_box.certificate(parts, vectors(data.x_test), scores, gamma=bc.gamma,
                                      ridge=bc.ridge, max_radius=run_cfg.max_radius,
