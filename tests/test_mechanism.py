@@ -97,3 +97,21 @@ def test_the_record_of_a_training_is_read_off_what_it_runs():
     rec = MechanismRecord.of(cfg, 100)
     assert (rec.sample_rate, rec.noise_multiplier, rec.steps, rec.clip_norm, rec.subset_size,
             rec.dataset_size) == (0.01, 2.0, 30, 1.5, 40, 100)
+
+
+def test_the_engines_read_their_privacy_settings_off_the_record():
+    """A run's engine configuration is built from its mechanism record (never from the same
+    numbers a second time)."""
+    from dpcert.learning.linear import LinearDpSgd
+    from dpcert.learning.stacked import DpSgd
+    from dpcert.workflows.dispatch import run_record, trainer_config
+    from dpcert.workflows.runconfig import RunConfig, load_run_data
+
+    rec = MechanismRecord(sample_rate=0.02, noise_multiplier=3.0, steps=7, clip_norm=0.5,
+                          dataset_size=500, subset_size=100)
+    for cfg in (DpSgd.from_record(rec, lr=0.1), LinearDpSgd.from_record(rec, lr=0.1)):
+        assert MechanismRecord.of(cfg, 500) == rec
+    run_cfg = RunConfig(instances=2, steps=9, noise_multiplier=2.5)
+    data = load_run_data(run_cfg)
+    assert MechanismRecord.of(trainer_config(run_cfg, data), len(data.y_train)) == \
+        run_record(run_cfg, data)

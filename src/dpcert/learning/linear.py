@@ -66,6 +66,16 @@ class LinearDpSgd:
     #: (:func:`dpcert.learning.philox.expected_batch`); not a count of the data
     declared_size: int | None = None
 
+    @classmethod
+    def from_record(cls, record: MechanismRecord, *, lr: float, averaging: str | None = None,
+                    bias_feature: float = 1.0, declared_size: int | None = None
+                    ) -> LinearDpSgd:
+        """The run of the mechanism ``record`` (q, sigma, T, C and the subset size read off it:
+        what is certified is what this trains) with the free settings given."""
+        return cls(record.sample_rate, record.noise_multiplier, record.steps,
+                   record.clip_norm, lr, record.subset_size, averaging, bias_feature,
+                   declared_size=declared_size)
+
     def __post_init__(self) -> None:
         if self.averaging not in AVERAGING:
             raise UserError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")

@@ -62,6 +62,16 @@ class DpSgd:
     #: (:func:`dpcert.learning.philox.expected_batch`); not a count of the data
     declared_size: int | None = None
 
+    @classmethod
+    def from_record(cls, record: MechanismRecord, *, lr: float, optimizer: str = "sgd",
+                    augment_shift: int = 0, augment_copies: int = 1,
+                    declared_size: int | None = None) -> DpSgd:
+        """The run of the mechanism ``record`` (q, sigma, T, C and the subset size read off it:
+        what is certified is what this trains) with the free settings given."""
+        return cls(record.sample_rate, record.noise_multiplier, record.steps,
+                   record.clip_norm, lr, optimizer, record.subset_size, augment_shift,
+                   augment_copies, declared_size=declared_size)
+
     def __post_init__(self) -> None:
         if not (isinstance(self.augment_shift, int) and self.augment_shift >= 0
                 and isinstance(self.augment_copies, int) and self.augment_copies >= 1):

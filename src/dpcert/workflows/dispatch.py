@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpcert.certification.mechanism import MechanismRecord
 from dpcert.errors import UserError
 from dpcert.store import remove_stale_temp_files
 from dpcert.workflows.runconfig import RunConfig, load_run_data, read_unit, write_unit
@@ -77,23 +78,31 @@ def write_trained(out: Path, trained: Trained, keep_model: bool) -> None:
     write_unit(out, scores)
 
 
+def run_record(cfg: RunConfig, data) -> MechanismRecord:
+    """The mechanism record of the run ``cfg`` on ``data``: built here once from the run's
+    configuration, saved as the run's ``mechanism.json``, and read by the engine that trains
+    it (:func:`trainer_config`)."""
+    return MechanismRecord.of(cfg, len(data.y_train))
+
+
 def trainer_config(cfg: RunConfig, data):
     """What the engine that trains ``cfg``'s model runs: the linear engine's
     :class:`~dpcert.learning.linear.LinearDpSgd` or the stacked engine's
-    :class:`~dpcert.learning.stacked.DpSgd`. The run's mechanism record is read off it
-    (:meth:`~dpcert.certification.mechanism.MechanismRecord.of`), so what is certified is
-    what this trains."""
+    :class:`~dpcert.learning.stacked.DpSgd`, its privacy settings read off the run's record
+    (:func:`run_record`), so what is certified is what this trains."""
+    record = run_record(cfg, data)
     if cfg.model == "linear":
         from dpcert.learning.linear import LinearDpSgd
 
-        return LinearDpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm,
-                           cfg.lr, cfg.subset_size, cfg.averaging, cfg.bias_feature,
-                           declared_size=data.declared_size)
+        return LinearDpSgd.from_record(record, lr=cfg.lr, averaging=cfg.averaging,
+                                       bias_feature=cfg.bias_feature,
+                                       declared_size=data.declared_size)
     from dpcert.learning.stacked import DpSgd
 
-    return DpSgd(cfg.sample_rate, cfg.noise_multiplier, cfg.steps, cfg.clip_norm, cfg.lr,
-                 cfg.optimizer, cfg.subset_size, cfg.augment_shift, cfg.augment_copies,
-                 declared_size=data.declared_size)
+    return DpSgd.from_record(record, lr=cfg.lr, optimizer=cfg.optimizer,
+                             augment_shift=cfg.augment_shift,
+                             augment_copies=cfg.augment_copies,
+                             declared_size=data.declared_size)
 
 
 def _image_training(cfg: RunConfig, data):

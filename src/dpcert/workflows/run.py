@@ -35,7 +35,7 @@ from dpcert.errors import UserError
 from dpcert.learning.inputs import InputSpec
 from dpcert.store import atomic_path, atomic_save_npy, atomic_write_text
 from dpcert.workflows import rundir
-from dpcert.workflows.dispatch import train_all, train_group, trainer_config, worker_pool
+from dpcert.workflows.dispatch import run_record, train_all, train_group, worker_pool
 from dpcert.workflows.ensemble import (
     EnsembleInfo,
     check_declared_inputs,
@@ -168,8 +168,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> MechanismRecord:
     keep_models = not cfg_path.exists() or keeps_models(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
-    # read off what the engine will run (dispatch.trainer_config): certified = trained
-    record = MechanismRecord.of(trainer_config(cfg, data), len(data.y_train))
+    # the record the engine reads (dispatch.trainer_config): certified = trained
+    record = run_record(cfg, data)
     record.save(run_dir / rundir.MECHANISM)
     atomic_save_npy(run_dir / rundir.LABELS, data.y_test)
     if keep_models:
