@@ -239,10 +239,8 @@ def evaluate_setting(kind: str, setting, run_cfg: RunConfig, folder: Path, progr
             last.update(folder=folder, scores=scores)
     cert = certify_setting(kind, setting, scores, data, run_cfg, threat=threat,
                            progress=progress)
-    name = rundir.certificates_name(kind if kind in RUNOFF else None, threat)
-    from dpcert.certification.certify import certificates_csv
-
-    atomic_write_text(folder / name, certificates_csv(cert, data.y_test))
+    rundir.write_certificates(folder, cert, data.y_test,
+                              method=kind if kind in RUNOFF else None, threat=threat)
     return cert
 
 

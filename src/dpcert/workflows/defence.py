@@ -82,7 +82,6 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
                 progress: bool = True) -> str:
     """Train (resuming) and certify one baseline setting into ``run_dir``; returns the
     report's markdown. ``kind``: dpa, fa, roe, fa-roe or bagging."""
-    from dpcert.certification.certify import certificates_csv
     from dpcert.workflows.report import ca_table, plot_curves
 
     run_dir = Path(run_dir)
@@ -93,8 +92,7 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
     results = {}
     for k in dict.fromkeys((kind, trained_as(kind))):  # the defence first, then its base
         cert = certify_baseline(k, bc, scores, len(data.y_train), cfg)
-        name = rundir.certificates_name(None if k == kind else k)
-        atomic_write_text(run_dir / name, certificates_csv(cert, data.y_test))
+        rundir.write_certificates(run_dir, cert, data.y_test, method=None if k == kind else k)
         results[bc.name(k)] = cert
     flips = certify_baseline(kind, bc, scores, len(data.y_train), cfg, threat="label-flip")
     flip_rows = {bc.name(kind): flips}
@@ -104,7 +102,7 @@ def run_defence(kind: str, bc: BaselineConfig, cfg: RunConfig, run_dir: Path, *,
                                 progress=progress)
         flip_rows = {f"{bc.name(kind)}, counting": flip_rows[bc.name(kind)],
                      f"{bc.name(kind)}, white-box": flips}
-    atomic_write_text(run_dir / rundir.LABEL_FLIP, certificates_csv(flips, data.y_test))
+    rundir.write_certificates(run_dir, flips, data.y_test, threat="label-flip")
     atomic_save_npy(run_dir / rundir.VOTES, tally_votes(scores))
     atomic_save_npy(run_dir / rundir.LABELS, data.y_test)
     where = "held-out training examples" if cfg.validation else "test set"

@@ -208,8 +208,6 @@ def ensemble_info(cfg: RunConfig, data, record: MechanismRecord) -> EnsembleInfo
 def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: np.ndarray,
                 scores: np.ndarray, labels: np.ndarray, methods=METHODS
                 ) -> dict[str, Certificates]:
-    from dpcert.certification.certify import certificates_csv
-
     results = {}
     for name, acc, group, inference, bound in methods:
         if record.uses_subsets and group == "paper" and acc == "rdp":
@@ -217,11 +215,11 @@ def certify_all(cfg: RunConfig, run_dir: Path, record: MechanismRecord, votes: n
         spec = AccountingSpec(accounting=acc, group=group, max_radius=cfg.max_radius)
         outputs = votes if inference == "multinomial" else scores
         cert = certify(outputs, record, inference=inference, eta=cfg.eta, bound=bound, spec=spec)
-        fname = rundir.certificates_name(None if name == methods[0][0] else name)
-        atomic_write_text(run_dir / fname, certificates_csv(cert, labels))
-        if name == methods[0][0]:  # the default certificate, counted in flipped labels
-            atomic_write_text(run_dir / rundir.LABEL_FLIP,
-                              certificates_csv(dp_label_flips(cert), labels))
+        default = name == methods[0][0]
+        rundir.write_certificates(run_dir, cert, labels, method=None if default else name)
+        if default:  # the default certificate, counted in flipped labels
+            rundir.write_certificates(run_dir, dp_label_flips(cert), labels,
+                                      threat="label-flip")
         results[name] = cert
     return results
 

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dpcert.certification.certify import Certificates, certificates_csv
 from dpcert.errors import UserError
+from dpcert.store import atomic_write_text
 
 CONFIG = "config.json"
 SETTINGS = "settings.json"
@@ -54,6 +56,15 @@ def certificates_name(method: str | None = None, threat: str = "poisoning") -> s
 def is_dp_run(path: Path) -> bool:
     """Whether ``path`` is a DP run's directory (a baseline folder has settings.json)."""
     return (Path(path) / CONFIG).exists()
+
+
+def write_certificates(run_dir: Path, cert: Certificates, labels: np.ndarray | None, *,
+                       method: str | None = None, threat: str = "poisoning") -> Path:
+    """Write ``method``'s certificate table against ``threat`` (:func:`certificates_name`)
+    into ``run_dir``, atomically; returns its path."""
+    path = Path(run_dir) / certificates_name(method, threat)
+    atomic_write_text(path, certificates_csv(cert, labels))
+    return path
 
 
 def read_certificates(path: Path) -> np.ndarray:
