@@ -16,6 +16,7 @@ from dpcert.certification.kernel_flips import (
     labels_from_coef,
     part_flip_costs,
 )
+from dpcert.errors import UserError
 from dpcert.learning.inference import KERNEL, score_instances, stack_params
 from dpcert.learning.reference import kernel_ridge_params
 from dpcert.workflows.partition import training_indices
@@ -232,3 +233,25 @@ def test_coefficients_that_are_not_the_labels_solution_are_refused():
     nudged = params["coef"].copy()
     nudged[0, 0] += 0.01
     assert labels_from_coef(params["examples"], nudged, gamma=0.3, ridge=0.1) is None
+
+
+def test_labels_hidden_by_float32_at_a_tiny_ridge_are_not_guessed():
+    """At a ridge of 1e-8 a part with an input repeated under two labels has coefficients
+    near 1e7, whose float32 rounding hides the labels: no labels are recovered (the kept
+    ensemble then certifies label flips by counting), never wrong ones."""
+    from dpcert.workflows.white_box import parts_from_models
+
+    rng = np.random.default_rng(2)
+    x = np.repeat(rng.normal(size=(10, 4)).astype(np.float32), 2, axis=0)
+    y = rng.integers(0, 3, 20)
+    ok = kernel_ridge_params(x, y, 3, 20, gamma=0.5, ridge=1e-3)
+    tiny = kernel_ridge_params(x, y, 3, 20, gamma=0.5, ridge=1e-8)
+    assert labels_from_coef(tiny["examples"], tiny["coef"], gamma=0.5, ridge=1e-8) is None
+    assert parts_from_models([ok, tiny], gamma=0.5, ridge=1e-8) == 0  # ok at the wrong ridge
+    assert isinstance(parts_from_models([ok], gamma=0.5, ridge=1e-3), list)
+
+
+def test_one_label_is_refused():
+    with pytest.raises(UserError, match="two labels"):
+        ensemble_flip_radius(np.zeros((2, 3, 1), np.uint16), np.zeros((2, 3), np.int64), 1,
+                             max_radius=5)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
+from dpcert.errors import UserError
+
 #: A part that no number of its own flips can turn to a label (n + 1 flips would be needed
 #: from its n examples): a cost larger than any certificate reaches.
 NEVER = np.iinfo(np.uint16).max
@@ -85,9 +87,10 @@ def labels_from_coef(examples: np.ndarray, coef: np.ndarray, *, gamma: float, ri
                      ) -> np.ndarray | None:
     """The labels (n,) a kept kernel-ridge model was fitted to: its coefficients A (n, L)
     solve M A = Y, so M A is one-hot up to the float32 rounding of A. None when some row of
-    M A is not within 0.25 of a one-hot row, or A is not M^-1 of those one-hot rows up to
-    rounding (the model is not kernel ridge of these examples at this ridge: no white-box
-    certificate for it)."""
+    M A is not one-hot up to that rounding, or A is not M^-1 of those one-hot rows up to
+    rounding (the model is not kernel ridge of these examples at this ridge — or its
+    coefficients are so large, at a tiny ridge, that float32 hides its labels: no white-box
+    certificate from it)."""
     if len(examples) == 0:
         return np.zeros(0, np.int64)
     m = _kernel(examples, examples, gamma) + ridge * np.eye(len(examples))
@@ -95,8 +98,10 @@ def labels_from_coef(examples: np.ndarray, coef: np.ndarray, *, gamma: float, ri
     y = m @ coef
     labels = y.argmax(axis=1)
     onehot = np.eye(y.shape[1])[labels]
-    if np.abs(y - onehot).max() > 0.25:
-        return None
+    # M A is one-hot up to the float32 rounding of A, which grows with |A| (about 1 / ridge)
+    slack = 0.25 + 4 * len(examples) * _EPS32 * np.abs(m).max() * np.abs(coef).max()
+    if slack >= 0.5 or np.abs(y - onehot).max() > slack:
+        return None  # no labels recoverable (or not kernel ridge of these examples)
     # and the kept coefficients are those labels' solution up to their float32 rounding, so
     # the model certified (these examples, these labels) is the model that votes
     exact = cho_solve(cho_factor(m, lower=True), onehot)
@@ -112,20 +117,24 @@ def score_tolerance(k: np.ndarray, part: KernelPart, x_sq: np.ndarray, *, gamma:
     with the part is k (N, n) and squared norms x_sq (N,).
 
     A kept model's score is sum_i k^_i A^_ic, A = M^-1 Y rounded to float32, k^ the float32
-    kernel: |k^_i - k_i| <= k_i kappa, kappa = gamma e_d + 2 eps with e_d <= (2D + 4) eps
-    (|x|^2 + max |e_i|^2) the error of the expanded squared distance; the rounding of A and
-    the n-term float32 sum add (n + 3) eps. All are relative to sum_i k_i |A_ic|, which for
-    every labelling Y in {0, 1}^n is at most T(x) = sum_ij k_i |M^-1_ij|. The float64 solve
-    adds cond(M) eps64 sum_ij |M^-1_ij|, cond(M) <= (n + ridge) / ridge, and the softmax over
-    10 x the score a few float32 ulps. Margins minus gains computed here in float64 move by
-    at most 3 (n + D) eps64 T. All times a safety factor of 4."""
+    kernel: |k^_i - k_i| <= k_i kappa, kappa = gamma e_d + 2 eps with e_d <= (2D + 6) eps
+    (|x|^2 + max |e_i|^2) the error of the expanded squared distance and of gamma times it;
+    the rounding of A and the n-term float32 sum add (n + 3) eps. All are relative to
+    sum_i k_i |A_ic|, which for every labelling Y in {0, 1}^n is at most
+    T(x) = sum_ij k_i |M^-1_ij|. The float64 Cholesky solve adds n cond(M) eps64
+    sum_ij |M^-1_ij|, cond(M) <= (n + ridge) / ridge, and the softmax over 10 x the score a few
+    float32 ulps. Margins minus gains computed here in float64 move by at most
+    3 (n + D) eps64 T. These are first-order bounds (exp(gamma delta) - 1 taken as
+    gamma delta), times a safety factor of 4 that covers the second-order terms while
+    kappa <= 1/8; beyond that, 2 tol >= 8 T kappa exceeds every margin (|margin| <= T), so
+    every part costs one flip, as in counting."""
     n, dim = part.examples.shape
     if n == 0:
         return np.zeros(len(k))
     t = k @ np.abs(part.inverse).sum(axis=1)  # (N,); M^-1 is symmetric
-    kappa = gamma * (2 * dim + 4) * _EPS32 * (x_sq + part.sq.max()) + 2 * _EPS32
+    kappa = gamma * (2 * dim + 6) * _EPS32 * (x_sq + part.sq.max()) + 2 * _EPS32
     relative = kappa + (n + 3) * _EPS32 + 3 * (n + dim) * _EPS64
-    solve = (n + ridge) / ridge * _EPS64 * np.abs(part.inverse).sum()
+    solve = n * (n + ridge) / ridge * _EPS64 * np.abs(part.inverse).sum()
     softmax = 16 * _EPS32 * (1.0 + t)
     return _SAFETY * (t * relative + solve + softmax)
 
@@ -170,7 +179,9 @@ def _costs(k: np.ndarray, part: KernelPart, votes: np.ndarray, x_sq: np.ndarray,
     g = np.where(of_b, towards_a[:, None, :], gain[:, None, :])  # (N, L, n)
     reach = np.cumsum(-np.sort(-g, axis=2), axis=2)  # best margin closed by 1..n flips
     short = (reach < margin[:, :, None]).sum(axis=2)  # (N, L)
-    cost = np.where(margin <= 0, 1, short + 1)
+    # a cost of NEVER or more (a part of 65,535 examples) is stored one below it: a smaller
+    # lower bound, never "cannot turn"
+    cost = np.minimum(np.where(margin <= 0, 1, short + 1), int(NEVER) - 1)
     out = np.where(short >= n, NEVER, cost).astype(np.uint16)
     out[rows, votes] = 0
     return out
@@ -190,6 +201,8 @@ def ensemble_flip_radius(costs: np.ndarray, part_votes: np.ndarray, num_classes:
     choosing one move per part) bound the attacker's flips from below; the radius is one
     less than the smallest bound over b, capped at ``max_radius``. Every part costs at least
     one flip per vote it moves, so this is never below DPA's counting certificate."""
+    if num_classes < 2:
+        raise UserError(f"a certificate needs at least two labels, got {num_classes}")
     p, n_points, _ = costs.shape
     step = max(1, (1 << 22) // max(1, p * num_classes))
     out = [_radius_block(costs[:, i:i + step], np.asarray(part_votes)[:, i:i + step],

@@ -707,7 +707,19 @@ class Ensemble:
     def _white_box_flips(self, pred: Prediction, inputs: np.ndarray, max_radius: int | None,
                          progress: bool) -> Certificates:
         gamma, ridge = self._kernel_setting()
-        return white_box.certificate(self.kernel_parts(), self.model_input(inputs),
+        parts = self.kernel_parts()
+        if isinstance(parts, int):
+            import warnings
+
+            from dpcert.errors import InputWarning
+
+            warnings.warn(f"model {parts} of {self.origin}: its labels cannot be recovered "
+                          f"from its coefficients at ridge {ridge:g} (float32 hides them at a "
+                          "ridge this small); label flips certified by counting votes",
+                          InputWarning, stacklevel=3)
+            return self.certify_prediction(pred, max_radius=max_radius, method="dpa",
+                                           threat="label-flip")
+        return white_box.certificate(parts, self.model_input(inputs),
                                      pred.scores, gamma=gamma, ridge=ridge,
                                      max_radius=self.info.max_radius if max_radius is None
                                      else max_radius, progress=progress)
@@ -723,9 +735,10 @@ class Ensemble:
                             "kernel-ridge models; damaged or altered")
         return float(gamma), float(ridge)
 
-    def kernel_parts(self) -> list:
+    def kernel_parts(self) -> list | int:
         """Every kernel-ridge part's system, from its kept model (its labels recovered from
-        its coefficients), built once: what the white-box label-flip certificate reads."""
+        its coefficients), built once: what the white-box label-flip certificate reads; or
+        the index of the first model whose labels cannot be recovered."""
         gamma, ridge = self._kernel_setting()
         with self._lock:
             if self._kernel_parts is None:
