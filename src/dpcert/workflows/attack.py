@@ -353,6 +353,26 @@ def _attacks_text(radius: int, threat: str) -> str:
             "labelled as the runner-up.")
 
 
+def _outcome_table(outcomes: list[Outcome], radius: int, models: int | None = None
+                   ) -> list[str]:
+    """Markdown rows: per group and attack, how many points were attacked and how many
+    predictions changed; with ``models``, also the mean number of models retrained."""
+    retrained = models is not None
+    lines = ["| group | attack | attacked | " + ("models retrained (mean) | " if retrained
+                                                  else "") + "prediction changed |",
+             "|---|---|---|" + ("---|" if retrained else "") + "---|"]
+    for group in ("certified", "control"):
+        for attack in ATTACKS:
+            sel = [o for o in outcomes if o.group == group and o.attack == attack]
+            if sel:
+                extra = (f"{np.mean([o.retrained for o in sel]):.1f} of {models} | "
+                         if retrained else "")
+                lines.append(f"| {group} (radius {'>=' if group == 'certified' else '<'} "
+                             f"{radius}) | {attack} | {len(sel)} | {extra}"
+                             f"{sum(o.flipped for o in sel)} |")
+    return lines
+
+
 def _report(outcomes: list[Outcome], radius: int, cfg: RunConfig,
             threat: str = "poisoning") -> str:
     title = "" if threat == "poisoning" else " (label flips)"
@@ -360,14 +380,7 @@ def _report(outcomes: list[Outcome], radius: int, cfg: RunConfig,
              f"Run: {cfg.dataset}, {cfg.instances} x {cfg.model}, sigma {cfg.noise_multiplier}, "
              f"eta {cfg.eta}. {_attacks_text(radius, threat)} Each attack retrains the whole "
              "ensemble with the run's seeds.", "",
-             "| group | attack | attacked | prediction changed |", "|---|---|---|---|"]
-    for group in ("certified", "control"):
-        for attack in ATTACKS:
-            sel = [o for o in outcomes if o.group == group and o.attack == attack]
-            if sel:
-                lines.append(f"| {group} (radius {'>=' if group == 'certified' else '<'} "
-                             f"{radius}) | {attack} | {len(sel)} | "
-                             f"{sum(o.flipped for o in sel)} |")
+             *_outcome_table(outcomes, radius)]
     broken = [o for o in outcomes if o.group == "certified" and o.flipped]
     lines += ["", "Certified predictions changed: "
               + (", ".join(f"point {o.index} ({o.attack})" for o in broken) if broken
@@ -628,16 +641,7 @@ def _defence_report(outcomes: list[Outcome], radius: int, run: DefenceRun, threa
                 "example's part, an inserted copy lands in the part of its hash)")
              + "; the others keep their scores, and the defence's own aggregation recounts "
              "the vote.", "",
-             "| group | attack | attacked | models retrained (mean) | prediction changed |",
-             "|---|---|---|---|---|"]
-    for group in ("certified", "control"):
-        for attack in ATTACKS:
-            sel = [o for o in outcomes if o.group == group and o.attack == attack]
-            if sel:
-                lines.append(f"| {group} (radius {'>=' if group == 'certified' else '<'} "
-                             f"{radius}) | {attack} | {len(sel)} | "
-                             f"{np.mean([o.retrained for o in sel]):.1f} of {m} | "
-                             f"{sum(o.flipped for o in sel)} |")
+             *_outcome_table(outcomes, radius, models=m)]
     broken = broken_certificates(outcomes)
     changed = ", ".join(f"point {o.index} ({o.attack})" for o in broken) or "none"
     if bagging:
