@@ -477,7 +477,7 @@ class Ensemble:
         self._resident: list[dict] | None = None
         self._per_instance: int | None = None
         self._bounds: dict[AccountingSpec, GroupBounds] = {}
-        self._kernel_parts: list | None = None
+        self._kernel_parts: list | int | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
